@@ -1,0 +1,135 @@
+"""Command line of the learning chatbot: parse, build the objects, launch.
+
+    python app.py                 # same as `python app.py serve`
+    python app.py serve           # chat in the browser at http://127.0.0.1:7860
+    python app.py status          # one JSON line: active version and counts
+    python app.py export --out feedback.jsonl
+
+Every subcommand takes --data-dir (default ./data, or $CHATBOT_DATA_DIR);
+those where a model matters take --model (default: the offline starter model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DATA_DIR_ENV = "CHATBOT_DATA_DIR"
+MODEL_ENV = "CHATBOT_MODEL"
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line, exit code `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        default=os.environ.get(DATA_DIR_ENV, "data"),
+        help=f"where the database, models and adapters live (default ./data, or ${DATA_DIR_ENV})",
+    )
+    with_model = argparse.ArgumentParser(add_help=False)
+    with_model.add_argument(
+        "--model",
+        default=os.environ.get(MODEL_ENV, "starter"),
+        help="Hugging Face causal LM by hub id or local path, or 'starter' for the built-in "
+        f"offline model (default; or ${MODEL_ENV})",
+    )
+    with_model.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="A chatbot that learns from its users' thumbs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common, with_model], help="serve the chat (the default)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7860)
+
+    sub.add_parser("status", parents=[common], help="print one JSON line: active version and counts")
+
+    export = sub.add_parser("export", parents=[common], help="write feedback as JSON lines for TRL")
+    export.add_argument("--out", required=True, help="file to write")
+    export.add_argument(
+        "--shape",
+        choices=["unpaired", "paired"],
+        default="unpaired",
+        help="unpaired {prompt, completion, label} (default) or paired {prompt, chosen, rejected}",
+    )
+    return parser
+
+
+def open_store(data_dir: str):
+    from storage import Store
+
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise CliError(f"--data-dir {data_dir!r} is a file, not a directory")
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        return Store.in_data_dir(data_dir)
+    except PermissionError as exc:
+        raise CliError(f"cannot write to data directory {data_dir!r}: {exc.strerror}") from None
+    except Exception as exc:  # sqlite3.DatabaseError and friends
+        raise CliError(f"cannot open the database in {data_dir!r}: {exc}") from None
+
+
+def cmd_status(args) -> int:
+    store = open_store(args.data_dir)
+    print(json.dumps(store.status(), sort_keys=True))
+    return 0
+
+
+def cmd_export(args) -> int:
+    store = open_store(args.data_dir)
+    n = store.export_jsonl(args.out, shape=args.shape)
+    print(json.dumps({"out": args.out, "shape": args.shape, "rows": n}))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from chatbot.models import ModelLoadError, load_model
+
+    store = open_store(args.data_dir)
+    try:
+        loaded = load_model(args.model, args.data_dir, device=args.device)
+    except ModelLoadError as exc:
+        raise CliError(str(exc)) from None
+    print(
+        f"model {loaded.name!r} loaded from {loaded.path} on {loaded.device} ({loaded.dtype}); "
+        f"active version {store.active_version()}",
+        file=sys.stderr,
+    )
+    from chatbot.server import serve
+
+    return serve(args, store, loaded)
+
+
+COMMANDS = {"serve": cmd_serve, "status": cmd_status, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["serve", *argv]
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Loading the policy's base model and tokenizer.
+
+Any Hugging Face causal LM can be named, by hub id or local path; the name
+``starter`` means the small offline model built from the dialogue corpus
+(see `chatbot.starter`). Failures become a `ModelLoadError` whose one-line
+message names what was tried, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STARTER = "starter"
+
+# Used when a tokenizer ships no chat template of its own (base models,
+# GPT-2 style checkpoints): a plain "Role: text" transcript.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{%- else -%}{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """The named model could not be loaded; the message says what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    device: Any
+    dtype: Any
+
+
+def resolve_device(device: str = "auto"):
+    """`auto` picks the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} asked for, but no CUDA GPU is visible")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device {device!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    return resolved
+
+
+def default_dtype(device):
+    """bf16 on a GPU that supports it, float16 on an older GPU, float32 on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give the tokenizer a plain template when it has none; make sure it can pad."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def resolve_model_path(name: str, data_dir: str | os.PathLike, *, build_progress=None) -> str:
+    """Turn `--model` into something `from_pretrained` takes.
+
+    ``starter`` builds the starter model on first use (minutes, with progress)
+    and returns its directory; anything else is passed through as a local
+    path or hub id.
+    """
+    if name == STARTER:
+        from chatbot.starter import ensure_starter
+
+        return str(ensure_starter(data_dir, progress=build_progress))
+    return name
+
+
+def load_model(
+    name: str,
+    data_dir: str | os.PathLike = "data",
+    *,
+    device: str = "auto",
+    build_progress=None,
+) -> LoadedModel:
+    """Load base model and tokenizer for serving; raise `ModelLoadError` on failure."""
+    path = resolve_model_path(name, data_dir, build_progress=build_progress)
+    torch_device = resolve_device(device)
+    dtype = default_dtype(torch_device)
+    tokenizer = load_tokenizer(path, name=name)
+    model = _from_pretrained("AutoModelForCausalLM", path, name=name, dtype=dtype)
+    model.to(torch_device)
+    model.eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model, tokenizer, name, path, torch_device, dtype)
+
+
+def load_tokenizer(path: str, *, name: str | None = None):
+    tokenizer = _from_pretrained("AutoTokenizer", path, name=name or path)
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+def _from_pretrained(auto_class: str, path: str, *, name: str, **kwargs):
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    local = Path(path).expanduser()
+    # A hub id is "name" or "org/name"; anything else is meant as a path.
+    looks_like_path = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_like_path and not local.exists():
+        raise ModelLoadError(f"cannot load model {name!r}: local path {local} does not exist")
+    try:
+        return cls.from_pretrained(str(local) if local.exists() else path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one clear line
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
+        if local.exists():
+            tried = f"local directory {local}"
+        else:
+            tried = f"no local path {local}, then Hugging Face Hub id {path!r} (needs network or a cached copy)"
+        raise ModelLoadError(f"cannot load model {name!r}: tried {tried}: {reason}") from exc

@@ -1,0 +1,103 @@
+"""Schema migrations.
+
+Each migration is a small named function. Once a migration has shipped it is
+never edited: a schema change is a new function appended below.
+"""
+
+from sqlite_utils import Migrations
+
+migrations = Migrations("learning-chatbot")
+
+
+@migrations(name="m001_initial")
+def m001_initial(db):
+    db.execute(
+        """
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            session_id TEXT,
+            user TEXT,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id),
+            -- the messages that were the prompt, as JSON [{role, content}, ...]
+            prompt TEXT NOT NULL,
+            -- sha256 of the canonical prompt JSON: alternatives to the same
+            -- prompt (regenerate) share it, which is what makes a pair
+            prompt_hash TEXT NOT NULL,
+            reply TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            generation TEXT NOT NULL DEFAULT '{}',
+            latency_ms REAL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            finish_reason TEXT,
+            session_id TEXT,
+            user TEXT,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX idx_responses_conversation ON responses(conversation_id)")
+    db.execute("CREATE INDEX idx_responses_prompt_hash ON responses(prompt_hash)")
+    db.execute(
+        """
+        CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            response_id TEXT NOT NULL REFERENCES responses(id),
+            session_id TEXT,
+            user TEXT,
+            -- +1 thumbs-up, -1 thumbs-down, 0 a vote taken back
+            value INTEGER NOT NULL CHECK (value IN (-1, 0, 1)),
+            comment TEXT,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX idx_feedback_response ON feedback(response_id)")
+    db.execute(
+        """
+        CREATE TABLE runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            watermark INTEGER,
+            config TEXT NOT NULL DEFAULT '{}',
+            metrics TEXT NOT NULL DEFAULT '{}',
+            progress TEXT NOT NULL DEFAULT '{}',
+            error TEXT,
+            pid INTEGER
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE adapters (
+            version TEXT PRIMARY KEY,
+            number INTEGER NOT NULL UNIQUE,
+            path TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            run_id INTEGER REFERENCES runs(id),
+            status TEXT NOT NULL
+                CHECK (status IN ('candidate', 'active', 'retired', 'rejected')),
+            reason TEXT,
+            watermark INTEGER,
+            metrics TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """
+    )
+    # At most one active adapter; no row active means v0 (the base) serves.
+    db.execute(
+        "CREATE UNIQUE INDEX idx_adapters_one_active ON adapters(status) "
+        "WHERE status = 'active'"
+    )

@@ -1,0 +1,535 @@
+"""The domain-level store: every reply, thumb, run and adapter goes through here.
+
+Threading model: one SQLite file in WAL mode, one connection per thread (made
+lazily, closed by `close()`), short write transactions started with
+``BEGIN IMMEDIATE`` so that concurrent writers queue on the busy timeout instead
+of failing on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import sqlite_utils
+
+from storage.migrations import migrations
+
+DB_FILENAME = "chatbot.db"
+BUSY_TIMEOUT_S = 30.0
+BASE_VERSION = "v0"
+ADAPTER_STATUSES = ("candidate", "active", "retired", "rejected")
+RUN_STATUSES = ("running", "succeeded", "failed", "refused")
+
+
+class StoreError(Exception):
+    """A request the store cannot honour; the message says why."""
+
+
+class ResponseNotFound(StoreError):
+    """Feedback named a response id that was never logged."""
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def prompt_hash(messages: list[dict]) -> str:
+    canonical = json.dumps(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _loads(text: str | None) -> Any:
+    return json.loads(text) if text else {}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value if value is not None else {}, ensure_ascii=False, sort_keys=True)
+
+
+class Store:
+    """Speaks the domain: conversations, responses, feedback, runs, adapters.
+
+    Build it with the path of the database file, or with `Store.in_data_dir`.
+    The schema is migrated when the store is built.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self.migrate()
+
+    @classmethod
+    def in_data_dir(cls, data_dir: str | os.PathLike) -> "Store":
+        return cls(Path(data_dir) / DB_FILENAME)
+
+    # -- connections -----------------------------------------------------
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """This thread's database handle (made on first use)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            # check_same_thread=False only so that close() may close every
+            # thread's connection at shutdown; each is used by its own thread.
+            conn = sqlite3.connect(
+                str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a committed row survives a crash of the
+            # process (the case we design for); only a power cut can lose the
+            # last commits. FULL would fsync on every thumb.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(conn)
+        return db
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite_utils.Database]:
+        """A short write transaction. Nested calls become savepoints."""
+        db = self.db
+        if db.conn.in_transaction:
+            with db.atomic():
+                yield db
+            return
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.conn.rollback()
+            raise
+        else:
+            db.conn.commit()
+
+    def migrate(self) -> None:
+        db = self.db
+        # Two processes may start on a blank data dir at once: hold the write
+        # lock while migrating so that the second one waits, then finds
+        # nothing pending.
+        with self._write():
+            migrations.apply(db)
+
+    # -- conversations and responses --------------------------------------
+
+    def start_conversation(
+        self, session_id: str | None = None, user: str | None = None
+    ) -> str:
+        conversation_id = uuid.uuid4().hex
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO conversations (id, session_id, user, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                [conversation_id, session_id, user, utcnow()],
+            )
+        return conversation_id
+
+    def log_response(
+        self,
+        *,
+        conversation_id: str,
+        prompt: list[dict],
+        reply: str,
+        model_version: str,
+        generation: dict | None = None,
+        latency_ms: float | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        finish_reason: str | None = None,
+        session_id: str | None = None,
+        user: str | None = None,
+        response_id: str | None = None,
+    ) -> str:
+        """Store one generated reply and return its id (made here if not given)."""
+        response_id = response_id or new_response_id()
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO responses (id, conversation_id, prompt, prompt_hash, reply,"
+                " model_version, generation, latency_ms, prompt_tokens,"
+                " completion_tokens, finish_reason, session_id, user, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    response_id,
+                    conversation_id,
+                    json.dumps(messages, ensure_ascii=False),
+                    prompt_hash(messages),
+                    reply,
+                    model_version,
+                    _dumps(generation),
+                    latency_ms,
+                    prompt_tokens,
+                    completion_tokens,
+                    finish_reason,
+                    session_id,
+                    user,
+                    utcnow(),
+                ],
+            )
+        return response_id
+
+    def get_response(self, response_id: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM responses WHERE id = ?", [response_id]))
+        if not rows:
+            return None
+        row = rows[0]
+        row["prompt"] = json.loads(row["prompt"])
+        row["generation"] = _loads(row["generation"])
+        return row
+
+    # -- feedback ---------------------------------------------------------
+
+    def record_feedback(
+        self,
+        response_id: str,
+        value: int,
+        *,
+        session_id: str | None = None,
+        user: str | None = None,
+        comment: str | None = None,
+    ) -> int:
+        """Append one thumb (+1, -1, or 0 for a vote taken back); return its id.
+
+        A changed mind is a new row: nothing is overwritten, the latest counts.
+        """
+        if isinstance(value, bool) or value not in (-1, 0, 1):
+            raise StoreError(f"feedback value must be 1, -1 or 0, not {value!r}")
+        if comment is not None:
+            comment = comment.strip() or None
+        try:
+            with self._write() as db:
+                cursor = db.execute(
+                    "INSERT INTO feedback (response_id, session_id, user, value,"
+                    " comment, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [response_id, session_id, user, int(value), comment, utcnow()],
+                )
+                return cursor.lastrowid
+        except sqlite3.IntegrityError as exc:
+            if "FOREIGN KEY" in str(exc):
+                raise ResponseNotFound(f"no response with id {response_id!r}") from None
+            raise
+
+    def feedback_since(self, watermark: int = 0, limit: int | None = None) -> list[dict]:
+        """Feedback rows with id greater than `watermark`, oldest first."""
+        sql = "SELECT * FROM feedback WHERE id > ? ORDER BY id"
+        params: list[Any] = [watermark]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return list(self.db.query(sql, params))
+
+    def latest_feedback_id(self) -> int:
+        row = next(self.db.query("SELECT COALESCE(MAX(id), 0) AS m FROM feedback"))
+        return row["m"]
+
+    def votes_for(self, response_ids: Iterable[str], *, session_id=None, user=None) -> dict:
+        """The latest value per response given by one rater (user, else session)."""
+        ids = list(response_ids)
+        if not ids:
+            return {}
+        rater_sql, rater = _rater_clause(session_id, user)
+        placeholders = ",".join("?" for _ in ids)
+        rows = self.db.query(
+            f"SELECT response_id, value FROM feedback WHERE id IN ("
+            f" SELECT MAX(id) FROM feedback WHERE response_id IN ({placeholders})"
+            f" AND {rater_sql} GROUP BY response_id)",
+            ids + rater,
+        )
+        return {r["response_id"]: r["value"] for r in rows}
+
+    def rated_responses(self, watermark: int | None = None) -> list[dict]:
+        """Each (response, rater) with its latest non-zero thumb.
+
+        A rater is the logged-in user, else the browser session. Only feedback
+        with id up to `watermark` is considered when one is given.
+        """
+        cap = "" if watermark is None else "AND f.id <= :watermark"
+        sql = f"""
+            WITH latest AS (
+                SELECT MAX(f.id) AS id FROM feedback f
+                WHERE 1 = 1 {cap}
+                GROUP BY f.response_id, COALESCE(f.user, ''), COALESCE(f.session_id, '')
+            )
+            SELECT f.id AS feedback_id, f.value, f.comment, f.user, f.session_id,
+                   f.created_at AS rated_at, r.id AS response_id, r.conversation_id,
+                   r.prompt, r.prompt_hash, r.reply, r.model_version
+            FROM latest JOIN feedback f ON f.id = latest.id
+            JOIN responses r ON r.id = f.response_id
+            WHERE f.value != 0
+            ORDER BY f.id
+        """
+        rows = list(self.db.query(sql, {"watermark": watermark}))
+        for row in rows:
+            row["prompt"] = json.loads(row["prompt"])
+        return rows
+
+    # -- export in TRL's shapes ---------------------------------------------
+
+    def unpaired_examples(self, watermark: int | None = None) -> list[dict]:
+        """`{prompt, completion, label}` rows, TRL's conversational unpaired format."""
+        return [
+            {
+                "prompt": row["prompt"],
+                "completion": [{"role": "assistant", "content": row["reply"]}],
+                "label": row["value"] > 0,
+            }
+            for row in self.rated_responses(watermark)
+        ]
+
+    def preference_pairs(self, watermark: int | None = None) -> list[dict]:
+        """`{prompt, chosen, rejected}` rows: replies to the same prompt, one up, one down.
+
+        Replies count as alternatives when their prompt messages are identical
+        (regenerate in the chat, or the same opening line from two people).
+        Every liked reply is paired with every disliked one; a reply that one
+        rater liked and another disliked is left out of pairs.
+        """
+        by_prompt: dict[str, dict[str, set]] = {}
+        prompts: dict[str, list] = {}
+        replies: dict[str, str] = {}
+        for row in self.rated_responses(watermark):
+            group = by_prompt.setdefault(row["prompt_hash"], {"up": set(), "down": set()})
+            group["up" if row["value"] > 0 else "down"].add(row["response_id"])
+            prompts[row["prompt_hash"]] = row["prompt"]
+            replies[row["response_id"]] = row["reply"]
+        pairs = []
+        for key, group in by_prompt.items():
+            ups, downs = group["up"] - group["down"], group["down"] - group["up"]
+            for chosen in sorted(ups):
+                for rejected in sorted(downs):
+                    if replies[chosen] == replies[rejected]:
+                        continue
+                    pairs.append(
+                        {
+                            "prompt": prompts[key],
+                            "chosen": [{"role": "assistant", "content": replies[chosen]}],
+                            "rejected": [{"role": "assistant", "content": replies[rejected]}],
+                        }
+                    )
+        return pairs
+
+    def export_jsonl(self, path: str | os.PathLike, shape: str = "unpaired") -> int:
+        """Write feedback as JSON lines; return the number of rows written.
+
+        The file is written beside its final name and renamed into place, so
+        a crash never leaves a truncated export behind.
+        """
+        if shape == "unpaired":
+            rows = self.unpaired_examples()
+        elif shape == "paired":
+            rows = self.preference_pairs()
+        else:
+            raise StoreError(f"unknown export shape {shape!r}: use 'unpaired' or 'paired'")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fp:
+            for row in rows:
+                fp.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        return len(rows)
+
+    # -- runs ---------------------------------------------------------------
+
+    def start_run(self, kind: str, *, config: dict | None = None, watermark: int | None = None) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO runs (kind, status, started_at, watermark, config, pid)"
+                " VALUES (?, 'running', ?, ?, ?, ?)",
+                [kind, utcnow(), watermark, _dumps(config), os.getpid()],
+            )
+            return cursor.lastrowid
+
+    def update_run_progress(self, run_id: int, progress: dict) -> None:
+        with self._write() as db:
+            db.execute("UPDATE runs SET progress = ? WHERE id = ?", [_dumps(progress), run_id])
+
+    def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        metrics: dict | None = None,
+        error: str | None = None,
+    ) -> None:
+        if status not in RUN_STATUSES or status == "running":
+            raise StoreError(f"a run finishes as one of succeeded/failed/refused, not {status!r}")
+        with self._write() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, metrics = ?, error = ?"
+                " WHERE id = ?",
+                [status, utcnow(), _dumps(metrics), error, run_id],
+            )
+
+    def get_run(self, run_id: int) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        return _decode_run(rows[0]) if rows else None
+
+    def runs(self, limit: int = 20) -> list[dict]:
+        rows = self.db.query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit])
+        return [_decode_run(r) for r in rows]
+
+    # -- adapters -------------------------------------------------------------
+
+    def allocate_version(self) -> str:
+        """The next adapter version name. Never reused: numbers only grow."""
+        row = next(self.db.query("SELECT COALESCE(MAX(number), 0) AS n FROM adapters"))
+        return f"v{row['n'] + 1}"
+
+    def register_adapter(
+        self,
+        version: str,
+        *,
+        path: str,
+        base_model: str,
+        run_id: int | None = None,
+        status: str = "candidate",
+        metrics: dict | None = None,
+        watermark: int | None = None,
+    ) -> None:
+        number = _version_number(version)
+        if number < 1:
+            raise StoreError("v0 is the base model; adapters are v1, v2, ...")
+        if status not in ADAPTER_STATUSES:
+            raise StoreError(f"unknown adapter status {status!r}")
+        now = utcnow()
+        with self._write() as db:
+            if status == "active":
+                db.execute(
+                    "UPDATE adapters SET status = 'retired', updated_at = ? WHERE status = 'active'",
+                    [now],
+                )
+            db.execute(
+                "INSERT INTO adapters (version, number, path, base_model, run_id, status,"
+                " watermark, metrics, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [version, number, str(path), base_model, run_id, status, watermark,
+                 _dumps(metrics), now, now],
+            )
+
+    def set_adapter_status(self, version: str, status: str, reason: str | None = None) -> None:
+        """Change an adapter's status; making one active retires the previous one."""
+        if status not in ADAPTER_STATUSES:
+            raise StoreError(f"unknown adapter status {status!r}")
+        now = utcnow()
+        with self._write() as db:
+            if not list(db.query("SELECT 1 FROM adapters WHERE version = ?", [version])):
+                raise StoreError(f"no adapter {version!r}")
+            if status == "active":
+                db.execute(
+                    "UPDATE adapters SET status = 'retired', updated_at = ?"
+                    " WHERE status = 'active' AND version != ?",
+                    [now, version],
+                )
+            db.execute(
+                "UPDATE adapters SET status = ?, reason = COALESCE(?, reason), updated_at = ?"
+                " WHERE version = ?",
+                [status, reason, now, version],
+            )
+
+    def activate_base(self) -> None:
+        """Serve the base model (v0): retire whichever adapter is active."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE adapters SET status = 'retired', updated_at = ? WHERE status = 'active'",
+                [utcnow()],
+            )
+
+    def active_version(self) -> str:
+        rows = list(self.db.query("SELECT version FROM adapters WHERE status = 'active'"))
+        return rows[0]["version"] if rows else BASE_VERSION
+
+    def get_adapter(self, version: str) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM adapters WHERE version = ?", [version]))
+        if not rows:
+            return None
+        rows[0]["metrics"] = _loads(rows[0]["metrics"])
+        return rows[0]
+
+    def adapters(self) -> list[dict]:
+        rows = list(self.db.query("SELECT * FROM adapters ORDER BY number"))
+        for row in rows:
+            row["metrics"] = _loads(row["metrics"])
+        return rows
+
+    # -- summary --------------------------------------------------------------
+
+    def counts(self) -> dict:
+        db = self.db
+        one = lambda sql: next(db.query(sql))["n"]  # noqa: E731
+        runs_by_status = {
+            r["status"]: r["n"]
+            for r in db.query("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+        }
+        feedback_by_value = {
+            {1: "up", -1: "down", 0: "withdrawn"}[r["value"]]: r["n"]
+            for r in db.query("SELECT value, COUNT(*) AS n FROM feedback GROUP BY value")
+        }
+        return {
+            "conversations": one("SELECT COUNT(*) AS n FROM conversations"),
+            "responses": one("SELECT COUNT(*) AS n FROM responses"),
+            "feedback": one("SELECT COUNT(*) AS n FROM feedback"),
+            "feedback_by_value": feedback_by_value,
+            "runs": one("SELECT COUNT(*) AS n FROM runs"),
+            "runs_by_status": runs_by_status,
+            "adapters": one("SELECT COUNT(*) AS n FROM adapters"),
+        }
+
+    def status(self) -> dict:
+        """What `app.py status` prints."""
+        return {
+            "active_version": self.active_version(),
+            **self.counts(),
+            "feedback_watermark": self.latest_feedback_id(),
+            "database": str(self.path),
+        }
+
+
+def new_response_id() -> str:
+    return "resp-" + uuid.uuid4().hex
+
+
+def _rater_clause(session_id: str | None, user: str | None) -> tuple[str, list]:
+    if user is not None:
+        return "user = ?", [user]
+    if session_id is not None:
+        return "session_id = ? AND user IS NULL", [session_id]
+    raise StoreError("votes are per rater: give a user or a session id")
+
+
+def _version_number(version: str) -> int:
+    if not (version.startswith("v") and version[1:].isdigit()):
+        raise StoreError(f"a version looks like v1, v2, ...; got {version!r}")
+    return int(version[1:])
+
+
+def _decode_run(row: dict) -> dict:
+    for key in ("config", "metrics", "progress"):
+        row[key] = _loads(row[key])
+    return row

@@ -1,0 +1,64 @@
+"""Shared fixtures. Nothing here touches the network: data paths go to a tmp
+dir, the Hub is switched off, and models are tiny ones built from a config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before transformers is imported anywhere, so that no test can reach the Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_dir(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("CHATBOT_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("CHATBOT_MODEL", raising=False)
+    return data_dir
+
+
+@pytest.fixture
+def data_dir(_isolated_data_dir):
+    return _isolated_data_dir
+
+
+@pytest.fixture
+def store(data_dir):
+    from storage import Store
+
+    s = Store.in_data_dir(data_dir)
+    yield s
+    s.close()
+
+
+TINY_STARTER = dict(
+    vocab_size=320,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=2,
+    intermediate_size=64,
+    max_length=64,
+    steps=4,
+    batch_size=8,
+    warmup_steps=1,
+    eval_prompts=16,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama-style model and tokenizer, saved with save_pretrained."""
+    from chatbot.starter import StarterConfig, corpus_pairs, make_model, train_tokenizer
+
+    config = StarterConfig(**TINY_STARTER)
+    pairs = corpus_pairs()[:200]
+    tokenizer = train_tokenizer([t for p in pairs for t in p], config.vocab_size)
+    model = make_model(tokenizer, config)
+    path = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

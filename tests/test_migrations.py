@@ -1,0 +1,57 @@
+import sqlite3
+
+import pytest
+
+from storage import Store
+from storage.migrations import migrations
+
+EXPECTED_COLUMNS = {
+    "conversations": {"id", "session_id", "user", "created_at"},
+    "responses": {
+        "id", "conversation_id", "prompt", "prompt_hash", "reply", "model_version",
+        "generation", "latency_ms", "prompt_tokens", "completion_tokens",
+        "finish_reason", "session_id", "user", "created_at",
+    },
+    "feedback": {"id", "response_id", "session_id", "user", "value", "comment", "created_at"},
+    "runs": {
+        "id", "kind", "status", "started_at", "finished_at", "watermark", "config",
+        "metrics", "progress", "error", "pid",
+    },
+    "adapters": {
+        "version", "number", "path", "base_model", "run_id", "status", "reason",
+        "watermark", "metrics", "created_at", "updated_at",
+    },
+}
+
+
+def test_blank_database_gets_every_table_and_column(tmp_path):
+    store = Store(tmp_path / "blank.db")
+    db = store.db
+    for table, columns in EXPECTED_COLUMNS.items():
+        assert table in db.table_names()
+        assert set(db[table].columns_dict) == columns, table
+    assert migrations.pending(db) == []
+
+
+def test_database_is_in_wal_mode_with_foreign_keys(tmp_path):
+    store = Store(tmp_path / "x.db")
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_migrating_twice_is_a_no_op(tmp_path):
+    Store(tmp_path / "x.db").close()
+    store = Store(tmp_path / "x.db")
+    names = [m.name for m in migrations.applied(store.db)]
+    assert names == sorted(set(names))
+    assert len(names) == len(migrations._migrations)
+
+
+def test_feedback_value_is_checked_by_the_schema_too(tmp_path):
+    store = Store(tmp_path / "x.db")
+    conv = store.start_conversation("s")
+    rid = store.log_response(conversation_id=conv, prompt=[{"role": "user", "content": "hi"}],
+                             reply="hello", model_version="v0")
+    conn = sqlite3.connect(tmp_path / "x.db")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        conn.execute("INSERT INTO feedback (response_id, value, created_at) VALUES (?, 5, 'now')", [rid])

@@ -1,0 +1,152 @@
+import json
+
+import pytest
+
+from storage import ResponseNotFound, StoreError
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def _reply(store, text, prompt=HELLO, conversation=None, version="v0"):
+    conversation = conversation or store.start_conversation("sess-1")
+    return store.log_response(conversation_id=conversation, prompt=prompt, reply=text,
+                              model_version=version, generation={"temperature": 1.0},
+                              latency_ms=12.5, session_id="sess-1")
+
+
+def test_logged_response_keeps_prompt_settings_and_version(store):
+    rid = _reply(store, "Hi there", version="v3")
+    row = store.get_response(rid)
+    assert row["prompt"] == HELLO
+    assert row["reply"] == "Hi there"
+    assert row["model_version"] == "v3"
+    assert row["generation"] == {"temperature": 1.0}
+    assert row["latency_ms"] == 12.5
+
+
+def test_changed_mind_is_a_new_row_and_the_latest_counts(store):
+    rid = _reply(store, "Hi")
+    first = store.record_feedback(rid, 1, session_id="sess-1")
+    second = store.record_feedback(rid, -1, session_id="sess-1", comment="  too short ")
+    assert second > first
+    rows = store.feedback_since(0)
+    assert [r["value"] for r in rows] == [1, -1]
+    assert rows[1]["comment"] == "too short"
+    examples = store.unpaired_examples()
+    assert len(examples) == 1 and examples[0]["label"] is False
+    assert store.votes_for([rid], session_id="sess-1") == {rid: -1}
+
+
+def test_a_withdrawn_vote_drops_the_example(store):
+    rid = _reply(store, "Hi")
+    store.record_feedback(rid, 1, session_id="sess-1")
+    store.record_feedback(rid, 0, session_id="sess-1")
+    assert store.unpaired_examples() == []
+
+
+def test_each_rater_counts_once(store):
+    rid = _reply(store, "Hi")
+    store.record_feedback(rid, 1, user="ann")
+    store.record_feedback(rid, -1, user="bob")
+    store.record_feedback(rid, 1, user="bob")
+    assert [e["label"] for e in store.unpaired_examples()] == [True, True]
+
+
+def test_unknown_response_and_bad_value_are_refused(store):
+    with pytest.raises(ResponseNotFound, match="no-such-id"):
+        store.record_feedback("no-such-id", 1)
+    rid = _reply(store, "Hi")
+    for bad in (2, -2, True, "1", 0.5):
+        with pytest.raises(StoreError):
+            store.record_feedback(rid, bad)
+    assert store.feedback_since(0) == []
+
+
+def test_regenerated_replies_with_opposite_thumbs_make_a_pair(store):
+    conv = store.start_conversation("sess-1")
+    good = _reply(store, "Hi! How are you?", conversation=conv)
+    bad = _reply(store, "Go away.", conversation=conv)
+    other = _reply(store, "Fine.", prompt=[{"role": "user", "content": "How are you?"}], conversation=conv)
+    store.record_feedback(good, 1, session_id="sess-1")
+    store.record_feedback(bad, -1, session_id="sess-1")
+    store.record_feedback(other, -1, session_id="sess-1")
+    pairs = store.preference_pairs()
+    assert pairs == [{
+        "prompt": HELLO,
+        "chosen": [{"role": "assistant", "content": "Hi! How are you?"}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }]
+
+
+def test_export_round_trips_in_trl_shapes(store, tmp_path):
+    good, bad = _reply(store, "Hello!"), _reply(store, "No.")
+    store.record_feedback(good, 1, session_id="s")
+    store.record_feedback(bad, -1, session_id="s")
+    assert store.export_jsonl(tmp_path / "u.jsonl", "unpaired") == 2
+    assert store.export_jsonl(tmp_path / "p.jsonl", "paired") == 1
+    unpaired = [json.loads(line) for line in (tmp_path / "u.jsonl").read_text().splitlines()]
+    assert unpaired == store.unpaired_examples()
+    assert set(unpaired[0]) == {"prompt", "completion", "label"}
+    paired = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert paired == store.preference_pairs()
+    assert set(paired[0]) == {"prompt", "chosen", "rejected"}
+    # The unpaired rows load as a datasets.Dataset, which is what TRL's trainers take.
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files=str(tmp_path / "u.jsonl"), split="train")
+    assert ds.column_names == ["prompt", "completion", "label"] and len(ds) == 2
+
+
+def test_export_refuses_an_unknown_shape(store, tmp_path):
+    with pytest.raises(StoreError, match="unknown export shape"):
+        store.export_jsonl(tmp_path / "x.jsonl", "triplets")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_watermark_limits_what_a_run_sees(store):
+    a, b = _reply(store, "A"), _reply(store, "B")
+    first = store.record_feedback(a, 1, session_id="s")
+    store.record_feedback(b, -1, session_id="s")
+    assert len(store.unpaired_examples(watermark=first)) == 1
+    assert [r["id"] for r in store.feedback_since(first)] == [first + 1]
+    assert store.latest_feedback_id() == first + 1
+
+
+def test_runs_record_status_metrics_and_errors(store):
+    run = store.start_run("retrain-ppo", config={"lr": 1e-4}, watermark=7)
+    assert store.get_run(run)["status"] == "running"
+    store.update_run_progress(run, {"stage": "ppo", "step": 3})
+    store.finish_run(run, "failed", error="ValueError: boom")
+    row = store.get_run(run)
+    assert row["status"] == "failed" and row["error"] == "ValueError: boom"
+    assert row["config"] == {"lr": 1e-4} and row["progress"]["step"] == 3
+    assert row["finished_at"] is not None
+    with pytest.raises(StoreError):
+        store.finish_run(run, "running")
+
+
+def test_adapter_versions_are_never_reused_and_one_is_active(store):
+    assert store.active_version() == "v0"
+    v1 = store.allocate_version()
+    store.register_adapter(v1, path="/a/v1", base_model="starter", status="active")
+    v2 = store.allocate_version()
+    store.register_adapter(v2, path="/a/v2", base_model="starter")
+    assert (v1, v2) == ("v1", "v2")
+    store.set_adapter_status(v2, "active")
+    assert store.active_version() == "v2"
+    assert store.get_adapter("v1")["status"] == "retired"
+    store.set_adapter_status(v2, "rejected", reason="worse")
+    assert store.active_version() == "v0"
+    assert store.allocate_version() == "v3"
+    store.activate_base()
+    assert store.active_version() == "v0"
+    with pytest.raises(StoreError):
+        store.set_adapter_status("v9", "active")
+    with pytest.raises(StoreError):
+        store.register_adapter("v0", path="/x", base_model="starter")
+
+
+def test_status_on_a_blank_store(store):
+    status = store.status()
+    assert status["active_version"] == "v0"
+    assert (status["conversations"], status["responses"], status["feedback"], status["runs"]) == (0, 0, 0, 0)
