@@ -51,8 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common, with_model], help="serve the chat (the default)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    serve.add_argument("--auth", help="require a login: user:password[,user:password...]")
+    serve.add_argument("--auth-file", help="require a login: a file with one user:password a line")
+    serve.add_argument("--max-new-tokens", type=int, default=96, help="default reply length cap (tokens)")
+    serve.add_argument("--temperature", type=float, default=0.8, help="default sampling temperature (0: greedy)")
+    serve.add_argument("--top-p", type=float, default=0.95, help="default nucleus sampling threshold")
+    serve.add_argument("--system-prompt", default="", help="default system prompt")
+    serve.add_argument("--max-message-chars", type=int, default=8000,
+                       help="longer messages are refused (default 8000)")
 
     sub.add_parser("status", parents=[common], help="print one JSON line: active version and counts")
 

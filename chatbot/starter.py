@@ -54,6 +54,7 @@ class StarterConfig:
     num_heads: int = 6  # attention heads (head size 32)
     intermediate_size: int = 512  # MLP width
     max_length: int = 128  # tokens per training example (context is cut from the left)
+    max_reply_tokens: int = 48  # corpus replies longer than this are not trained on
     steps: int = 600  # optimizer steps
     batch_size: int = 64  # examples per step
     learning_rate: float = 4e-3  # AdamW peak learning rate
@@ -163,14 +164,25 @@ def _encode_example(tokenizer, messages: list[dict], reply: str, max_length: int
     return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
 
 
-def build_examples(pairs, tokenizer, config: StarterConfig, rng: random.Random):
-    examples = []
+def build_examples(pairs, tokenizer, config: StarterConfig, rng: random.Random) -> list[list]:
+    """Training examples grouped by prompt: one group per distinct prompt,
+    holding one example per corpus reply to it.
+
+    Training draws one example per group each epoch, so a prompt with six
+    replies in the corpus gets as many steps as a prompt with one, and all
+    of its replies are seen over the epochs (the model must still be able to
+    say different things). Replies longer than `max_reply_tokens` are left
+    out: they would cost most of the compute for a few prompts.
+    """
+    by_prompt: dict[str, list] = defaultdict(list)
     for prompt, reply in pairs:
-        messages = [{"role": "user", "content": prompt}]
-        examples.append(_encode_example(tokenizer, messages, reply, config.max_length))
+        example = _encode_example(tokenizer, [{"role": "user", "content": prompt}], reply, config.max_length)
+        if sum(1 for t in example[1] if t != -100) <= config.max_reply_tokens:
+            by_prompt[prompt].append(example)
+    groups = [examples for examples in by_prompt.values() if examples]
     # Chats in the product are multi-turn: some examples carry an unrelated
     # earlier exchange before the turn to answer.
-    n_context = int(len(pairs) * config.context_fraction / (1 - config.context_fraction))
+    n_context = int(len(groups) * config.context_fraction / (1 - config.context_fraction))
     for _ in range(n_context):
         (p0, r0), (p1, r1) = rng.sample(pairs, 2)
         messages = [
@@ -178,8 +190,8 @@ def build_examples(pairs, tokenizer, config: StarterConfig, rng: random.Random):
             {"role": "assistant", "content": r0},
             {"role": "user", "content": p1},
         ]
-        examples.append(_encode_example(tokenizer, messages, r1, config.max_length))
-    return examples
+        groups.append([_encode_example(tokenizer, messages, r1, config.max_length)])
+    return groups
 
 
 def _batch(examples, pad_id):
@@ -196,17 +208,18 @@ def _batch(examples, pad_id):
     return input_ids, labels, attention
 
 
-def _length_grouped_batches(examples, batch_size, rng: random.Random):
-    """Endless batches of examples of similar length.
+def _length_grouped_batches(groups, batch_size, rng: random.Random):
+    """Endless batches of examples of similar length, one example per group an epoch.
 
     Most corpus replies are a few tokens and a few are paragraphs; random
     batches would pad every one to the longest and spend most of the CPU on
-    padding. Shuffle, cut into windows of 16 batches, sort each window by
-    length, and serve its batches in random order.
+    padding. Each epoch: draw one example per group, shuffle, cut into
+    windows of 16 batches, sort each window by length, serve its batches in
+    random order.
     """
-    batch_size = min(batch_size, len(examples))
+    batch_size = min(batch_size, len(groups))
     while True:
-        order = examples[:]
+        order = [rng.choice(group) for group in groups]
         rng.shuffle(order)
         window = batch_size * 16
         for start in range(0, len(order) - batch_size + 1, window):
@@ -216,7 +229,7 @@ def _length_grouped_batches(examples, batch_size, rng: random.Random):
             yield from batches
 
 
-def train(model, examples, config: StarterConfig, pad_id: int, progress: ProgressFn) -> list[float]:
+def train(model, groups, config: StarterConfig, pad_id: int, progress: ProgressFn) -> list[float]:
     import torch
 
     rng = random.Random(config.seed)
@@ -234,7 +247,7 @@ def train(model, examples, config: StarterConfig, pad_id: int, progress: Progres
     model.train()
     losses, start = [], time.monotonic()
     report_every = max(1, config.steps // 20)
-    batches = _length_grouped_batches(examples, config.batch_size, rng)
+    batches = _length_grouped_batches(groups, config.batch_size, rng)
     for step in range(config.steps):
         input_ids, labels, attention = _batch(next(batches), pad_id)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
@@ -346,14 +359,14 @@ def build_starter(
     pairs = corpus_pairs()
     progress(f"starter model: training a tokenizer on {len(pairs)} corpus exchanges")
     tokenizer = train_tokenizer([t for pair in pairs for t in pair], config.vocab_size)
-    examples = build_examples(pairs, tokenizer, config, rng)
+    groups = build_examples(pairs, tokenizer, config, rng)
     model = make_model(tokenizer, config)
     n_params = sum(p.numel() for p in model.parameters())
     progress(
         f"starter model: {n_params / 1e6:.2f}M parameters, {config.steps} steps of "
-        f"{config.batch_size} on {len(examples)} examples (torch threads: {torch.get_num_threads()})"
+        f"{config.batch_size} over {len(groups)} prompts (torch threads: {torch.get_num_threads()})"
     )
-    losses = train(model, examples, config, tokenizer.pad_token_id, progress)
+    losses = train(model, groups, config, tokenizer.pad_token_id, progress)
     info = {
         "kind": "starter",
         "parameters": n_params,

@@ -1,0 +1,246 @@
+"""The chat over HTTP: OpenAI-compatible chat completions, feedback, models.
+
+Routes are plain (sync) FastAPI handlers: FastAPI runs them in its thread
+pool, and the `Policy` takes care of sharing the model. Every error is a 4xx
+(or 503 when the model is busy) with an OpenAI-style JSON body
+``{"error": {"message", "type", "code"}}``, never a 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatbot.policy import Busy, GenerationSettings, Policy
+from storage import ResponseNotFound, Store, StoreError
+from storage.store import new_response_id
+
+API_SESSION = "api"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = ""
+
+    def text(self) -> str:
+        """Text content; OpenAI's list of parts is joined (text parts only)."""
+        if isinstance(self.content, list):
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool = False
+    user: str | None = Field(default=None, max_length=200)
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    response_id: str = Field(min_length=1, max_length=200)
+    value: StrictInt
+    comment: str | None = Field(default=None, max_length=8000)
+    user: str | None = Field(default=None, max_length=200)
+
+    @field_validator("value")
+    @classmethod
+    def _plus_or_minus_one(cls, value: int) -> int:
+        if value not in (1, -1):
+            raise ValueError("value must be 1 (thumbs-up) or -1 (thumbs-down)")
+        return value
+
+
+def _error_body(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": code, "code": code}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse(_error_body(exc.message, exc.code), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        return JSONResponse(_error_body("; ".join(problems) or "invalid request", "invalid_request_error"),
+                            status_code=400)
+
+
+def api_router(policy: Policy, store: Store, options) -> APIRouter:
+    """`options` is the `ChatOptions` shared with the chat page."""
+    router = APIRouter(prefix="/v1")
+
+    def settings_for(req: ChatRequest) -> GenerationSettings:
+        defaults: GenerationSettings = options.defaults
+        max_new = req.max_completion_tokens or req.max_tokens or defaults.max_new_tokens
+        if max_new > options.max_new_tokens_limit:
+            raise ApiError(400, f"max_tokens: at most {options.max_new_tokens_limit} on this server")
+        return GenerationSettings(
+            max_new_tokens=max_new,
+            temperature=defaults.temperature if req.temperature is None else req.temperature,
+            top_p=defaults.top_p if req.top_p is None else req.top_p,
+            system_prompt="",
+        ).validate()
+
+    def prompt_for(req: ChatRequest) -> list[dict]:
+        messages = []
+        for i, m in enumerate(req.messages):
+            text = m.text()
+            if len(text) > options.max_message_chars:
+                raise ApiError(400, f"messages.{i}.content: {len(text):,} characters, the limit is "
+                                    f"{options.max_message_chars:,}", code="message_too_long")
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": text})
+        if messages[-1]["role"] != "user":
+            raise ApiError(400, "messages: the last message must be from the user")
+        if not messages[-1]["content"].strip():
+            raise ApiError(400, "messages: the last user message is empty")
+        if not any(m["role"] == "system" for m in messages) and options.defaults.system_prompt:
+            messages.insert(0, {"role": "system", "content": options.defaults.system_prompt})
+        return messages
+
+    def log(prompt, stream, settings, response_id, user) -> None:
+        result = stream.result
+        conversation = store.start_conversation(API_SESSION, user)
+        store.log_response(
+            conversation_id=conversation, prompt=prompt, reply=result.text,
+            model_version=result.version, generation=settings.as_dict(),
+            latency_ms=result.latency_ms, prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
+            session_id=API_SESSION, user=user, response_id=response_id,
+        )
+
+    @router.post("/chat/completions")
+    def chat_completions(req: ChatRequest):
+        settings, prompt = settings_for(req), prompt_for(req)
+        response_id, created = new_response_id(), int(time.time())
+        stream = policy.stream(prompt, settings)
+        if not req.stream:
+            try:
+                for _ in stream:
+                    pass
+            except Busy as exc:
+                raise ApiError(503, str(exc), code="server_busy", headers={"Retry-After": "2"}) from None
+            log(prompt, stream, settings, response_id, req.user)
+            result = stream.result
+            return {
+                "id": response_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": result.version,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": _finish(result.finish_reason),
+                }],
+                "usage": {
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                    "total_tokens": result.prompt_tokens + result.completion_tokens,
+                },
+            }
+
+        if policy.busy():
+            raise ApiError(503, "the model is busy: too many requests are waiting, try again shortly",
+                           code="server_busy", headers={"Retry-After": "2"})
+        # Generation runs on one thread of its own, which also logs the reply;
+        # the response reads its pieces from a queue. A client that goes away
+        # sets the stop event, and the reply is logged as stopped.
+        pieces: queue.Queue = queue.Queue()
+
+        def produce():
+            try:
+                for piece in stream:
+                    pieces.put(("piece", piece))
+                log(prompt, stream, settings, response_id, req.user)
+                pieces.put(("done", stream.result.finish_reason))
+            except Exception as exc:  # noqa: BLE001 - reported in the stream
+                pieces.put(("error", exc))
+
+        threading.Thread(target=produce, daemon=True, name=f"generate-{response_id}").start()
+
+        def chunk(delta: dict, finish=None) -> str:
+            body = {
+                "id": response_id, "object": "chat.completion.chunk", "created": created,
+                "model": policy.version,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def next_event():
+            while True:
+                try:
+                    return pieces.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await anyio.to_thread.run_sync(next_event, abandon_on_cancel=True)
+                    if kind == "piece":
+                        yield chunk({"content": value})
+                    elif kind == "done":
+                        yield chunk({}, _finish(value))
+                        yield "data: [DONE]\n\n"
+                        return
+                    else:
+                        message = str(value) if isinstance(value, Busy) else f"generation failed: {value}"
+                        yield f"data: {json.dumps(_error_body(message, 'generation_error'))}\n\n"
+                        return
+            finally:
+                stream.stop.set()  # a no-op once generation has finished
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @router.post("/feedback")
+    def feedback(req: FeedbackRequest):
+        try:
+            feedback_id = store.record_feedback(req.response_id, req.value, session_id=API_SESSION,
+                                                user=req.user, comment=req.comment)
+        except ResponseNotFound as exc:
+            raise ApiError(404, str(exc), code="response_not_found") from None
+        except StoreError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"id": feedback_id, "response_id": req.response_id, "value": req.value}
+
+    @router.get("/models")
+    def models():
+        return {
+            "object": "list",
+            "data": [{"id": policy.version, "object": "model", "created": 0, "owned_by": "learning-chatbot"}],
+        }
+
+    return router
+
+
+def _finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"

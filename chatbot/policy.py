@@ -1,0 +1,229 @@
+"""Generation with the serving model, shared safely by every thread.
+
+One model instance serves the chat page and the HTTP API. Generation holds a
+lock for its whole length, so requests take turns on the model (on a 2-core
+CPU they would only slow each other down if they ran at once) and the
+version a request starts on is the one it finishes on. Waiting requests are
+bounded: past `max_waiting`, a request is refused with `Busy` instead of
+queueing forever.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from chatbot.models import LoadedModel
+
+
+class Busy(RuntimeError):
+    """Too many requests are already waiting for the model."""
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 96  # reply length cap, in tokens
+    temperature: float = 0.8  # 0 means greedy
+    top_p: float = 0.95  # nucleus sampling
+    system_prompt: str = ""  # prepended as a system message when not empty
+
+    def validate(self) -> "GenerationSettings":
+        if not 1 <= int(self.max_new_tokens) <= 4096:
+            raise ValueError("max_new_tokens must be between 1 and 4096")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError("top_p must be greater than 0 and at most 1")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    """What one reply was: its text, the version that wrote it, and its cost."""
+
+    text: str = ""
+    version: str = "v0"
+    prompt: list[dict] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # stop | length | stopped
+    latency_ms: float = 0.0
+    first_token_ms: float | None = None
+
+
+class Policy:
+    """The model that chats. `stream` yields text as it is generated."""
+
+    def __init__(self, loaded: LoadedModel, *, version: str = "v0", max_waiting: int = 32):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.version = version
+        self._lock = threading.Lock()
+        self.max_waiting = max_waiting
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.max_context = _max_context(loaded)
+
+    # -- prompts ------------------------------------------------------------
+
+    def build_prompt(self, messages: list[dict], settings: GenerationSettings) -> tuple[list[dict], list[int]]:
+        """The messages actually sent and their token ids, cut to fit the context.
+
+        The oldest turns go first; a system prompt is kept. If the last
+        message alone is too long, its beginning is cut.
+        """
+        system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
+        turns = [m for m in messages if m["role"] != "system"]
+        budget = self.max_context - int(settings.max_new_tokens)
+        while True:
+            sent = system + turns
+            ids = self._encode(sent)
+            if len(ids) <= budget or len(turns) <= 1:
+                break
+            turns = turns[1:]
+            while turns and turns[0]["role"] != "user":
+                turns = turns[1:]
+        if len(ids) > budget:
+            ids = ids[-max(budget, 1):]
+        return sent, ids
+
+    def _encode(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- generation -----------------------------------------------------------
+
+    def busy(self) -> bool:
+        """True when a new request would be refused."""
+        return self._in_flight >= self.max_waiting
+
+    def _enter(self) -> None:
+        with self._in_flight_lock:
+            if self._in_flight >= self.max_waiting:
+                raise Busy("the model is busy: too many requests are waiting, try again shortly")
+            self._in_flight += 1
+
+    def _leave(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
+
+    def generate(self, messages: list[dict], settings: GenerationSettings | None = None) -> Generation:
+        stream = self.stream(messages, settings)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
+               stop: threading.Event | None = None) -> "ReplyStream":
+        settings = (settings or GenerationSettings()).validate()
+        return ReplyStream(self, messages, settings, stop or threading.Event())
+
+
+class ReplyStream:
+    """Iterate for text pieces; `result` holds the finished `Generation`.
+
+    Closing the iterator early (a client went away) stops the generation.
+    """
+
+    def __init__(self, policy: Policy, messages, settings: GenerationSettings, stop: threading.Event):
+        self.policy, self.settings, self.stop = policy, settings, stop
+        self.result = Generation()
+        self._messages = messages
+        self._started = time.perf_counter()
+
+    def __iter__(self) -> Iterator[str]:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        policy, settings = self.policy, self.settings
+        policy._enter()
+        try:
+            with policy._lock:
+                sent, ids = policy.build_prompt(self._messages, settings)
+                result = self.result
+                result.prompt, result.version, result.prompt_tokens = sent, policy.version, len(ids)
+                stop = self.stop
+
+                class _StopWhenAsked(StoppingCriteria):
+                    def __call__(self, input_ids, scores, **kwargs):
+                        return stop.is_set()
+
+                streamer = TextIteratorStreamer(policy.tokenizer, skip_prompt=True, skip_special_tokens=True)
+                input_ids = torch.tensor([ids], device=policy.loaded.device)
+                sampling = settings.temperature > 0
+                kwargs = dict(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=int(settings.max_new_tokens),
+                    do_sample=sampling,
+                    temperature=float(settings.temperature) if sampling else None,
+                    top_p=float(settings.top_p) if sampling else None,
+                    top_k=None,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
+                    pad_token_id=policy.tokenizer.pad_token_id,
+                    eos_token_id=policy.tokenizer.eos_token_id,
+                )
+                output: dict = {}
+                worker = threading.Thread(target=_run_generate, args=(policy.model, kwargs, output), daemon=True)
+                worker.start()
+                pieces, drained = [], False
+                try:
+                    for piece in streamer:
+                        if not piece:
+                            continue
+                        if result.first_token_ms is None:
+                            result.first_token_ms = (time.perf_counter() - self._started) * 1000
+                        pieces.append(piece)
+                        yield piece
+                    drained = True
+                finally:
+                    if not drained:  # the consumer went away: stop before releasing the model
+                        stop.set()
+                    worker.join()
+                    self._finish(pieces, output, input_ids.shape[1])
+                if "error" in output:
+                    raise output["error"]
+        finally:
+            policy._leave()
+            self.result.latency_ms = (time.perf_counter() - self._started) * 1000
+
+
+    def _finish(self, pieces: list[str], output: dict, prompt_length: int) -> None:
+        result, tokenizer = self.result, self.policy.tokenizer
+        result.text = "".join(pieces).strip()
+        sequences = output.get("sequences")
+        new_tokens = sequences[0, prompt_length:].tolist() if sequences is not None else []
+        result.completion_tokens = len(new_tokens)
+        if self.stop.is_set():
+            result.finish_reason = "stopped"
+        elif new_tokens and new_tokens[-1] == tokenizer.eos_token_id:
+            result.finish_reason = "stop"
+        elif len(new_tokens) >= self.settings.max_new_tokens:
+            result.finish_reason = "length"
+        else:
+            result.finish_reason = "stop"
+
+
+def _run_generate(model, kwargs, output: dict) -> None:
+    import torch
+
+    try:
+        with torch.inference_mode():
+            output["sequences"] = model.generate(**kwargs)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+        output["error"] = exc
+        kwargs["streamer"].end()
+
+
+def _max_context(loaded: LoadedModel) -> int:
+    limits = [getattr(loaded.model.config, "max_position_embeddings", None),
+              getattr(loaded.tokenizer, "model_max_length", None)]
+    limits = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(limits) if limits else 2048

@@ -1,0 +1,101 @@
+"""One server for people and programs: the Gradio chat page at ``/`` and the
+OpenAI-compatible API under ``/v1``, on the same FastAPI app and port."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import gradio as gr
+from fastapi import FastAPI
+
+from chatbot.api import api_router, install_error_handlers
+from chatbot.policy import Policy
+from chatbot.ui import ChatOptions, ChatUI
+from storage import Store
+
+
+def parse_auth(spec: str | None, auth_file: str | None) -> list[tuple[str, str]] | None:
+    """`user:pass[,user:pass...]` and/or a file with one `user:pass` a line."""
+    pairs: list[tuple[str, str]] = []
+    entries = [e for e in (spec or "").split(",") if e.strip()]
+    if auth_file:
+        try:
+            with open(auth_file, encoding="utf-8") as fp:
+                entries += [line.strip() for line in fp if line.strip() and not line.startswith("#")]
+        except OSError as exc:
+            raise ValueError(f"cannot read --auth-file {auth_file!r}: {exc.strerror}") from None
+    for entry in entries:
+        user, sep, password = entry.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"auth entries look like user:password, got {entry.strip()!r}")
+        pairs.append((user, password))
+    return pairs or None
+
+
+def create_app(policy: Policy, store: Store, options: ChatOptions, *,
+               auth: list[tuple[str, str]] | None = None) -> FastAPI:
+    app = FastAPI(title="Learning chatbot", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+    install_error_handlers(app)
+    app.include_router(api_router(policy, store, options))
+    demo = ChatUI(policy, store, options).build()
+    # Requests queue in Gradio (people see their place in line); the policy
+    # serialises the model itself, shared with the HTTP routes.
+    demo.queue(default_concurrency_limit=4, max_size=64)
+    return gr.mount_gradio_app(app, demo, path="", auth=auth, show_error=True)
+
+
+class BackgroundServer:
+    """Run the app with uvicorn on a thread (tests and benchmarks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def serve(args, store: Store, loaded) -> int:
+    import uvicorn
+
+    from chatbot.policy import GenerationSettings
+
+    try:
+        auth = parse_auth(args.auth, args.auth_file)
+        defaults = GenerationSettings(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, system_prompt=args.system_prompt,
+        ).validate()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    options = ChatOptions(defaults=defaults, max_message_chars=args.max_message_chars,
+                          max_new_tokens_limit=max(args.max_new_tokens, 1024))
+    policy = Policy(loaded)
+    app = create_app(policy, store, options, auth=auth)
+    host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"chat:  http://{host}:{args.port}/", file=sys.stderr)
+    print(f"API:   http://{host}:{args.port}/v1 (OpenAI-compatible; docs at /v1/docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,288 @@
+"""The chat page: Gradio Blocks with streaming replies, thumbs, comments and
+regenerate, every reply and thumb recorded through the `Store`.
+
+Per-user data lives in `gr.State` (the working conversation) and
+`gr.BrowserState` (the browser's session id and a snapshot of the
+conversation, so that a reload shows it again with the votes already given).
+Handlers are plain functions of the `ChatUI` object; the wiring is at the end,
+one line per event.
+"""
+
+import html
+import threading
+import uuid
+from dataclasses import dataclass, replace
+
+import gradio as gr
+
+from chatbot.policy import Busy, GenerationSettings, Policy
+from storage import Store, StoreError
+
+VALUE_OF = {True: 1, False: -1}
+FEEDBACK_LABEL = {1: "Like", -1: "Dislike"}
+
+
+@dataclass
+class ChatOptions:
+    """The operator's defaults for the chat page and the API."""
+
+    defaults: GenerationSettings
+    max_message_chars: int = 8000  # longer messages are refused with a visible message
+    max_new_tokens_limit: int = 1024  # the most a user (or API client) may ask for
+
+
+def new_state() -> dict:
+    return {"session_id": None, "conversation_id": None, "turns": []}
+
+
+def render(text: str, version: str | None = None) -> str:
+    """What the chat shows: the text escaped (HTML in it is shown, never run),
+    and for a bot reply a small label naming the version that wrote it."""
+    shown = html.escape(text, quote=False)
+    if version:
+        shown += f"\n\n<sub>model {html.escape(version)}</sub>"
+    return shown
+
+
+def display(state: dict, pending_reply: str | None = None) -> list[dict]:
+    """The chat component's value, derived from the state's turns."""
+    out = []
+    for turn in state["turns"]:
+        out.append({"role": "user", "content": render(turn["user"])})
+        if turn["replies"]:
+            reply = turn["replies"][turn["shown"]]
+            out.append({"role": "assistant", "content": render(reply["text"], reply["version"])})
+    if pending_reply is not None:
+        out.append({"role": "assistant", "content": render(pending_reply) or "…"})
+    return out
+
+
+def messages_for(turns: list[dict]) -> list[dict]:
+    """The conversation as the model sees it: each turn's shown reply."""
+    messages = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn["user"]})
+        if turn["replies"]:
+            messages.append({"role": "assistant", "content": turn["replies"][turn["shown"]]["text"]})
+    return messages
+
+
+class ChatUI:
+    def __init__(self, policy: Policy, store: Store, options: ChatOptions):
+        self.policy = policy
+        self.store = store
+        self.options = options
+        # Stop buttons: one event per browser session that is generating.
+        self._stops: dict[str, threading.Event] = {}
+        self._stops_lock = threading.Lock()
+
+    # -- who is chatting --------------------------------------------------------
+
+    @staticmethod
+    def rater(state: dict, request: gr.Request | None) -> tuple[str, str | None]:
+        user = getattr(request, "username", None) if request is not None else None
+        if not state.get("session_id"):
+            hash_ = getattr(request, "session_hash", None) if request is not None else None
+            state["session_id"] = f"web-{hash_ or uuid.uuid4().hex}"
+        return state["session_id"], user
+
+    # -- handlers -----------------------------------------------------------------
+
+    def restore(self, saved: dict | None, request: gr.Request):
+        """On page load: the same session id, and the conversation with its votes."""
+        state = new_state()
+        if saved and saved.get("session_id"):
+            state.update({k: saved.get(k, state[k]) for k in state})
+        session_id, user = self.rater(state, request)
+        shown = gr.update(value=display(state), feedback_value=self._feedback_value(state, session_id, user))
+        return shown, state
+
+    def respond(self, message: str, state: dict, max_new_tokens, temperature, system_prompt,
+                request: gr.Request):
+        """Add the user's message and stream the reply."""
+        message = (message or "").strip()
+        if not message:  # an empty message is ignored
+            yield gr.update(), gr.update(), state
+            return
+        if len(message) > self.options.max_message_chars:
+            gr.Warning(
+                f"Your message is {len(message):,} characters; the limit is "
+                f"{self.options.max_message_chars:,}. Please shorten it."
+            )
+            yield gr.update(value=message), gr.update(), state
+            return
+        turns = state["turns"] + [{"user": message, "replies": [], "shown": 0}]
+        state = {**state, "turns": turns}
+        yield from self._generate(state, len(turns) - 1, max_new_tokens, temperature, system_prompt, request)
+
+    def regenerate(self, retry: gr.RetryData, state: dict, max_new_tokens, temperature, system_prompt,
+                   request: gr.Request):
+        """Another reply to the same turn; the earlier ones stay stored as alternatives."""
+        turn_index = min(retry.index // 2, len(state["turns"]) - 1)
+        if turn_index < 0:
+            yield gr.update(), gr.update(), state
+            return
+        state = {**state, "turns": state["turns"][: turn_index + 1]}
+        yield from self._generate(state, turn_index, max_new_tokens, temperature, system_prompt, request)
+
+    def _generate(self, state, turn_index, max_new_tokens, temperature, system_prompt, request):
+        session_id, user = self.rater(state, request)
+        try:
+            settings = replace(
+                self.options.defaults,
+                max_new_tokens=int(min(max_new_tokens, self.options.max_new_tokens_limit)),
+                temperature=float(temperature),
+                system_prompt=(system_prompt or "").strip(),
+            ).validate()
+        except (TypeError, ValueError) as exc:
+            raise gr.Error(f"Invalid generation settings: {exc}") from None
+        turn = state["turns"][turn_index]
+        prompt = messages_for(state["turns"][:turn_index]) + [{"role": "user", "content": turn["user"]}]
+        if settings.system_prompt:
+            prompt = [{"role": "system", "content": settings.system_prompt}] + prompt
+
+        stop = threading.Event()
+        with self._stops_lock:
+            self._stops[session_id] = stop
+        text = ""
+        try:
+            yield "", display(state, pending_reply=""), state
+            stream = self.policy.stream(prompt, settings, stop=stop)
+            for piece in stream:
+                text += piece
+                yield "", display(state, pending_reply=text), state
+        except Busy as exc:
+            raise gr.Error(str(exc)) from None
+        finally:
+            with self._stops_lock:
+                if self._stops.get(session_id) is stop:
+                    del self._stops[session_id]
+
+        result = stream.result
+        if state["conversation_id"] is None:
+            state = {**state, "conversation_id": self.store.start_conversation(session_id, user)}
+        response_id = self.store.log_response(
+            conversation_id=state["conversation_id"],
+            prompt=prompt,
+            reply=result.text,
+            model_version=result.version,
+            generation=settings.as_dict(),
+            latency_ms=result.latency_ms,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason,
+            session_id=session_id,
+            user=user,
+        )
+        turn = {**turn, "replies": turn["replies"] + [{"id": response_id, "text": result.text,
+                                                       "version": result.version}]}
+        turn["shown"] = len(turn["replies"]) - 1
+        turns = state["turns"][:turn_index] + [turn]
+        state = {**state, "turns": turns}
+        yield "", gr.update(value=display(state), feedback_value=self._feedback_value(state, session_id, user)), state
+
+    def stop(self, state: dict, request: gr.Request):
+        session_id, _ = self.rater(state, request)
+        with self._stops_lock:
+            stop = self._stops.get(session_id)
+        if stop is not None:
+            stop.set()
+
+    def like(self, data: gr.LikeData, state: dict, request: gr.Request):
+        """A thumb on a bot reply; clicking again or switching is a new row."""
+        response_id = self._response_at(state, data.index)
+        if response_id is None:
+            return state
+        session_id, user = self.rater(state, request)
+        value = VALUE_OF.get(data.liked, 0)  # "" or None: the vote was taken back
+        self.store.record_feedback(response_id, value, session_id=session_id, user=user)
+        return {**state, "last_rated": response_id}
+
+    def comment(self, text: str, state: dict, request: gr.Request):
+        """A short note on the reply last rated (else the latest reply)."""
+        text = (text or "").strip()
+        if not text:
+            return gr.update(), state
+        if len(text) > self.options.max_message_chars:
+            gr.Warning(f"Comments are limited to {self.options.max_message_chars:,} characters.")
+            return gr.update(value=text), state
+        response_id = state.get("last_rated") or self._response_at(state, None)
+        if response_id is None:
+            gr.Warning("There is no reply to comment on yet.")
+            return gr.update(value=text), state
+        session_id, user = self.rater(state, request)
+        current = self.store.votes_for([response_id], session_id=session_id, user=user).get(response_id, 0)
+        try:
+            self.store.record_feedback(response_id, current, session_id=session_id, user=user, comment=text)
+        except StoreError as exc:
+            raise gr.Error(str(exc)) from None
+        gr.Info("Thanks, your comment was saved.")
+        return "", state
+
+    def new_chat(self, state: dict, request: gr.Request):
+        session_id, _ = self.rater(state, request)
+        fresh = {**new_state(), "session_id": session_id}
+        return [], fresh
+
+    # -- helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _response_at(state: dict, index) -> str | None:
+        """The response id behind a bot message index (None: the latest reply)."""
+        turns = state["turns"]
+        if index is None:
+            turn_index = len(turns) - 1
+        else:
+            index = index[0] if isinstance(index, (list, tuple)) else index
+            turn_index = index // 2
+        if not 0 <= turn_index < len(turns) or not turns[turn_index]["replies"]:
+            return None
+        turn = turns[turn_index]
+        return turn["replies"][turn["shown"]]["id"]
+
+    def _feedback_value(self, state: dict, session_id: str, user: str | None) -> list:
+        ids = [t["replies"][t["shown"]]["id"] for t in state["turns"] if t["replies"]]
+        votes = self.store.votes_for(ids, session_id=session_id, user=user) if ids else {}
+        return [FEEDBACK_LABEL.get(votes.get(rid)) for rid in ids]
+
+    # -- the page -------------------------------------------------------------------
+
+    def build(self) -> gr.Blocks:
+        d = self.options.defaults
+        with gr.Blocks(title="Learning chatbot", analytics_enabled=False) as demo:
+            gr.Markdown("### Chat, and rate the replies with 👍 / 👎 — the bot learns from them.")
+            saved = gr.BrowserState(new_state(), storage_key="learning-chatbot")
+            state = gr.State(new_state())
+            chat = gr.Chatbot(
+                label="Chat", height=480, feedback_options=("Like", "Dislike"),
+                sanitize_html=True, elem_id="chat",
+            )
+            with gr.Row():
+                box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
+                                 scale=6, elem_id="message", max_lines=8)
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                stop = gr.Button("Stop", scale=1, elem_id="stop")
+                clear = gr.Button("New chat", scale=1, elem_id="new-chat")
+            with gr.Row():
+                note = gr.Textbox(placeholder="What would have been better? (optional, about the reply you rated)",
+                                  show_label=False, scale=6, elem_id="comment")
+                note_send = gr.Button("Send comment", scale=1, elem_id="send-comment")
+            with gr.Accordion("Generation settings", open=False):
+                max_new = gr.Slider(1, self.options.max_new_tokens_limit, value=d.max_new_tokens, step=1,
+                                    label="Max new tokens")
+                temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0: greedy)")
+                system = gr.Textbox(value=d.system_prompt, label="System prompt", lines=2)
+
+            settings = [max_new, temperature, system]
+            model = dict(concurrency_id="model", concurrency_limit=2)
+            demo.load(self.restore, [saved], [chat, state], queue=False, api_name=False)
+            box.submit(self.respond, [box, state, *settings], [box, chat, state], **model, api_name="chat")
+            send.click(self.respond, [box, state, *settings], [box, chat, state], **model, api_name=False)
+            chat.retry(self.regenerate, [state, *settings], [box, chat, state], **model, api_name="regenerate")
+            chat.like(self.like, [state], [state], api_name="like")
+            stop.click(self.stop, [state], None, queue=False, api_name="stop")
+            clear.click(self.new_chat, [state], [chat, state], api_name="new_chat")
+            note.submit(self.comment, [note, state], [note, state], api_name=False)
+            note_send.click(self.comment, [note, state], [note, state], api_name="comment")
+            state.change(lambda s: s, [state], [saved], queue=False, api_name=False, show_progress="hidden")
+        return demo
