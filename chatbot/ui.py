@@ -250,7 +250,7 @@ class ChatUI:
     def build(self) -> gr.Blocks:
         d = self.options.defaults
         with gr.Blocks(title="Learning chatbot", analytics_enabled=False) as demo:
-            gr.Markdown("### Chat, and rate the replies with 👍 / 👎 — the bot learns from them.")
+            gr.Markdown("### Chat, and rate the replies with thumbs-up or thumbs-down: the bot learns from them.")
             saved = gr.BrowserState(new_state(), storage_key="learning-chatbot")
             state = gr.State(new_state())
             chat = gr.Chatbot(

@@ -62,3 +62,30 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    from chatbot.models import load_model
+
+    return load_model(str(tiny_model_dir), tiny_model_dir)
+
+
+@pytest.fixture
+def chat_options():
+    from chatbot.policy import GenerationSettings
+    from chatbot.ui import ChatOptions
+
+    return ChatOptions(defaults=GenerationSettings(max_new_tokens=12, temperature=1.0),
+                       max_message_chars=500, max_new_tokens_limit=64)
+
+
+@pytest.fixture
+def server(tiny_loaded, store, chat_options):
+    """The whole app (chat page and API) served on a free local port."""
+    from chatbot.policy import Policy
+    from chatbot.server import BackgroundServer, create_app
+
+    app = create_app(Policy(tiny_loaded), store, chat_options)
+    with BackgroundServer(app) as running:
+        yield running

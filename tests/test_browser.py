@@ -1,0 +1,62 @@
+"""A real browser: headless Chromium (Debian's package) driven by Playwright."""
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def wait_for(condition, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_chat_in_a_real_browser(server, store, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "install Debian's chromium package (.ci/run does)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("dialog", lambda dialog: (errors.append("dialog: " + dialog.message), dialog.dismiss()))
+            page.goto(server.url + "/")
+            box = page.locator("#message textarea")
+            box.wait_for(timeout=60_000)
+
+            box.fill("Hello <b>there</b> <img src=x onerror=alert(1)>")
+            box.press("Enter")
+            bot = page.locator("#chat .message.bot, #chat [data-testid='bot']").last
+            bot.wait_for(timeout=60_000)
+            wait_for(lambda: "model v0" in bot.inner_text(), what="the finished reply with its version label")
+            response = wait_for(lambda: store.counts()["responses"] == 1 and
+                                list(store.db.query("SELECT * FROM responses"))[0], what="the response row")
+            assert response["reply"].split()[0] in bot.inner_text()
+            # What the person typed is shown as text, not run as HTML.
+            user_text = page.locator("#chat .message.user, #chat [data-testid='user']").last.inner_text()
+            assert "<img src=x onerror=alert(1)>" in user_text
+
+            page.get_by_label("Dislike").last.click()
+            row = wait_for(lambda: (store.feedback_since(0) or [None])[-1], what="the feedback row")
+            assert (row["response_id"], row["value"]) == (response["id"], -1)
+            assert row["session_id"] == response["session_id"] and row["session_id"].startswith("web-")
+
+            shot = tmp_path / "chat.png"
+            page.screenshot(path=str(shot))
+            assert shot.read_bytes().startswith(b"\x89PNG")
+            assert errors == []
+        finally:
+            browser.close()
