@@ -34,7 +34,7 @@ def write_section(name: str, title: str, command: str, body: str, doc: Path = DO
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     section = (
         f"<!-- {name}:start -->\n## {title}\n\n"
-        f"Command: `{command}`  \nMeasured {stamp} on {machine()}.\n\n{body.strip()}\n"
+        f"Command: `{command.strip()}`  \nMeasured {stamp} on {machine()}.\n\n{body.strip()}\n"
         f"<!-- {name}:end -->"
     )
     text = doc.read_text() if doc.exists() else HEADER
