@@ -125,8 +125,7 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
             messages.insert(0, {"role": "system", "content": options.defaults.system_prompt})
         return messages
 
-    def log(prompt, stream, settings, response_id, user) -> None:
-        result = stream.result
+    def log(prompt, result, settings, response_id, user) -> None:
         conversation = store.start_conversation(API_SESSION, user)
         store.log_response(
             conversation_id=conversation, prompt=prompt, reply=result.text,
@@ -140,15 +139,12 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
     def chat_completions(req: ChatRequest):
         settings, prompt = settings_for(req), prompt_for(req)
         response_id, created = new_response_id(), int(time.time())
-        stream = policy.stream(prompt, settings)
         if not req.stream:
             try:
-                for _ in stream:
-                    pass
+                result = policy.generate(prompt, settings)
             except Busy as exc:
                 raise ApiError(503, str(exc), code="server_busy", headers={"Retry-After": "2"}) from None
-            log(prompt, stream, settings, response_id, req.user)
-            result = stream.result
+            log(prompt, result, settings, response_id, req.user)
             return {
                 "id": response_id,
                 "object": "chat.completion",
@@ -166,6 +162,7 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
                 },
             }
 
+        stream = policy.stream(prompt, settings)
         if policy.busy():
             raise ApiError(503, "the model is busy: too many requests are waiting, try again shortly",
                            code="server_busy", headers={"Retry-After": "2"})
@@ -178,7 +175,7 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
             try:
                 for piece in stream:
                     pieces.put(("piece", piece))
-                log(prompt, stream, settings, response_id, req.user)
+                log(prompt, stream.result, settings, response_id, req.user)
                 pieces.put(("done", stream.result.finish_reason))
             except Exception as exc:  # noqa: BLE001 - reported in the stream
                 pieces.put(("error", exc))

@@ -113,11 +113,56 @@ class Policy:
         with self._in_flight_lock:
             self._in_flight -= 1
 
+    def generation_kwargs(self, input_ids, settings: GenerationSettings) -> dict:
+        import torch
+
+        sampling = settings.temperature > 0
+        return dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=int(settings.max_new_tokens),
+            do_sample=sampling,
+            temperature=float(settings.temperature) if sampling else None,
+            top_p=float(settings.top_p) if sampling else None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+
+    def finish_reason(self, new_tokens: list[int], settings: GenerationSettings, stopped: bool) -> str:
+        if stopped:
+            return "stopped"
+        if new_tokens and new_tokens[-1] == self.tokenizer.eos_token_id:
+            return "stop"
+        return "length" if len(new_tokens) >= settings.max_new_tokens else "stop"
+
     def generate(self, messages: list[dict], settings: GenerationSettings | None = None) -> Generation:
-        stream = self.stream(messages, settings)
-        for _ in stream:
-            pass
-        return stream.result
+        """The whole reply at once, on the calling thread: no streamer, no
+        per-token decoding (the API's non-streaming path)."""
+        import torch
+
+        settings = (settings or GenerationSettings()).validate()
+        started = time.perf_counter()
+        self._enter()
+        try:
+            with self._lock:
+                sent, ids = self.build_prompt(messages, settings)
+                input_ids = torch.tensor([ids], device=self.loaded.device)
+                with torch.inference_mode():
+                    output = self.model.generate(**self.generation_kwargs(input_ids, settings))
+                version = self.version
+        finally:
+            self._leave()
+        new_tokens = output[0, len(ids):].tolist()
+        return Generation(
+            text=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+            version=version,
+            prompt=sent,
+            prompt_tokens=len(ids),
+            completion_tokens=len(new_tokens),
+            finish_reason=self.finish_reason(new_tokens, settings, stopped=False),
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
                stop: threading.Event | None = None) -> "ReplyStream":
@@ -156,20 +201,8 @@ class ReplyStream:
 
                 streamer = TextIteratorStreamer(policy.tokenizer, skip_prompt=True, skip_special_tokens=True)
                 input_ids = torch.tensor([ids], device=policy.loaded.device)
-                sampling = settings.temperature > 0
-                kwargs = dict(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=int(settings.max_new_tokens),
-                    do_sample=sampling,
-                    temperature=float(settings.temperature) if sampling else None,
-                    top_p=float(settings.top_p) if sampling else None,
-                    top_k=None,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]),
-                    pad_token_id=policy.tokenizer.pad_token_id,
-                    eos_token_id=policy.tokenizer.eos_token_id,
-                )
+                kwargs = policy.generation_kwargs(input_ids, settings)
+                kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]))
                 output: dict = {}
                 worker = threading.Thread(target=_run_generate, args=(policy.model, kwargs, output), daemon=True)
                 worker.start()
@@ -196,19 +229,12 @@ class ReplyStream:
 
 
     def _finish(self, pieces: list[str], output: dict, prompt_length: int) -> None:
-        result, tokenizer = self.result, self.policy.tokenizer
+        result = self.result
         result.text = "".join(pieces).strip()
         sequences = output.get("sequences")
         new_tokens = sequences[0, prompt_length:].tolist() if sequences is not None else []
         result.completion_tokens = len(new_tokens)
-        if self.stop.is_set():
-            result.finish_reason = "stopped"
-        elif new_tokens and new_tokens[-1] == tokenizer.eos_token_id:
-            result.finish_reason = "stop"
-        elif len(new_tokens) >= self.settings.max_new_tokens:
-            result.finish_reason = "length"
-        else:
-            result.finish_reason = "stop"
+        result.finish_reason = self.policy.finish_reason(new_tokens, self.settings, self.stop.is_set())
 
 
 def _run_generate(model, kwargs, output: dict) -> None:
