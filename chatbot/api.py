@@ -19,7 +19,6 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatbot.policy import Busy, GenerationSettings, Policy
 from storage import ResponseNotFound, Store, StoreError
