@@ -4,9 +4,10 @@ Starts `python app.py serve` as a child process (as an operator would) and
 measures it over HTTP, beside `model.generate` called directly in this process
 on the same prompts and the same token counts:
 
-- overhead: the same 40 prompts, greedy, in alternating rounds, through `/v1/chat/completions` and
+- overhead: the same 40 prompts, greedy, through `/v1/chat/completions` and
   through `model.generate` with `max_new_tokens` set to the token count the
-  server produced (so both produce the same tokens); total time ratio;
+  server produced (so both produce the same tokens), interleaved request by request;
+  total time ratio;
 - time to first streamed token (`stream: true`);
 - requests per second with 1, 4 and 8 concurrent clients.
 
@@ -84,7 +85,7 @@ def main():
     parser.add_argument("--data-dir", default="data", help="where the starter model is (built if missing)")
     parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the overhead comparison")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the overhead comparison")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -105,25 +106,41 @@ def main():
             for p in prompts[:3]:  # warm up
                 chat(client, p, max_tokens=args.max_tokens, temperature=0)
 
-            # 1. overhead: same prompts, same tokens; alternating rounds, median of each side
+            # 1. overhead: same prompts, same tokens. The machine's speed drifts
+            # (a shared VM), so the two sides are interleaved request by request,
+            # in alternating order, and summed over every round.
             tok, model = loaded.tokenizer, loaded.model
-            api_runs, direct_runs = [], []
-            for _ in range(args.rounds):
-                start = time.perf_counter()
-                counts = [chat(client, p, max_tokens=args.max_tokens, temperature=0)["usage"]["completion_tokens"]
-                          for p in prompts]
-                api_runs.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                for p, n in zip(prompts, counts):
-                    text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                   tokenize=False)
-                    ids = tok(text, return_tensors="pt", add_special_tokens=False)
-                    with torch.inference_mode():
-                        out = model.generate(**ids, max_new_tokens=n, do_sample=False,
-                                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                    assert out.shape[1] - ids["input_ids"].shape[1] == n
-                direct_runs.append(time.perf_counter() - start)
-            api_s, direct_s = statistics.median(api_runs), statistics.median(direct_runs)
+            counts = [chat(client, p, max_tokens=args.max_tokens, temperature=0)["usage"]["completion_tokens"]
+                      for p in prompts]
+            inputs = []
+            for p in prompts:
+                text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False)
+                inputs.append(text)
+
+            def direct(i):
+                ids = tok(inputs[i], return_tensors="pt", add_special_tokens=False)
+                with torch.inference_mode():
+                    out = model.generate(**ids, max_new_tokens=counts[i], do_sample=False,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                assert out.shape[1] - ids["input_ids"].shape[1] == counts[i]
+
+            def api(i):
+                body = chat(client, prompts[i], max_tokens=args.max_tokens, temperature=0)
+                assert body["usage"]["completion_tokens"] == counts[i]
+
+            api_s = direct_s = 0.0
+            for r in range(args.rounds):
+                for i in range(len(prompts)):
+                    for side in ((api, direct) if (r + i) % 2 == 0 else (direct, api)):
+                        start = time.perf_counter()
+                        side(i)
+                        took = time.perf_counter() - start
+                        if side is api:
+                            api_s += took
+                        else:
+                            direct_s += took
+            api_s, direct_s = api_s / args.rounds, direct_s / args.rounds
 
             # 2. time to first streamed token
             ttft = [first_token_ms(client, p, args.max_tokens) for p in prompts[:20]]
@@ -152,7 +169,7 @@ def main():
             proc.wait(timeout=30)
 
     ratio = api_s / direct_s
-    body = table(["path", f"40 prompts, greedy, same tokens (median of {args.rounds} rounds)", "per request"], [
+    body = table(["path", f"40 prompts, greedy, same tokens (mean of {args.rounds} interleaved rounds)", "per request"], [
         ["`model.generate` in process", f"{direct_s:.2f} s", f"{direct_s / len(prompts) * 1000:.1f} ms"],
         ["`POST /v1/chat/completions` (server process, HTTP, logging to SQLite)", f"{api_s:.2f} s",
          f"{api_s / len(prompts) * 1000:.1f} ms"],

@@ -125,14 +125,17 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
         return messages
 
     def log(prompt, result, settings, response_id, user) -> None:
-        conversation = store.start_conversation(API_SESSION, user)
-        store.log_response(
-            conversation_id=conversation, prompt=prompt, reply=result.text,
-            model_version=result.version, generation=settings.as_dict(),
-            latency_ms=result.latency_ms, prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
-            session_id=API_SESSION, user=user, response_id=response_id,
-        )
+        # Each API request is a conversation of its own (the client keeps the
+        # history); both rows go in one commit.
+        with store.transaction():
+            conversation = store.start_conversation(API_SESSION, user)
+            store.log_response(
+                conversation_id=conversation, prompt=prompt, reply=result.text,
+                model_version=result.version, generation=settings.as_dict(),
+                latency_ms=result.latency_ms, prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
+                session_id=API_SESSION, user=user, response_id=response_id,
+            )
 
     @router.post("/chat/completions")
     def chat_completions(req: ChatRequest):

@@ -128,6 +128,14 @@ class Store:
         else:
             db.conn.commit()
 
+    def transaction(self) -> contextlib.AbstractContextManager:
+        """Group several store calls into one commit: all of them or none.
+
+        ``with store.transaction(): ...`` around e.g. `start_conversation` and
+        `log_response`; the calls inside become savepoints of one write.
+        """
+        return self._write()
+
     def migrate(self) -> None:
         db = self.db
         # Two processes may start on a blank data dir at once: hold the write

@@ -150,3 +150,15 @@ def test_status_on_a_blank_store(store):
     status = store.status()
     assert status["active_version"] == "v0"
     assert (status["conversations"], status["responses"], status["feedback"], status["runs"]) == (0, 0, 0, 0)
+
+
+def test_a_transaction_commits_all_of_its_calls_or_none(store):
+    with store.transaction():
+        rid = _reply(store, "kept")
+    assert store.get_response(rid)["reply"] == "kept"
+    before = store.counts()
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            _reply(store, "lost")  # a conversation and a response
+            raise RuntimeError("crash between the writes")
+    assert store.counts() == before
