@@ -4,6 +4,7 @@
     python app.py serve           # chat in the browser at http://127.0.0.1:7860
     python app.py status          # one JSON line: active version and counts
     python app.py export --out feedback.jsonl
+    python app.py retrain         # one retrain cycle on the feedback so far
 
 Every subcommand takes --data-dir (default ./data, or $CHATBOT_DATA_DIR);
 those where a model matters take --model (default: the offline starter model).
@@ -72,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="unpaired",
         help="unpaired {prompt, completion, label} (default) or paired {prompt, chosen, rejected}",
     )
+    retrain = sub.add_parser("retrain", parents=[common, with_model],
+                             help="run one retrain cycle now; prints progress, then one JSON summary line")
+    retrain.add_argument("--method", choices=["ppo", "kto"], default="ppo",
+                         help="ppo: reward model, then PPO (default); kto: KTO straight from the thumbs")
+    retrain.add_argument("--min-feedback", type=int, default=20,
+                         help="refuse (exit 2) with fewer rated replies than this (default 20)")
+    retrain.add_argument("--reward-model",
+                         help="base of the reward model (hub id or path; default: the policy's base)")
+    retrain.add_argument("--ppo-steps", type=int, help="PPO steps (default 30)")
+    retrain.add_argument("--threads", type=int, default=0, help="torch threads for training (default: all)")
+    retrain.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -120,7 +132,34 @@ def cmd_serve(args) -> int:
     return serve(args, store, loaded)
 
 
-COMMANDS = {"serve": cmd_serve, "status": cmd_status, "export": cmd_export}
+def cmd_retrain(args) -> int:
+    from online_rl.cycle import CycleConfig, CycleFailed, NotEnoughFeedback, run_cycle, summary_line
+
+    store = open_store(args.data_dir)
+    config = CycleConfig(method=args.method, min_feedback=args.min_feedback, device=args.device,
+                         reward_model=args.reward_model, threads=args.threads, seed=args.seed)
+    if args.ppo_steps is not None:
+        config.ppo.steps = args.ppo_steps
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
+    try:
+        result = run_cycle(store, data_dir=args.data_dir, model_name=args.model, config=config,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except NotEnoughFeedback as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(json.dumps({"status": "refused", "run_id": store.runs(1)[0]["id"], "error": str(exc)}))
+        return 2
+    except CycleFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(json.dumps({"status": "failed", "run_id": store.runs(1)[0]["id"], "error": str(exc)}))
+        return 1
+    print(json.dumps(summary_line(result), default=str))
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "status": cmd_status, "export": cmd_export, "retrain": cmd_retrain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -297,6 +297,23 @@ class Store:
             row["prompt"] = json.loads(row["prompt"])
         return rows
 
+    def user_prompts(self, limit: int = 1000) -> list[dict]:
+        """Distinct prompts people sent (rated or not), newest first.
+
+        Each is ``{prompt, prompt_hash, conversation_id}``: the messages up to
+        the user's turn, as the model saw them. The pool PPO samples rollouts from.
+        """
+        rows = self.db.query(
+            "SELECT prompt, prompt_hash, conversation_id, MAX(created_at) AS last"
+            " FROM responses GROUP BY prompt_hash ORDER BY last DESC LIMIT ?",
+            [limit],
+        )
+        return [
+            {"prompt": json.loads(r["prompt"]), "prompt_hash": r["prompt_hash"],
+             "conversation_id": r["conversation_id"]}
+            for r in rows
+        ]
+
     # -- export in TRL's shapes ---------------------------------------------
 
     def unpaired_examples(self, watermark: int | None = None) -> list[dict]:

@@ -89,3 +89,24 @@ def server(tiny_loaded, store, chat_options):
     app = create_app(Policy(tiny_loaded), store, chat_options)
     with BackgroundServer(app) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """A tiny model trained for a few seconds on corpus pairs: unlike an
+    untrained one, it writes word-like text whose style PPO can shift."""
+    import random
+
+    from chatbot.starter import StarterConfig, build_examples, corpus_pairs, make_model, train, train_tokenizer
+
+    config = StarterConfig(**{**TINY_STARTER, "hidden_size": 64, "intermediate_size": 128, "steps": 200,
+                              "batch_size": 16, "learning_rate": 1e-2})
+    pairs = corpus_pairs()[:200]
+    tokenizer = train_tokenizer([t for p in pairs for t in p], config.vocab_size)
+    model = make_model(tokenizer, config)
+    train(model, build_examples(pairs, tokenizer, config, random.Random(0)), config, tokenizer.pad_token_id,
+          lambda line: None)
+    path = tmp_path_factory.mktemp("tiny-trained")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,279 @@
+"""One retrain cycle: feedback in, a candidate adapter out.
+
+1. **Snapshot** the store up to a watermark (the newest feedback id now), split
+   by conversation, capped per rater. Too little feedback: the run is recorded
+   as refused and `NotEnoughFeedback` is raised (the CLI exits 2).
+2. **Reward model** (PPO only): trained on the snapshot, continuing from the
+   previous run's reward model when there is one. A KTO run reuses the newest
+   reward model to judge its candidate, training one only if none exists yet.
+3. **Policy update**: PPO against the reward model, or KTO straight from the
+   thumbs. Training starts from the active version's adapter (or a fresh one
+   on the base) and replays all feedback.
+4. **Evaluation** of the candidate against the active version on held-out
+   prompts: reward-model win rate, KL to the base, signs of degenerate replies.
+5. **Registration**: the adapter is written to a scratch directory, described
+   by ``adapter.json`` (base model, method, watermark, config, metrics), and
+   renamed to ``adapters/vN`` with a never-reused version; the `adapters` row
+   gets status candidate. Promotion is a separate decision (the gate, or an
+   operator).
+
+Every run is a row in `runs`: running while it works (with live progress),
+then succeeded, refused or failed with the error. Nothing fails silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from online_rl.data import DataConfig, snapshot
+from online_rl.evaluate import EvalConfig, compare
+from online_rl.kto import KTOSettings
+from online_rl.ppo import PPOConfig
+from online_rl.reward import RewardConfig
+from storage import Store
+
+ProgressFn = Callable[[str], None]
+METHODS = ("ppo", "kto")
+ADAPTERS_DIR = "adapters"
+REWARD_DIR = "reward_models"
+
+
+class NotEnoughFeedback(Exception):
+    """Too little feedback for a run; the message says how much there is and how much is needed."""
+
+
+class CycleFailed(Exception):
+    """A run failed; it is recorded in `runs` with this error."""
+
+
+@dataclass
+class CycleConfig:
+    method: str = "ppo"
+    min_feedback: int = 20  # rated replies needed (after the per-rater cap)
+    device: str = "auto"
+    reward_model: str | None = None  # base of the reward model; None: the policy's base
+    threads: int = 0  # torch threads for training; 0 leaves torch's default
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    kto: KTOSettings = field(default_factory=KTOSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> CycleConfig:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.min_feedback < 2:
+            raise ValueError("min_feedback must be at least 2")
+        return self
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def dir_size_mb(path: str | Path) -> float:
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 3)
+
+
+def summary_line(result: dict) -> dict:
+    """The run's summary without the per-step history and the sample replies."""
+    evaluation = {k: v for k, v in (result.get("evaluation") or {}).items() if k != "examples"}
+    train = {k: v for k, v in (result.get("train") or {}).items() if k not in ("history", "first", "last")}
+    return {**{k: v for k, v in result.items() if k not in ("train", "evaluation")},
+            "train": train, "evaluation": evaluation}
+
+
+def latest_reward_model(store: Store) -> str | None:
+    """The newest reward model a succeeded run left on disk."""
+    for run in store.runs(limit=200):
+        path = (run.get("metrics") or {}).get("reward_model_path")
+        if run["status"] == "succeeded" and path and Path(path).exists():
+            return path
+    return None
+
+
+def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter",
+              config: CycleConfig | None = None, progress: ProgressFn = print) -> dict:
+    """Run one cycle and return its summary (also stored as the run's metrics)."""
+    config = (config or CycleConfig()).validate()
+    data_dir = Path(data_dir)
+    watermark = store.latest_feedback_id()
+    run_id = store.start_run(config.method, config=dataclasses.asdict(config), watermark=watermark)
+    started = time.perf_counter()
+    stage = {"stage": "snapshot"}
+
+    def report(line: str, **fields) -> None:
+        stage.update(fields)
+        stage["message"] = line
+        stage["elapsed_s"] = round(time.perf_counter() - started, 1)
+        progress(line)
+        store.update_run_progress(run_id, stage)
+
+    try:
+        snap = snapshot(store, config.data, watermark)
+        counts = snap.counts()
+        report(f"snapshot: {counts['examples']} rated replies ({counts['up']} up, {counts['down']} down), "
+               f"{counts['train_pairs'] + counts['heldout_pairs']} pairs, {counts['prompts']} prompts, "
+               f"watermark {watermark}")
+        if counts["examples"] < config.min_feedback or not snap.train:
+            message = (f"not enough feedback to retrain: {counts['examples']} rated replies, at least "
+                       f"{config.min_feedback} needed (--min-feedback)")
+            store.finish_run(run_id, "refused", error=message, metrics={"feedback": counts})
+            raise NotEnoughFeedback(message)
+        summary = _train_and_register(store, run_id, snap, config, data_dir, model_name, report, progress)
+        summary.update(feedback=counts, seconds=round(time.perf_counter() - started, 1),
+                       peak_memory_mb=peak_memory_mb())
+        store.finish_run(run_id, "succeeded", metrics=summary)
+        report(f"run {run_id} succeeded: candidate {summary['version']} in {summary['seconds']:.0f} s",
+               stage="done")
+        return {"run_id": run_id, "status": "succeeded", **summary}
+    except NotEnoughFeedback:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - recorded, then raised again
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        store.finish_run(run_id, "failed", error=error,
+                         metrics={"stage": stage.get("stage"), "traceback": traceback.format_exc()[-4000:],
+                                  "seconds": round(time.perf_counter() - started, 1)})
+        if isinstance(exc, Exception):
+            raise CycleFailed(f"run {run_id} failed during {stage.get('stage')}: {error}") from exc
+        raise
+
+
+def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path, model_name: str, report,
+                        progress_line):
+    import torch
+
+    from chatbot.models import load_model, load_tokenizer, resolve_model_path
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    report(f"loading base model {model_name!r}", stage="load")
+    loaded = load_model(model_name, data_dir, device=config.device)
+    device, tokenizer = loaded.device, loaded.tokenizer
+    tokenizer.padding_side = "left"
+
+    active = store.active_version()
+    active_row = store.get_adapter(active) if active != "v0" else None
+    active_path = active_row["path"] if active_row and Path(active_row["path"]).exists() else None
+    if active_row and not active_path:
+        raise FileNotFoundError(f"the active adapter {active} is missing from {active_row['path']}")
+
+    # -- reward model ---------------------------------------------------------
+    rm_base = resolve_model_path(config.reward_model, data_dir) if config.reward_model else loaded.path
+    rm_tokenizer = tokenizer if rm_base == loaded.path else load_tokenizer(rm_base)
+    previous = latest_reward_model(store)
+    reward_path = None
+    reward_metrics = None
+    from online_rl.reward import load_reward_model, train_reward_model
+
+    if config.method == "ppo" or previous is None:
+        report("reward model: training" + (f" from {previous}" if previous else ""), stage="reward_model")
+        rm, reward_metrics = train_reward_model(rm_base, rm_tokenizer, snap, config.reward, device=device,
+                                                previous=previous, progress=lambda line: report(line))
+        reward_path = data_dir / REWARD_DIR / f"run-{run_id}"
+        reward_path.parent.mkdir(parents=True, exist_ok=True)
+        rm.save(reward_path, reward_metrics)
+        report(f"reward model: held-out AUC {reward_metrics['auc']}, accuracy {reward_metrics['accuracy']}, "
+               f"pair accuracy {reward_metrics['pair_accuracy']}")
+    else:
+        rm = load_reward_model(rm_base, previous, rm_tokenizer, device)
+        reward_path = Path(previous)
+        report(f"reward model: reusing {previous} to judge the candidate", stage="reward_model")
+
+    def reward_fn(prompts, replies):
+        # P(thumbs-up): bounded, so the KL penalty and the missing-EOS penalty
+        # keep a fixed meaning whatever the scale of the reward model's logits.
+        return torch.sigmoid(torch.tensor(rm.score(prompts, replies))).tolist()
+
+    # -- policy update --------------------------------------------------------
+    from peft import PeftModel
+
+    if active_path:
+        policy = PeftModel.from_pretrained(loaded.model, active_path, is_trainable=True)
+        start_from = active
+    else:
+        policy, start_from = None, "v0"
+    if config.method == "ppo":
+        from online_rl.ppo import PPOTrainer, add_lora
+
+        if policy is None:
+            policy = add_lora(loaded.model, config.ppo)
+        prompts = snap.prompts or [e.prompt for e in snap.train]
+        report(f"ppo: {config.ppo.steps} steps of {config.ppo.rollouts} rollouts on {len(prompts)} prompts, "
+               f"from {start_from}", stage="policy")
+
+        def on_step(record):
+            report(f"ppo: step {record['step']}/{config.ppo.steps} done", step=record["step"],
+                   of=config.ppo.steps, last=record)
+
+        trainer = PPOTrainer(policy, tokenizer, config.ppo, progress=lambda line: progress_line(line),
+                             on_step=on_step)
+        history = trainer.train(prompts, reward_fn)
+        policy = trainer.unwrapped.policy
+        train_metrics = {"steps": len(history), "first": history[0], "last": history[-1],
+                         "history": history}
+    else:
+        from online_rl.kto import train_kto
+
+        report(f"kto: {len(snap.train)} rated replies, from {start_from}", stage="policy")
+        policy, train_metrics = train_kto(policy if policy is not None else loaded.model, tokenizer, snap.train,
+                                          config.kto, progress=lambda line: report(line),
+                                          device=str(device.type))
+    policy.eval()
+
+    # -- evaluation -----------------------------------------------------------
+    report("evaluation: candidate against " + active, stage="evaluation")
+    held = snap.heldout_prompts or [e.prompt for e in snap.heldout] or snap.prompts
+    evaluation = compare(policy, tokenizer, held, reward_fn, config.eval, active_adapter=active_path)
+    report(f"evaluation: win rate {evaluation['win_rate']} against {active}, KL to base "
+           f"{evaluation['kl_to_base']} nats, distinct replies {evaluation['candidate']['distinct_fraction']}")
+
+    # -- registration ---------------------------------------------------------
+    report("saving the adapter", stage="register")
+    adapters = data_dir / ADAPTERS_DIR
+    adapters.mkdir(parents=True, exist_ok=True)
+    scratch = adapters / f".run-{run_id}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    policy.save_pretrained(str(scratch))
+    version = store.allocate_version()
+    final = adapters / version
+    metrics = {
+        "method": config.method,
+        "parent": start_from,
+        "reward_model": reward_metrics,
+        "reward_model_path": str(reward_path) if reward_path else None,
+        "train": train_metrics,
+        "evaluation": evaluation,
+        "adapter_mb": dir_size_mb(scratch),
+        "base_mb": dir_size_mb(loaded.path) if Path(loaded.path).exists() else None,
+    }
+    description = {
+        "version": version, "base_model": model_name, "base_path": loaded.path, "method": config.method,
+        "parent": start_from, "run_id": run_id, "watermark": snap.watermark,
+        "config": dataclasses.asdict(config), "metrics": {k: v for k, v in metrics.items() if k != "train"},
+    }
+    # adapter.json is written last, then the directory is renamed into place:
+    # a crash leaves only a .partial directory, which is never loaded.
+    (scratch / "adapter.json").write_text(json.dumps(description, indent=2, default=str))
+    os.replace(scratch, final)
+    compact = {k: v for k, v in metrics.items() if k != "train"}
+    compact["train"] = {k: v for k, v in train_metrics.items() if k != "history"}
+    store.register_adapter(version, path=str(final), base_model=model_name, run_id=run_id,
+                           status="candidate", metrics=compact, watermark=snap.watermark)
+    return {"version": version, "path": str(final), **metrics}

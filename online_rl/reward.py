@@ -1,0 +1,249 @@
+"""The reward model: how much would a person like this reply?
+
+The base model (or a smaller one named by ``--reward-model``) with a scalar
+head (`AutoModelForSequenceClassification`, one label) and a LoRA adapter.
+It reads the conversation and the reply, closed by the end-of-sequence token,
+and scores the last token.
+
+Loss: binary cross-entropy on the thumbs (each class weighted so that
+unbalanced up/down counts pull equally) plus a Bradley-Terry term on pairs,
+``-log sigmoid(r_chosen - r_rejected)``. Held-out AUC, accuracy and pair
+accuracy are reported. When a previous reward model exists its adapter and
+head are the starting point: every run replays all feedback, so continuing is
+only a warm start, not a different objective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from online_rl.data import Example, Pair, Snapshot, encode
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class RewardConfig:
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lr: float = 2e-3
+    epochs: int = 6
+    batch_size: int = 16
+    pair_weight: float = 1.0  # weight of the Bradley-Terry term beside the BCE term
+    max_length: int = 256
+    max_steps: int = 0  # 0: as many as the epochs need
+    seed: int = 0
+
+
+class RewardModel:
+    """A trained scorer: `score(prompts, replies)` gives one float per reply."""
+
+    def __init__(self, model, tokenizer, device, max_length: int = 256):
+        self.model, self.tokenizer, self.device, self.max_length = model, tokenizer, device, max_length
+
+    def _batch(self, prompts: list[list[dict]], replies: list[str]):
+        import torch
+
+        rows = []
+        for prompt, reply in zip(prompts, replies):
+            p, r = encode(self.tokenizer, prompt, reply, max_length=self.max_length)
+            rows.append(p + r)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: the scored last token is at the end
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def forward(self, prompts, replies):
+        """Scores with gradients (training)."""
+        ids, mask = self._batch(prompts, replies)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        return logits.reshape(-1).float()
+
+    def score(self, prompts: list[list[dict]], replies: list[str], batch_size: int = 64) -> list[float]:
+        import torch
+
+        was_training = self.model.training
+        self.model.eval()
+        out: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(replies), batch_size):
+                out.extend(self.forward(prompts[i:i + batch_size], replies[i:i + batch_size]).tolist())
+        self.model.train(was_training)
+        return out
+
+    def save(self, path: str | Path, metrics: dict | None = None) -> None:
+        path = Path(path)
+        self.model.save_pretrained(str(path))
+        (path / "reward.json").write_text(json.dumps({"max_length": self.max_length, "metrics": metrics or {}},
+                                                     indent=2))
+
+
+def load_reward_base(base_path: str, tokenizer, device, dtype=None):
+    """The base with a fresh one-label score head, set up to find its last token."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    torch.manual_seed(0)  # the head's initial weights
+    # The score head is new by design; transformers' report of it as missing is noise here.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1,
+                                                                   dtype=dtype or torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device)
+
+
+def load_reward_model(base_path: str, adapter_path: str | Path, tokenizer, device, *, trainable=False) -> RewardModel:
+    from peft import PeftModel
+
+    base = load_reward_base(base_path, tokenizer, device)
+    model = PeftModel.from_pretrained(base, str(adapter_path), is_trainable=trainable).to(device)
+    info = Path(adapter_path) / "reward.json"
+    max_length = json.loads(info.read_text()).get("max_length", 256) if info.exists() else 256
+    return RewardModel(model, tokenizer, device, max_length)
+
+
+def new_reward_model(base_path: str, tokenizer, device, config: RewardConfig) -> RewardModel:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    base = load_reward_base(base_path, tokenizer, device)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=0.0, target_modules="all-linear")
+    return RewardModel(get_peft_model(base, lora), tokenizer, device, config.max_length)
+
+
+def train_reward_model(
+    base_path: str,
+    tokenizer,
+    snap: Snapshot,
+    config: RewardConfig,
+    *,
+    device,
+    previous: str | Path | None = None,
+    progress: ProgressFn = print,
+) -> tuple[RewardModel, dict]:
+    """Fit the reward model on the snapshot's training side; report held-out metrics."""
+    import torch
+
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if previous and Path(previous).exists():
+        rm = load_reward_model(base_path, previous, tokenizer, device, trainable=True)
+        rm.max_length = config.max_length
+    else:
+        previous = None
+        rm = new_reward_model(base_path, tokenizer, device, config)
+    model = rm.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+
+    train = snap.train
+    n_up = sum(e.label for e in train)
+    n_down = len(train) - n_up
+    # Class weights: each class carries half the loss however unbalanced the counts.
+    w_up = len(train) / (2 * n_up) if n_up else 0.0
+    w_down = len(train) / (2 * n_down) if n_down else 0.0
+    batches_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
+    total = batches_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    rng = random.Random(config.seed)
+    pairs = list(snap.train_pairs)
+    started = time.perf_counter()
+    model.train()
+    step, losses = 0, []
+    while step < total:
+        order = list(train)
+        rng.shuffle(order)
+        rng.shuffle(pairs)
+        for b in range(batches_per_epoch):
+            if step >= total:
+                break
+            batch = order[b * config.batch_size:(b + 1) * config.batch_size]
+            loss = torch.zeros((), device=device)
+            if batch:
+                scores = rm.forward([e.prompt for e in batch], [e.reply for e in batch])
+                labels = torch.tensor([float(e.label) for e in batch], device=device)
+                weights = torch.tensor([w_up if e.label else w_down for e in batch], device=device)
+                loss = loss + (torch.nn.functional.binary_cross_entropy_with_logits(
+                    scores, labels, reduction="none") * weights).mean()
+            if pairs and config.pair_weight > 0:
+                chunk = [pairs[(b * config.batch_size + i) % len(pairs)] for i in range(min(len(pairs),
+                                                                                          config.batch_size))]
+                both = rm.forward([p.prompt for p in chunk] * 2,
+                                  [p.chosen for p in chunk] + [p.rejected for p in chunk])
+                margin = both[: len(chunk)] - both[len(chunk):]
+                loss = loss - config.pair_weight * torch.nn.functional.logsigmoid(margin).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if step % 10 == 0 or step == total:
+                progress(f"reward model: step {step}/{total}, loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    metrics = {
+        "steps": step,
+        "train_examples": len(train),
+        "train_pairs": len(snap.train_pairs),
+        "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4) if losses else None,
+        "continued_from": str(previous) if previous else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        **evaluate_reward_model(rm, snap.heldout, snap.heldout_pairs),
+    }
+    return rm, metrics
+
+
+def evaluate_reward_model(rm: RewardModel, examples: list[Example], pairs: list[Pair]) -> dict:
+    """Held-out AUC (thumbs-up ranked above thumbs-down), accuracy at score 0,
+    and the share of pairs ranked the right way. None where there is no data."""
+    out = {"heldout_examples": len(examples), "heldout_pairs": len(pairs),
+           "auc": None, "accuracy": None, "pair_accuracy": None}
+    if examples:
+        scores = rm.score([e.prompt for e in examples], [e.reply for e in examples])
+        labels = [e.label for e in examples]
+        out["auc"] = auc(scores, labels)
+        out["accuracy"] = round(sum((s > 0) == y for s, y in zip(scores, labels)) / len(labels), 4)
+    if pairs:
+        chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+        rejected = rm.score([p.prompt for p in pairs], [p.rejected for p in pairs])
+        out["pair_accuracy"] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(pairs), 4)
+    return out
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """Area under the ROC curve: the chance a random liked reply outscores a
+    random disliked one (ties count half). None when a class is missing."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # average ranks over ties
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    n_pos = sum(labels)
+    n_neg = len(labels) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return round((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), 4)
+

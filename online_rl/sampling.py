@@ -1,0 +1,74 @@
+"""Sampling replies in batches and scoring their tokens: shared by PPO
+rollouts, evaluation and the simulated users."""
+
+from __future__ import annotations
+
+import torch
+
+from online_rl.data import encode
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device):
+    """Left-padded ids and attention mask: every prompt ends at the same column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 32, temperature: float = 1.0,
+           top_p: float = 1.0, max_prompt_tokens: int = 256, device=None) -> dict:
+    """One sampled reply per prompt (greedy when temperature is 0).
+
+    Returns the batch: ``prompt_ids``/``prompt_mask`` (left-padded),
+    ``reply``/``reply_mask`` (tokens up to and including the first
+    end-of-sequence), ``finished`` (an end-of-sequence was produced),
+    ``texts`` and ``prompts``.
+    """
+    device = device or next(model.parameters()).device
+    rows = [encode(tokenizer, p, max_length=max_prompt_tokens)[0] for p in prompts]
+    prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id, device)
+    was_training = model.training
+    model.eval()
+    sampling = temperature > 0
+    out = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=sampling,
+        temperature=temperature if sampling else None, top_p=top_p if sampling else None,
+        top_k=0 if sampling else None, max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model.train(was_training)
+    reply = out[:, prompt_ids.shape[1]:]
+    is_eos = reply == tokenizer.eos_token_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    reply_mask = (~after_eos).long()
+    reply = torch.where(reply_mask.bool(), reply, torch.full_like(reply, tokenizer.pad_token_id))
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(reply, reply_mask)]
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "reply": reply, "reply_mask": reply_mask,
+            "finished": is_eos.any(-1), "texts": texts, "prompts": prompts}
+
+
+def sample_many(model, tokenizer, prompts: list[list[dict]], *, batch_size: int = 64, **kwargs) -> list[dict]:
+    """`sample` over prompts in batches."""
+    return [sample(model, tokenizer, prompts[i:i + batch_size], **kwargs) for i in range(0, len(prompts), batch_size)]
+
+
+def full_inputs(batch: dict, index=slice(None)):
+    """Prompt and reply joined: ids, mask, position ids, and where the reply starts."""
+    ids = torch.cat([batch["prompt_ids"][index], batch["reply"][index]], 1)
+    mask = torch.cat([batch["prompt_mask"][index], batch["reply_mask"][index]], 1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions, batch["prompt_ids"].shape[1]
+
+
+@torch.no_grad()
+def reply_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each reply token under `model` (0 on padding)."""
+    ids, mask, positions, start = full_inputs(batch)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1].float()
+    logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
+    return logp.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1) * batch["reply_mask"]

@@ -1,0 +1,159 @@
+"""One retrain cycle end to end on a tiny model, its refusals and failures,
+and the simulated users."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from online_rl.simulate import asks_back, concise, polite, resolve_preference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _thumbs(store, n, session="s"):
+    """n rated replies: short ones liked, long ones disliked, some regenerated."""
+    for i in range(n // 2):
+        conversation = store.start_conversation(session)
+        messages = [{"role": "user", "content": f"hello number {i}"}]
+        for reply, vote in ((f"hi {i}", 1), (f"well that is a rather long answer number {i}", -1)):
+            rid = store.log_response(conversation_id=conversation, prompt=messages, reply=reply,
+                                     model_version="v0", session_id=session)
+            store.record_feedback(rid, vote, session_id=session)
+
+
+def _small(method="ppo", **extra):
+    from online_rl.cycle import CycleConfig
+
+    config = CycleConfig(method=method, min_feedback=10, device="cpu", **extra)
+    config.ppo.steps, config.ppo.rollouts, config.ppo.minibatch, config.ppo.max_new_tokens = 2, 8, 4, 8
+    config.reward.epochs = 2
+    config.kto.max_steps, config.kto.batch_size = 2, 4
+    config.eval.max_prompts, config.eval.max_new_tokens = 6, 8
+    return config
+
+
+def test_a_ppo_cycle_registers_a_self_describing_candidate(store, data_dir, tiny_model_dir):
+    from online_rl.cycle import run_cycle
+
+    _thumbs(store, 40)
+    lines = []
+    result = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
+                       progress=lines.append)
+    assert result["status"] == "succeeded" and result["version"] == "v1"
+    adapter = store.get_adapter("v1")
+    assert adapter["status"] == "candidate" and adapter["watermark"] == store.latest_feedback_id()
+    path = Path(adapter["path"])
+    assert (path / "adapter_config.json").exists() and (path / "adapter_model.safetensors").exists()
+    described = json.loads((path / "adapter.json").read_text())
+    assert described["base_model"] == str(tiny_model_dir) and described["method"] == "ppo"
+    assert described["watermark"] == adapter["watermark"]
+    run = store.get_run(result["run_id"])
+    assert run["status"] == "succeeded" and run["metrics"]["evaluation"]["win_rate"] is not None
+    assert run["metrics"]["reward_model"]["auc"] is not None
+    assert Path(run["metrics"]["reward_model_path"]).exists()
+    assert run["progress"]["stage"] == "done"
+    assert any(line.startswith("ppo: step 2/2") for line in lines)
+    assert not list((data_dir / "adapters").glob(".*partial"))
+
+
+def test_the_next_cycle_continues_from_the_active_adapter_and_reward_model(store, data_dir, tiny_model_dir):
+    from online_rl.cycle import run_cycle
+
+    _thumbs(store, 30)
+    first = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
+                      progress=lambda line: None)
+    store.set_adapter_status(first["version"], "active")
+    _thumbs(store, 10, session="later")
+    second = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small("kto"),
+                       progress=lambda line: None)
+    assert second["version"] == "v2" and second["parent"] == "v1"
+    # KTO reuses the newest reward model to judge instead of training one.
+    assert second["reward_model"] is None and second["reward_model_path"] == first["reward_model_path"]
+    assert second["train"]["steps"] == 2
+    assert second["feedback"]["examples"] == 40  # all past feedback is replayed
+
+
+def test_too_little_feedback_is_refused_and_recorded(store, data_dir, tiny_model_dir):
+    from online_rl.cycle import NotEnoughFeedback, run_cycle
+
+    _thumbs(store, 4)
+    with pytest.raises(NotEnoughFeedback, match="4 rated replies, at least 10"):
+        run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
+                  progress=lambda line: None)
+    run = store.runs(1)[0]
+    assert run["status"] == "refused" and "at least 10" in run["error"]
+    assert store.adapters() == []
+
+
+def test_a_failed_run_is_recorded_with_its_error(store, data_dir, tiny_model_dir, monkeypatch):
+    import online_rl.reward
+    from online_rl.cycle import CycleFailed, run_cycle
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the reward model exploded")
+
+    monkeypatch.setattr(online_rl.reward, "train_reward_model", broken)
+    _thumbs(store, 20)
+    with pytest.raises(CycleFailed, match="exploded"):
+        run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
+                  progress=lambda line: None)
+    run = store.runs(1)[0]
+    assert run["status"] == "failed" and run["error"] == "RuntimeError: the reward model exploded"
+    assert run["metrics"]["stage"] == "reward_model" and "Traceback" in run["metrics"]["traceback"]
+    assert run["finished_at"] and store.adapters() == []
+
+
+def _cli(*args, data_dir):
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args, "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_retrain_command_prints_progress_then_one_json_line(store, data_dir, tiny_model_dir):
+    _thumbs(store, 4)
+    refused = _cli("retrain", "--model", str(tiny_model_dir), "--min-feedback", "10", data_dir=data_dir)
+    assert refused.returncode == 2
+    assert "error: not enough feedback to retrain: 4 rated replies" in refused.stderr
+    assert json.loads(refused.stdout.strip().splitlines()[-1])["status"] == "refused"
+
+    _thumbs(store, 20, session="more")
+    done = _cli("retrain", "--model", str(tiny_model_dir), "--min-feedback", "10", "--ppo-steps", "1",
+                "--device", "cpu", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ppo: step 1/1" in done.stderr and "reward model" in done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "succeeded" and summary["version"] == "v1"
+    assert summary["evaluation"]["kl_to_base"] is not None and summary["peak_memory_mb"] > 0
+
+
+# -- simulated users ----------------------------------------------------------------
+
+
+def test_built_in_preferences():
+    assert concise("hi", "Fine, thanks.") and not concise("hi", "") and not concise("hi", "one two three four five six seven")
+    assert asks_back("hi", "And you?") and not asks_back("hi", "Fine.")
+    assert polite("hi", "Thanks for asking!") and not polite("hi", "Go away.")
+    assert resolve_preference("os.path:isabs") is not None
+    with pytest.raises(ValueError, match="unknown preference"):
+        resolve_preference("grumpy")
+
+
+def test_a_simulated_round_chats_thumbs_retrains_and_promotes(data_dir, tiny_model_dir, tmp_path, store):
+    from online_rl import simulate
+
+    out = tmp_path / "sim.json"
+    code = simulate.main(["--preference", "concise", "--rounds", "1", "--per-round", "12", "--data-dir",
+                          str(data_dir), "--model", str(tiny_model_dir), "--heldout", "6", "--samples", "1",
+                          "--ppo-steps", "1", "--min-feedback", "5", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert len(result["approval"]) == 2 and len(result["kl"]) == 1 and len(result["wall_s"]) == 1
+    assert result["versions"] == ["v0", "v1"]
+    # The thumbs went through the store like the chat page's, and v1 was promoted.
+    assert store.counts()["feedback"] == 12
+    assert store.active_version() == "v1"
