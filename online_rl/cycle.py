@@ -75,6 +75,8 @@ class CycleConfig:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.min_feedback < 2:
             raise ValueError("min_feedback must be at least 2")
+        if self.ppo.steps < 1 or self.ppo.rollouts < 1 or self.ppo.minibatch < 1:
+            raise ValueError("PPO steps, rollouts and minibatch must be at least 1")
         return self
 
 

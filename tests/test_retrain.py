@@ -143,6 +143,15 @@ def test_built_in_preferences():
         resolve_preference("grumpy")
 
 
+def test_babble_lowers_the_share_of_real_words():
+    from online_rl.simulate import known_word_fraction
+
+    vocabulary = {"i", "am", "fine", "thanks"}
+    assert known_word_fraction(["I am fine, thanks!"], vocabulary) == 1.0
+    assert known_word_fraction(["I am sportscctrih filects"], vocabulary) == 0.5
+    assert known_word_fraction([""], vocabulary) == 0.0
+
+
 def test_a_simulated_round_chats_thumbs_retrains_and_promotes(data_dir, tiny_model_dir, tmp_path, store):
     from online_rl import simulate
 
