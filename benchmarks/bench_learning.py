@@ -79,15 +79,20 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="benchmarks/results", help="JSON and logs of each simulation")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--render-only", action="store_true",
+                        help="write the report from the JSON already in --out-dir, without simulating")
     args = parser.parse_args()
 
-    from chatbot.starter import ensure_starter
-
-    starter = ensure_starter(args.data_dir)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [run_one(p, m, args, starter, out_dir)
-               for p in args.preferences.split(",") for m in args.methods.split(",")]
+    pairs = [(p, m) for p in args.preferences.split(",") for m in args.methods.split(",")]
+    if args.render_only:
+        results = [json.loads((out_dir / f"{p}-{m}.json").read_text()) for p, m in pairs]
+    else:
+        from chatbot.starter import ensure_starter
+
+        starter = ensure_starter(args.data_dir)
+        results = [run_one(p, m, args, starter, out_dir) for p, m in pairs]
 
     fmt = lambda xs: " → ".join("–" if x is None else f"{x:.2f}" for x in xs)  # noqa: E731
     rows = []
@@ -118,7 +123,8 @@ def main():
     if not args.no_write:
         plot(results, ROOT / "docs" / "learning.png")
         write_section("learning", "Learning from simulated users (starter model)",
-                      "python benchmarks/bench_learning.py " + " ".join(sys.argv[1:]), body)
+                      "python benchmarks/bench_learning.py " + " ".join(
+                          a for a in sys.argv[1:] if a not in ("--render-only", "--out-dir")), body)
 
 
 if __name__ == "__main__":
