@@ -123,8 +123,8 @@ def main():
     if not args.no_write:
         plot(results, ROOT / "docs" / "learning.png")
         write_section("learning", "Learning from simulated users (starter model)",
-                      "python benchmarks/bench_learning.py " + " ".join(
-                          a for a in sys.argv[1:] if a not in ("--render-only", "--out-dir")), body)
+                      f"python benchmarks/bench_learning.py --rounds {args.rounds} --per-round {args.per_round} "
+                      f"--seed {args.seed}", body)
 
 
 if __name__ == "__main__":
