@@ -61,7 +61,7 @@ def test_a_ppo_cycle_registers_a_self_describing_candidate(store, data_dir, tiny
     assert not list((data_dir / "adapters").glob(".*partial"))
 
 
-def test_the_next_cycle_continues_from_the_active_adapter_and_reward_model(store, data_dir, tiny_model_dir):
+def test_later_cycles_continue_from_the_active_adapter_and_reward_model(store, data_dir, tiny_model_dir):
     from online_rl.cycle import run_cycle
 
     _thumbs(store, 30)
@@ -69,13 +69,17 @@ def test_the_next_cycle_continues_from_the_active_adapter_and_reward_model(store
                       progress=lambda line: None)
     store.set_adapter_status(first["version"], "active")
     _thumbs(store, 10, session="later")
-    second = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small("kto"),
+    second = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
                        progress=lambda line: None)
     assert second["version"] == "v2" and second["parent"] == "v1"
-    # KTO reuses the newest reward model to judge instead of training one.
-    assert second["reward_model"] is None and second["reward_model_path"] == first["reward_model_path"]
-    assert second["train"]["steps"] == 2
+    assert second["reward_model"]["continued_from"] == first["reward_model_path"]
     assert second["feedback"]["examples"] == 40  # all past feedback is replayed
+    # KTO trains a fresh adapter on all the thumbs, and reuses the newest
+    # reward model to judge its candidate against the active v1.
+    third = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small("kto"),
+                      progress=lambda line: None)
+    assert third["version"] == "v3" and third["parent"] == "v0" and third["train"]["steps"] == 2
+    assert third["reward_model"] is None and third["reward_model_path"] == second["reward_model_path"]
 
 
 def test_too_little_feedback_is_refused_and_recorded(store, data_dir, tiny_model_dir):
