@@ -7,8 +7,8 @@
    previous run's reward model when there is one. A KTO run reuses the newest
    reward model to judge its candidate, training one only if none exists yet.
 3. **Policy update**: PPO against the reward model, or KTO straight from the
-   thumbs. Training starts from the active version's adapter (or a fresh one
-   on the base) and replays all feedback.
+   thumbs. Both replay all feedback; PPO continues from the active version's
+   adapter, KTO trains a fresh one on the base.
 4. **Evaluation** of the candidate against the active version on held-out
    prompts: reward-model win rate, KL to the base, signs of degenerate replies.
 5. **Registration**: the adapter is written to a scratch directory, described
