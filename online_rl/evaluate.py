@@ -13,7 +13,7 @@ reward model judges each pair of replies. Reported:
   end-of-sequence token, mean words per reply;
 - a few replies side by side, to be read, not just counted.
 
-The gate (issue: evaluation gate) decides from these numbers; this module only
+The evaluation gate decides from these numbers; this module only
 measures.
 """
 

@@ -48,20 +48,14 @@ class RewardModel:
         self.model, self.tokenizer, self.device, self.max_length = model, tokenizer, device, max_length
 
     def _batch(self, prompts: list[list[dict]], replies: list[str]):
-        import torch
+        from online_rl.sampling import left_pad
 
         rows = []
         for prompt, reply in zip(prompts, replies):
             p, r = encode(self.tokenizer, prompt, reply, max_length=self.max_length)
             rows.append(p + r)
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: the scored last token is at the end
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-        return ids.to(self.device), mask.to(self.device)
+        # Left padding: the scored last token is at the end of every row.
+        return left_pad(rows, self.tokenizer.pad_token_id, self.device)
 
     def forward(self, prompts, replies):
         """Scores with gradients (training)."""
