@@ -240,7 +240,7 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
         from online_rl.kto import train_kto
 
         report(f"kto: {len(snap.train)} rated replies, from {start_from}", stage="policy")
-        policy, train_metrics = train_kto(policy if policy is not None else loaded.model, tokenizer, snap.train,
+        policy, train_metrics = train_kto(loaded.model, tokenizer, snap.train,
                                           config.kto, progress=lambda line: report(line),
                                           device=str(device.type))
     policy.eval()

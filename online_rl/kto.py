@@ -58,12 +58,11 @@ def train_kto(model, tokenizer, examples: list[Example], settings: KTOSettings, 
               progress: ProgressFn = print, device: str = "auto") -> tuple[object, dict]:
     """Train a LoRA adapter with KTO; return the `PeftModel` and metrics.
 
-    `model` is either the base (a fresh adapter is added) or a `PeftModel`
-    whose active adapter is trainable (continuing from the live version).
+    `model` is the base; a fresh adapter is added to it.
     """
     import datasets
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, TaskType
+    from peft import LoraConfig, TaskType
     from transformers import PrinterCallback, TrainerCallback
     from trl import KTOConfig, KTOTrainer
 
@@ -91,10 +90,8 @@ def train_kto(model, tokenizer, examples: list[Example], settings: KTOSettings, 
 
     datasets.disable_progress_bars()  # progress is reported per training step instead
     callback = Progress()
-    peft_config = None
-    if not isinstance(model, PeftModel):
-        peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.lora_r, lora_alpha=settings.lora_alpha,
-                                 lora_dropout=0.0, target_modules="all-linear")
+    peft_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                             lora_dropout=0.0, target_modules="all-linear")
     import torch
 
     on_gpu = device != "cpu" and torch.cuda.is_available()

@@ -140,8 +140,6 @@ def approval(bot: Bot, prompts: list[str], preference: Preference, settings, sam
 def chat_round(store, bot: Bot, preference: Preference, prompts: list[str], thumbs: int, settings,
                rng: random.Random, session: str, regenerate: float) -> int:
     """Chat and give `thumbs` thumbs; return how many were thumbs-up."""
-    from storage.store import new_response_id
-
     ups = given = 0
     while given < thumbs:
         prompt = rng.choice(prompts)
@@ -152,7 +150,7 @@ def chat_round(store, bot: Bot, preference: Preference, prompts: list[str], thum
         for reply in replies:
             response_id = store.log_response(
                 conversation_id=conversation, prompt=messages, reply=reply, model_version=bot.version,
-                generation=settings.as_dict(), session_id=session, response_id=new_response_id(),
+                generation=settings.as_dict(), session_id=session,
             )
             liked = bool(preference(prompt, reply))
             store.record_feedback(response_id, 1 if liked else -1, session_id=session)
