@@ -4,7 +4,9 @@
     python app.py serve           # chat in the browser at http://127.0.0.1:7860
     python app.py status          # one JSON line: active version and counts
     python app.py export --out feedback.jsonl
-    python app.py retrain         # one retrain cycle on the feedback so far
+    python app.py retrain         # one retrain cycle on the feedback so far, then the gate
+    python app.py promote v3      # serve v3 (a running server swaps it in within seconds)
+    python app.py rollback        # back to the version active before this one
 
 Every subcommand takes --data-dir (default ./data, or $CHATBOT_DATA_DIR);
 those where a model matters take --model (default: the offline starter model).
@@ -19,6 +21,7 @@ import sys
 
 DATA_DIR_ENV = "CHATBOT_DATA_DIR"
 MODEL_ENV = "CHATBOT_MODEL"
+ADMIN_TOKEN_ENV = "CHATBOT_ADMIN_TOKEN"
 
 
 class CliError(Exception):
@@ -62,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--system-prompt", default="", help="default system prompt")
     serve.add_argument("--max-message-chars", type=int, default=8000,
                        help="longer messages are refused (default 8000)")
+    ops = serve.add_argument_group("operations")
+    ops.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
+                     help=f"turns on the operator API (/v1/admin) and console (/admin); at least 16 "
+                          f"characters (or ${ADMIN_TOKEN_ENV}); without it both are off")
+    ops.add_argument("--retrain-every", type=float, default=900, metavar="SECONDS",
+                     help="check for new feedback this often and retrain when there is enough "
+                          "(default 900; 0 turns the schedule off)")
+    ops.add_argument("--retrain-cron", metavar="EXPR",
+                     help="check on a crontab schedule instead, in UTC (e.g. '0 3 * * *')")
+    ops.add_argument("--min-new-feedback", type=int, default=50,
+                     help="feedback rows since the last run needed to start one (default 50)")
+    ops.add_argument("--retrain-method", choices=["ppo", "kto"], default="ppo",
+                     help="method of scheduled retrains (default ppo)")
+    ops.add_argument("--train-threads", type=int, default=0,
+                     help="torch threads of the training process (default: half the cores)")
+    ops.add_argument("--follow-every", type=float, default=2.0, metavar="SECONDS",
+                     help="how often to check the registry for a new active version (default 2)")
 
     sub.add_parser("status", parents=[common], help="print one JSON line: active version and counts")
 
@@ -84,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--ppo-steps", type=int, help="PPO steps (default 30)")
     retrain.add_argument("--threads", type=int, default=0, help="torch threads for training (default: all)")
     retrain.add_argument("--seed", type=int, default=0)
+    retrain.add_argument("--no-promote", action="store_true",
+                         help="only register the candidate; do not apply the evaluation gate")
+
+    with_gate = [serve, retrain]
+    for p in with_gate:
+        p.add_argument("--min-win-rate", type=float, default=0.5,
+                       help="gate: the candidate's reward-model win rate against the active version "
+                            "must be at least this (default 0.5)")
+        p.add_argument("--max-kl", type=float, default=12.0,
+                       help="gate: mean KL to the base per reply at most this many nats (default 12)")
+
+    sub.add_parser("promote", parents=[common], help="make VERSION the active one (v0: the base model)") \
+        .add_argument("version", help="v0, v1, v2, ...")
+    rollback = sub.add_parser("rollback", parents=[common],
+                              help="go back to the version active before the current one")
+    rollback.add_argument("--to", help="go back to this version instead")
     return parser
 
 
@@ -114,10 +150,58 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from chatbot.models import ModelLoadError, load_model
+def cmd_promote(args) -> int:
+    from storage import StoreError
 
     store = open_store(args.data_dir)
+    try:
+        result = store.promote(args.version, actor="command line", reason="promoted from the command line")
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from storage import StoreError
+
+    store = open_store(args.data_dir)
+    try:
+        result = store.rollback(args.to, actor="command line")
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(result))
+    return 0
+
+
+def retrain_command(args):
+    """The training process a scheduled retrain runs: this file's `retrain`."""
+    app = os.path.abspath(__file__)
+
+    def command(method: str, threads: int) -> list[str]:
+        return [sys.executable, app, "retrain", "--data-dir", os.path.abspath(args.data_dir),
+                "--model", args.model, "--device", args.device, "--method", method,
+                "--threads", str(threads), "--min-win-rate", str(args.min_win_rate),
+                "--max-kl", str(args.max_kl)]
+
+    return command
+
+
+def cmd_serve(args) -> int:
+    from chatbot.admin import check_token
+    from chatbot.models import ModelLoadError, load_model
+    from online_rl.scheduler import RetrainScheduler, ScheduleConfig
+
+    store = open_store(args.data_dir)
+    try:
+        args.admin_token = check_token(args.admin_token)
+        schedule = ScheduleConfig(every_s=args.retrain_every, cron=args.retrain_cron,
+                                  min_new_feedback=args.min_new_feedback, method=args.retrain_method,
+                                  threads=args.train_threads).validate()
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
+    scheduler = RetrainScheduler(store, retrain_command(args), schedule,
+                                 log_dir=os.path.join(args.data_dir, "logs"))
     try:
         loaded = load_model(args.model, args.data_dir, device=args.device)
     except ModelLoadError as exc:
@@ -129,15 +213,18 @@ def cmd_serve(args) -> int:
     )
     from chatbot.server import serve
 
-    return serve(args, store, loaded)
+    return serve(args, store, loaded, scheduler)
 
 
 def cmd_retrain(args) -> int:
     from online_rl.cycle import CycleConfig, CycleFailed, NotEnoughFeedback, run_cycle, summary_line
+    from storage import RunInProgress
 
     store = open_store(args.data_dir)
     config = CycleConfig(method=args.method, min_feedback=args.min_feedback, device=args.device,
-                         reward_model=args.reward_model, threads=args.threads, seed=args.seed)
+                         reward_model=args.reward_model, threads=args.threads, seed=args.seed,
+                         promote=not args.no_promote)
+    config.gate.min_win_rate, config.gate.max_kl = args.min_win_rate, args.max_kl
     if args.ppo_steps is not None:
         config.ppo.steps = args.ppo_steps
     try:
@@ -151,6 +238,10 @@ def cmd_retrain(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         print(json.dumps({"status": "refused", "run_id": store.runs(1)[0]["id"], "error": str(exc)}))
         return 2
+    except RunInProgress as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(json.dumps({"status": "refused", "run_id": None, "error": str(exc)}))
+        return 2
     except CycleFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(json.dumps({"status": "failed", "run_id": store.runs(1)[0]["id"], "error": str(exc)}))
@@ -159,7 +250,8 @@ def cmd_retrain(args) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "status": cmd_status, "export": cmd_export, "retrain": cmd_retrain}
+COMMANDS = {"serve": cmd_serve, "status": cmd_status, "export": cmd_export, "retrain": cmd_retrain,
+            "promote": cmd_promote, "rollback": cmd_rollback}
 
 
 def main(argv: list[str] | None = None) -> int:

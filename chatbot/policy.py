@@ -6,12 +6,24 @@ CPU they would only slow each other down if they ran at once) and the
 version a request starts on is the one it finishes on. Waiting requests are
 bounded: past `max_waiting`, a request is refused with `Busy` instead of
 queueing forever.
+
+**Hot-swap.** `swap_to` changes the version that serves without a restart.
+The adapter's files are read and checked outside the lock; then, between
+two generations (the one in progress finishes on the adapter it started
+with), the new adapter is added beside the active one under a name never
+used before in this process, made active, and the old one is deleted. New
+requests see the new version; the version label of each reply is read under
+the same lock, so it always names the adapter that wrote it. Going back to
+v0 unloads every adapter and serves the plain base.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -20,6 +32,13 @@ from chatbot.models import LoadedModel
 
 class Busy(RuntimeError):
     """Too many requests are already waiting for the model."""
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter could not be loaded; the version that serves is unchanged."""
+
+
+BASE_VERSION = "v0"
 
 
 @dataclass
@@ -59,16 +78,107 @@ class Generation:
 class Policy:
     """The model that chats. `stream` yields text as it is generated."""
 
-    def __init__(self, loaded: LoadedModel, *, version: str = "v0", max_waiting: int = 32):
+    def __init__(self, loaded: LoadedModel, *, version: str = BASE_VERSION, max_waiting: int = 32):
         self.loaded = loaded
+        self.base = loaded.model  # the plain base; `model` is it, or a PeftModel around it
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.version = version
+        self._adapter: str | None = None  # the peft adapter name serving now, None for the base
+        self._loads = itertools.count(1)
         self._lock = threading.Lock()
+        self._swap_lock = threading.Lock()
         self.max_waiting = max_waiting
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self.max_context = _max_context(loaded)
+
+    # -- hot-swap -------------------------------------------------------------
+
+    def swap_to(self, version: str, path: str | None = None) -> dict:
+        """Serve `version` from now on: the adapter in directory `path`, or the
+        base for v0. Returns timings in seconds: ``read_s`` (files, outside
+        the lock), ``wait_s`` (for the generation in progress), ``switch_s``
+        (add, activate, delete under the lock). Raises `AdapterLoadError`
+        and leaves the serving version as it was if anything is wrong."""
+        started = time.perf_counter()
+        prepared = None if version == BASE_VERSION else self._read_adapter(version, path)
+        read_s = time.perf_counter() - started
+        with self._swap_lock:
+            name = None if prepared is None else f"{version}_{next(self._loads)}"
+            waiting = time.perf_counter()
+            with self._lock:
+                locked = time.perf_counter()
+                previous = self.version
+                try:
+                    self._switch(name, prepared)
+                except Exception as exc:  # noqa: BLE001 - the old version keeps serving
+                    raise AdapterLoadError(f"cannot load adapter {version} from {path}: {exc}") from exc
+                self.version = version
+                done = time.perf_counter()
+        return {"version": version, "previous": previous, "read_s": round(read_s, 4),
+                "wait_s": round(locked - waiting, 4), "switch_s": round(done - locked, 4),
+                "total_s": round(done - started, 4)}
+
+    def _read_adapter(self, version: str, path: str | None) -> tuple:
+        from peft import PeftConfig
+        from peft.utils import load_peft_weights
+
+        if not path or not Path(path).is_dir():
+            raise AdapterLoadError(f"adapter {version}: directory {path} does not exist")
+        described = Path(path) / "adapter.json"
+        if described.exists():
+            about = json.loads(described.read_text())
+            bases = {about.get("base_model"), about.get("base_path")} - {None}
+            if bases and not bases & {self.loaded.name, self.loaded.path}:
+                raise AdapterLoadError(
+                    f"adapter {version} was trained on base {about.get('base_model')!r}, but this server "
+                    f"serves {self.loaded.name!r}; serve that base, or promote another version")
+        try:
+            config = PeftConfig.from_pretrained(path)
+            weights = load_peft_weights(path, device="cpu")
+        except Exception as exc:  # noqa: BLE001 - one clear line
+            raise AdapterLoadError(f"cannot read adapter {version} from {path}: {exc}") from exc
+        config.inference_mode = True
+        return config, weights
+
+    def _switch(self, name: str | None, prepared: tuple | None) -> None:
+        """Under the lock: add `name` beside the active adapter, activate it,
+        delete the old one. On failure, whatever was half-added is removed."""
+        from peft import PeftModel
+        from peft.utils import set_peft_model_state_dict
+
+        old = self._adapter
+        if prepared is None:  # back to the base
+            if old is not None:
+                self.model = _unwrap(self.model)
+                self._adapter = None
+            return
+        config, weights = prepared
+        wrapped_here = old is None
+        try:
+            if wrapped_here:
+                self.model = PeftModel(self.base, config, adapter_name=name)
+            else:
+                self.model.add_adapter(name, config)
+            result = set_peft_model_state_dict(self.model, weights, adapter_name=name)
+            missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+            if result.unexpected_keys or missing:
+                raise ValueError(f"weights do not fit the base: unexpected {result.unexpected_keys[:3]}, "
+                                 f"missing {missing[:3]}")
+            self.model.set_adapter(name)
+        except Exception:
+            if wrapped_here:
+                self.model = _unwrap(self.model) if hasattr(self.model, "unload") else self.base
+            elif name in self.model.peft_config:
+                self.model.set_adapter(old)
+                self.model.delete_adapter(name)
+            self.model.eval()
+            raise
+        if old is not None:
+            self.model.delete_adapter(old)
+        self.model.eval()  # new LoRA modules are made in training mode: no dropout when serving
+        self._adapter = name
 
     # -- prompts ------------------------------------------------------------
 
@@ -246,6 +356,14 @@ def _run_generate(model, kwargs, output: dict) -> None:
     except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
         output["error"] = exc
         kwargs["streamer"].end()
+
+
+def _unwrap(peft_model):
+    """The plain base back from a PeftModel: every LoRA layer removed."""
+    base = peft_model.unload()
+    if hasattr(base, "peft_config"):  # left behind by peft; a later wrap would warn about it
+        del base.peft_config
+    return base
 
 
 def _max_context(loaded: LoadedModel) -> int:

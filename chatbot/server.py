@@ -1,8 +1,16 @@
-"""One server for people and programs: the Gradio chat page at ``/`` and the
-OpenAI-compatible API under ``/v1``, on the same FastAPI app and port."""
+"""One server for people, programs and operators, on one FastAPI app and port:
+the Gradio chat page at ``/``, the OpenAI-compatible API under ``/v1``, and,
+with an admin token, the operator API under ``/v1/admin`` and the operator
+console at ``/admin``.
+
+At start the server swaps in the version the registry says is active, then
+follows the registry (`chatbot.swap.VersionFollower`) and runs the retrain
+schedule (`online_rl.scheduler`, built by ``app.py``) until it stops."""
 
 from __future__ import annotations
 
+import html
+import logging
 import sys
 import threading
 import time
@@ -10,6 +18,9 @@ import time
 import gradio as gr
 from fastapi import FastAPI
 
+from fastapi.responses import HTMLResponse
+
+from chatbot.admin import Operations, admin_router, token_matches
 from chatbot.api import api_router, install_error_handlers
 from chatbot.policy import Policy
 from chatbot.ui import ChatOptions, ChatUI
@@ -35,10 +46,30 @@ def parse_auth(spec: str | None, auth_file: str | None) -> list[tuple[str, str]]
 
 
 def create_app(policy: Policy, store: Store, options: ChatOptions, *,
-               auth: list[tuple[str, str]] | None = None) -> FastAPI:
+               auth: list[tuple[str, str]] | None = None, ops: Operations | None = None,
+               admin_token: str | None = None) -> FastAPI:
+    """The whole app. Without `ops` there is no operator surface at all; with
+    `ops` but no `admin_token` it is there and answers that it is off."""
     app = FastAPI(title="Learning chatbot", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     install_error_handlers(app)
     app.include_router(api_router(policy, store, options))
+    if ops is not None:
+        app.include_router(admin_router(ops, admin_token))
+        if admin_token:
+            from chatbot.console import build_console
+
+            # Mounted before the chat page, whose mount at the root would
+            # otherwise answer /admin too. Log in with any user name and the
+            # admin token as the password.
+            app = gr.mount_gradio_app(app, build_console(ops), path="/admin",
+                                      auth=lambda _user, password: token_matches(password, admin_token),
+                                      auth_message="Operator console: the password is the admin token.",
+                                      show_error=True)
+        else:
+            @app.get("/admin", include_in_schema=False)
+            def console_off():
+                return HTMLResponse("<p>The operator console is off: start the server with "
+                                    f"{html.escape('--admin-token')}.</p>", status_code=403)
     demo = ChatUI(policy, store, options).build()
     # Requests queue in Gradio (people see their place in line); the policy
     # serialises the model itself, shared with the HTTP routes.
@@ -76,10 +107,12 @@ class BackgroundServer:
         self.thread.join(timeout=30)
 
 
-def serve(args, store: Store, loaded) -> int:
+def serve(args, store: Store, loaded, scheduler) -> int:
+    """Run until interrupted: follow the registry, run the schedule, serve."""
     import uvicorn
 
     from chatbot.policy import GenerationSettings
+    from chatbot.swap import VersionFollower
 
     try:
         auth = parse_auth(args.auth, args.auth_file)
@@ -90,12 +123,36 @@ def serve(args, store: Store, loaded) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ChatOptions(defaults=defaults, max_message_chars=args.max_message_chars,
                           max_new_tokens_limit=max(args.max_new_tokens, 1024))
     policy = Policy(loaded)
-    app = create_app(policy, store, options, auth=auth)
+    follower = VersionFollower(policy, store, interval_s=args.follow_every)
+    follower.sync()  # come up on the version the registry says is active
+    if follower.error:
+        print(f"warning: {follower.error['error']}; serving {policy.version}", file=sys.stderr)
+    print(f"serving version {policy.version}", file=sys.stderr)
+    ops = Operations(store, follower, scheduler)
+    app = create_app(policy, store, options, auth=auth, ops=ops, admin_token=args.admin_token)
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     print(f"chat:  http://{host}:{args.port}/", file=sys.stderr)
     print(f"API:   http://{host}:{args.port}/v1 (OpenAI-compatible; docs at /v1/docs)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if args.admin_token:
+        print(f"operator console: http://{host}:{args.port}/admin (password: the admin token)", file=sys.stderr)
+    else:
+        print("operator API and console: off (no --admin-token)", file=sys.stderr)
+    state = scheduler.config
+    if state.enabled:
+        every = f"on cron {state.cron!r}" if state.cron else f"every {state.every_s:g} s"
+        print(f"retrain schedule: {every}, with at least {state.min_new_feedback} new feedback rows "
+              f"({'paused' if scheduler.paused else 'running'})", file=sys.stderr)
+    else:
+        print("retrain schedule: off (--retrain-every 0)", file=sys.stderr)
+    follower.start()
+    scheduler.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        scheduler.shutdown()
+        follower.stop()
     return 0

@@ -14,8 +14,11 @@
 5. **Registration**: the adapter is written to a scratch directory, described
    by ``adapter.json`` (base model, method, watermark, config, metrics), and
    renamed to ``adapters/vN`` with a never-reused version; the `adapters` row
-   gets status candidate. Promotion is a separate decision (the gate, or an
-   operator).
+   gets status candidate.
+6. **Gate** (when `promote` is set, as the scheduler and ``app.py retrain`` do):
+   the candidate becomes active if it passes `online_rl.gate`, else it is
+   rejected with the reasons. A running server notices the new active version
+   in the database and hot-swaps it in.
 
 Every run is a row in `runs`: running while it works (with live progress),
 then succeeded, refused or failed with the error. Nothing fails silently.
@@ -37,6 +40,7 @@ from typing import Callable
 
 from online_rl.data import DataConfig, snapshot
 from online_rl.evaluate import EvalConfig, compare
+from online_rl.gate import GateConfig
 from online_rl.kto import KTOSettings
 from online_rl.ppo import PPOConfig
 from online_rl.reward import RewardConfig
@@ -69,6 +73,8 @@ class CycleConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     kto: KTOSettings = field(default_factory=KTOSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    promote: bool = False  # apply the gate: promote the candidate if it passes, else reject it
 
     def validate(self) -> CycleConfig:
         if self.method not in METHODS:
@@ -115,7 +121,9 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
     config = (config or CycleConfig()).validate()
     data_dir = Path(data_dir)
     watermark = store.latest_feedback_id()
-    run_id = store.start_run(config.method, config=dataclasses.asdict(config), watermark=watermark)
+    # Raises RunInProgress (nothing recorded) while another run is going.
+    run_id = store.start_run(config.method, config=dataclasses.asdict(config), watermark=watermark,
+                             exclusive=True)
     started = time.perf_counter()
     stage = {"stage": "snapshot"}
 
@@ -138,10 +146,19 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
             store.finish_run(run_id, "refused", error=message, metrics={"feedback": counts})
             raise NotEnoughFeedback(message)
         summary = _train_and_register(store, run_id, snap, config, data_dir, model_name, report, progress)
+        outcome = "candidate"
+        if config.promote:
+            from online_rl.gate import apply
+
+            report(f"gate: judging {summary['version']}", stage="gate")
+            verdict = apply(store, summary["version"], summary["evaluation"], config.gate)
+            summary["gate"] = verdict.as_dict()
+            outcome = "promoted" if verdict.passed else "not promoted"
+            report(f"gate: {summary['version']} {outcome}: {verdict.reason()}")
         summary.update(feedback=counts, seconds=round(time.perf_counter() - started, 1),
                        peak_memory_mb=peak_memory_mb())
         store.finish_run(run_id, "succeeded", metrics=summary)
-        report(f"run {run_id} succeeded: candidate {summary['version']} in {summary['seconds']:.0f} s",
+        report(f"run {run_id} succeeded: {summary['version']} {outcome} in {summary['seconds']:.0f} s",
                stage="done")
         return {"run_id": run_id, "status": "succeeded", **summary}
     except NotEnoughFeedback:
@@ -249,6 +266,7 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     report("evaluation: candidate against " + active, stage="evaluation")
     held = snap.heldout_prompts or [e.prompt for e in snap.heldout] or snap.prompts
     evaluation = compare(policy, tokenizer, held, reward_fn, config.eval, active_adapter=active_path)
+    evaluation["active_version"] = active
     report(f"evaluation: win rate {evaluation['win_rate']} against {active}, KL to base "
            f"{evaluation['kl_to_base']} nats, distinct replies {evaluation['candidate']['distinct_fraction']}")
 
@@ -257,7 +275,10 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     adapters = data_dir / ADAPTERS_DIR
     adapters.mkdir(parents=True, exist_ok=True)
     scratch = adapters / f".run-{run_id}.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
+    # This is the only run going (start_run is exclusive): any other scratch
+    # directory is what a killed run left behind. None of them is ever loaded.
+    for leftover in adapters.glob(".run-*.partial"):
+        shutil.rmtree(leftover, ignore_errors=True)
     policy.save_pretrained(str(scratch))
     version = store.allocate_version()
     final = adapters / version

@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             result["error"] = str(exc)
             write()
             return 1
-        store.set_adapter_status(cycle["version"], "active", reason="promoted by the simulation")
+        store.promote(cycle["version"], actor="simulation", reason="promoted by the simulation")
         bot = Bot(store, args.data_dir, args.model, args.device)
         after = approval(bot, heldout, preference, settings, args.samples, eval_seed, vocabulary)
         wall = round(time.perf_counter() - started, 1)

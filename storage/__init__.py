@@ -7,8 +7,9 @@ per thread. Imports neither torch nor gradio, so the CLI and tests start fast.
 from storage.store import (
     DB_FILENAME,
     ResponseNotFound,
+    RunInProgress,
     Store,
     StoreError,
 )
 
-__all__ = ["DB_FILENAME", "ResponseNotFound", "Store", "StoreError"]
+__all__ = ["DB_FILENAME", "ResponseNotFound", "RunInProgress", "Store", "StoreError"]

@@ -101,3 +101,38 @@ def m001_initial(db):
         "CREATE UNIQUE INDEX idx_adapters_one_active ON adapters(status) "
         "WHERE status = 'active'"
     )
+
+
+@migrations(name="m002_registry_and_operations")
+def m002_registry_and_operations(db):
+    # Every change of the active version, in order: what rollback walks back.
+    db.execute(
+        """
+        CREATE TABLE activations (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            version TEXT NOT NULL,
+            previous TEXT NOT NULL,
+            -- promote (an operator), gate (a retrain that passed), rollback
+            action TEXT NOT NULL,
+            actor TEXT,
+            reason TEXT,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    # Small operator state that must survive a restart (the schedule's pause).
+    db.execute(
+        """
+        CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """
+    )
+    # Which machine a run's pid belongs to, and when it last reported: a run
+    # whose process is gone is marked failed instead of staying "running".
+    db.execute("ALTER TABLE runs ADD COLUMN host TEXT")
+    db.execute("ALTER TABLE runs ADD COLUMN heartbeat_at TEXT")
+    db.execute("CREATE INDEX idx_feedback_created ON feedback(created_at)")
+    db.execute("CREATE INDEX idx_runs_status ON runs(status)")

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import threading
 import uuid
@@ -28,10 +29,18 @@ BUSY_TIMEOUT_S = 30.0
 BASE_VERSION = "v0"
 ADAPTER_STATUSES = ("candidate", "active", "retired", "rejected")
 RUN_STATUSES = ("running", "succeeded", "failed", "refused")
+ACTIVATION_ACTIONS = ("promote", "gate", "rollback")
+HOST = socket.gethostname()
+# A run on another machine that has not reported for this long is presumed dead.
+STALE_HEARTBEAT_S = 1800
 
 
 class StoreError(Exception):
     """A request the store cannot honour; the message says why."""
+
+
+class RunInProgress(StoreError):
+    """Another retrain is still running."""
 
 
 class ResponseNotFound(StoreError):
@@ -382,18 +391,66 @@ class Store:
 
     # -- runs ---------------------------------------------------------------
 
-    def start_run(self, kind: str, *, config: dict | None = None, watermark: int | None = None) -> int:
+    def start_run(self, kind: str, *, config: dict | None = None, watermark: int | None = None,
+                  exclusive: bool = False) -> int:
+        """Record a run as running in this process; return its id.
+
+        With `exclusive`, refuse (`RunInProgress`) while another run is still
+        running: one retrain at a time, across every process on the data dir.
+        """
         with self._write() as db:
+            if exclusive:
+                self._fail_stale_runs(db)
+                busy = list(db.query("SELECT id, pid, host FROM runs WHERE status = 'running' LIMIT 1"))
+                if busy:
+                    run = busy[0]
+                    raise RunInProgress(f"run {run['id']} is still running (pid {run['pid']} on "
+                                        f"{run['host'] or 'this host'}); one retrain at a time")
+            now = utcnow()
             cursor = db.execute(
-                "INSERT INTO runs (kind, status, started_at, watermark, config, pid)"
-                " VALUES (?, 'running', ?, ?, ?, ?)",
-                [kind, utcnow(), watermark, _dumps(config), os.getpid()],
+                "INSERT INTO runs (kind, status, started_at, watermark, config, pid, host, heartbeat_at)"
+                " VALUES (?, 'running', ?, ?, ?, ?, ?, ?)",
+                [kind, now, watermark, _dumps(config), os.getpid(), HOST, now],
             )
             return cursor.lastrowid
 
     def update_run_progress(self, run_id: int, progress: dict) -> None:
         with self._write() as db:
-            db.execute("UPDATE runs SET progress = ? WHERE id = ?", [_dumps(progress), run_id])
+            db.execute("UPDATE runs SET progress = ?, heartbeat_at = ? WHERE id = ?",
+                       [_dumps(progress), utcnow(), run_id])
+
+    def running_run(self) -> dict | None:
+        """The run in progress, if any (after marking dead ones failed)."""
+        self.fail_stale_runs()
+        rows = list(self.db.query("SELECT * FROM runs WHERE status = 'running' ORDER BY id DESC LIMIT 1"))
+        return _decode_run(rows[0]) if rows else None
+
+    def fail_stale_runs(self) -> list[int]:
+        """Mark failed every run left `running` by a process that is gone.
+
+        A process killed mid-run (SIGKILL, out of memory, power cut) cannot
+        record its own end; whoever looks next does it for it. Returns the ids.
+        """
+        with self._write() as db:
+            return self._fail_stale_runs(db)
+
+    def _fail_stale_runs(self, db) -> list[int]:
+        stale = []
+        for run in db.query("SELECT id, pid, host, heartbeat_at, started_at FROM runs WHERE status = 'running'"):
+            if run["host"] in (None, HOST):
+                gone = not _pid_alive(run["pid"])
+                why = f"the training process (pid {run['pid']}) ended without recording a result"
+            else:  # another machine's run: judged by its heartbeat
+                last = datetime.fromisoformat(run["heartbeat_at"] or run["started_at"])
+                gone = (datetime.now(timezone.utc) - last).total_seconds() > STALE_HEARTBEAT_S
+                why = f"no progress from host {run['host']} for over {STALE_HEARTBEAT_S // 60} minutes"
+            if gone:
+                stale.append(run["id"])
+                db.execute(
+                    "UPDATE runs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                    [utcnow(), f"{why} (killed or crashed)", run["id"]],
+                )
+        return stale
 
     def finish_run(
         self,
@@ -406,9 +463,11 @@ class Store:
         if status not in RUN_STATUSES or status == "running":
             raise StoreError(f"a run finishes as one of succeeded/failed/refused, not {status!r}")
         with self._write() as db:
+            # Only a run still running can finish: one already marked failed
+            # (its process was presumed dead) keeps that verdict.
             db.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, metrics = ?, error = ?"
-                " WHERE id = ?",
+                " WHERE id = ? AND status = 'running'",
                 [status, utcnow(), _dumps(metrics), error, run_id],
             )
 
@@ -486,6 +545,73 @@ class Store:
                 [utcnow()],
             )
 
+    def promote(self, version: str, *, action: str = "promote", actor: str | None = None,
+                reason: str | None = None) -> dict:
+        """Make `version` the active one (``v0``: the base) and log the change.
+
+        Any adapter may be promoted, a rejected candidate included: an
+        operator's decision overrides the gate. The adapter's directory must
+        still exist. Returns ``{"active", "previous"}``.
+        """
+        if action not in ACTIVATION_ACTIONS:
+            raise StoreError(f"unknown activation action {action!r}")
+        _version_number(version)
+        now = utcnow()
+        with self._write() as db:
+            previous = self._active(db)
+            if version != BASE_VERSION:
+                rows = list(db.query("SELECT path FROM adapters WHERE version = ?", [version]))
+                if not rows:
+                    known = ", ".join(r["version"] for r in db.query(
+                        "SELECT version FROM adapters ORDER BY number")) or "none yet"
+                    raise StoreError(f"no adapter {version!r} (known: v0 (the base), {known})")
+                if not Path(rows[0]["path"]).is_dir():
+                    raise StoreError(f"adapter {version}'s files are missing from {rows[0]['path']}")
+            if version == previous:
+                return {"active": version, "previous": previous, "changed": False}
+            db.execute("UPDATE adapters SET status = 'retired', updated_at = ? WHERE status = 'active'", [now])
+            if version != BASE_VERSION:
+                db.execute(
+                    "UPDATE adapters SET status = 'active', reason = COALESCE(?, reason), updated_at = ?"
+                    " WHERE version = ?",
+                    [reason, now, version],
+                )
+            db.execute(
+                "INSERT INTO activations (version, previous, action, actor, reason, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [version, previous, action, actor, reason, now],
+            )
+        return {"active": version, "previous": previous, "changed": True}
+
+    def rollback(self, to: str | None = None, *, actor: str | None = None) -> dict:
+        """Go back to `to`, or to the version that was active before the
+        current one was promoted. The version left is retired with a reason."""
+        with self._write() as db:
+            current = self._active(db)
+            if to is None:
+                rows = list(db.query(
+                    "SELECT previous FROM activations WHERE version = ? AND action != 'rollback'"
+                    " ORDER BY id DESC LIMIT 1", [current]))
+                if not rows:
+                    raise StoreError(f"nothing to roll back to: no record of what was active before "
+                                     f"{current}; name a version with --to")
+                to = rows[0]["previous"]
+            if to == current:
+                raise StoreError(f"{to} is already the active version")
+            result = self.promote(to, action="rollback", actor=actor, reason=None)
+            if current != BASE_VERSION:
+                db.execute("UPDATE adapters SET reason = ?, updated_at = ? WHERE version = ?",
+                           [f"rolled back to {to}", utcnow(), current])
+        return result
+
+    def activations(self, limit: int = 50) -> list[dict]:
+        return list(self.db.query("SELECT * FROM activations ORDER BY id DESC LIMIT ?", [limit]))
+
+    @staticmethod
+    def _active(db) -> str:
+        rows = list(db.query("SELECT version FROM adapters WHERE status = 'active'"))
+        return rows[0]["version"] if rows else BASE_VERSION
+
     def active_version(self) -> str:
         rows = list(self.db.query("SELECT version FROM adapters WHERE status = 'active'"))
         return rows[0]["version"] if rows else BASE_VERSION
@@ -526,14 +652,104 @@ class Store:
             "adapters": one("SELECT COUNT(*) AS n FROM adapters"),
         }
 
-    def status(self) -> dict:
-        """What `app.py status` prints."""
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        rows = list(self.db.query("SELECT value FROM settings WHERE key = ?", [key]))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                [key, json.dumps(value), utcnow()],
+            )
+
+    def last_run_watermark(self) -> int:
+        """The watermark of the newest run that got as far as taking one."""
+        rows = list(self.db.query(
+            "SELECT watermark FROM runs WHERE watermark IS NOT NULL ORDER BY id DESC LIMIT 1"))
+        return rows[0]["watermark"] if rows else 0
+
+    def feedback_timeline(self, bucket: str = "hour") -> list[dict]:
+        """Thumbs per time bucket: ``{bucket, up, down, approval}``, oldest first.
+
+        Each rater's latest vote on a reply counts once, at the time it was given.
+        """
+        width = {"minute": 16, "hour": 13, "day": 10}.get(bucket)
+        if width is None:
+            raise StoreError("bucket is one of minute, hour, day")
+        rows = self.db.query(
+            f"""
+            WITH latest AS (
+                SELECT MAX(id) AS id FROM feedback
+                GROUP BY response_id, COALESCE(user, ''), COALESCE(session_id, '')
+            )
+            SELECT SUBSTR(f.created_at, 1, {width}) AS bucket,
+                   SUM(f.value = 1) AS up, SUM(f.value = -1) AS down
+            FROM latest JOIN feedback f ON f.id = latest.id
+            WHERE f.value != 0 GROUP BY bucket ORDER BY bucket
+            """
+        )
+        return [{**r, "approval": round(r["up"] / (r["up"] + r["down"]), 4)} for r in rows]
+
+    def approval_by_version(self) -> list[dict]:
+        """Per model version: replies written, thumbs up and down, approval."""
+        rows = self.db.query(
+            """
+            WITH latest AS (
+                SELECT MAX(id) AS id FROM feedback
+                GROUP BY response_id, COALESCE(user, ''), COALESCE(session_id, '')
+            ),
+            votes AS (
+                SELECT r.model_version AS version, SUM(f.value = 1) AS up, SUM(f.value = -1) AS down
+                FROM latest JOIN feedback f ON f.id = latest.id JOIN responses r ON r.id = f.response_id
+                GROUP BY r.model_version
+            ),
+            replies AS (SELECT model_version AS version, COUNT(*) AS replies FROM responses
+                        GROUP BY model_version)
+            SELECT replies.version, replies.replies, COALESCE(votes.up, 0) AS up,
+                   COALESCE(votes.down, 0) AS down
+            FROM replies LEFT JOIN votes ON votes.version = replies.version
+            """
+        )
+        out = [{**r, "approval": round(r["up"] / (r["up"] + r["down"]), 4) if r["up"] + r["down"] else None}
+               for r in rows]
+        return sorted(out, key=lambda r: _version_number(r["version"]) if _is_version(r["version"]) else -1)
+
+    def status(self, recent_runs: int = 5) -> dict:
+        """What `app.py status` prints: the active version, the registry,
+        counts, the schedule's state and the most recent runs."""
+        self.fail_stale_runs()
+        watermark = self.latest_feedback_id()
         return {
             "active_version": self.active_version(),
             **self.counts(),
-            "feedback_watermark": self.latest_feedback_id(),
+            "feedback_watermark": watermark,
+            "new_feedback_since_last_run": watermark - self.last_run_watermark(),
+            "schedule_paused": bool(self.get_setting("schedule_paused", False)),
+            "adapters_by_version": [
+                {"version": a["version"], "status": a["status"], "reason": a["reason"], "run_id": a["run_id"],
+                 "created_at": a["created_at"]}
+                for a in self.adapters()
+            ],
+            "recent_runs": [run_summary(r) for r in self.runs(recent_runs)],
             "database": str(self.path),
         }
+
+
+def run_summary(run: dict) -> dict:
+    """A run without its config, traceback and per-step history: what a table shows."""
+    metrics = run.get("metrics") or {}
+    evaluation = metrics.get("evaluation") or {}
+    reward = metrics.get("reward_model") or {}
+    return {
+        "id": run["id"], "kind": run["kind"], "status": run["status"], "started_at": run["started_at"],
+        "finished_at": run["finished_at"], "watermark": run["watermark"], "error": run["error"],
+        "version": metrics.get("version"), "gate": metrics.get("gate"),
+        "seconds": metrics.get("seconds"), "win_rate": evaluation.get("win_rate"),
+        "kl_to_base": evaluation.get("kl_to_base"), "reward_auc": reward.get("auc"),
+        "progress": run.get("progress") if run["status"] == "running" else None,
+    }
 
 
 def new_response_id() -> str:
@@ -546,6 +762,31 @@ def _rater_clause(session_id: str | None, user: str | None) -> tuple[str, list]:
     if session_id is not None:
         return "session_id = ? AND user IS NULL", [session_id]
     raise StoreError("votes are per rater: give a user or a session id")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A killed child not yet reaped by its parent still has a pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fp:
+            return fp.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _is_version(version: str) -> bool:
+    return version.startswith("v") and version[1:].isdigit()
 
 
 def _version_number(version: str) -> int:

@@ -15,8 +15,10 @@ EXPECTED_COLUMNS = {
     "feedback": {"id", "response_id", "session_id", "user", "value", "comment", "created_at"},
     "runs": {
         "id", "kind", "status", "started_at", "finished_at", "watermark", "config",
-        "metrics", "progress", "error", "pid",
+        "metrics", "progress", "error", "pid", "host", "heartbeat_at",
     },
+    "activations": {"id", "version", "previous", "action", "actor", "reason", "created_at"},
+    "settings": {"key", "value", "updated_at"},
     "adapters": {
         "version", "number", "path", "base_model", "run_id", "status", "reason",
         "watermark", "metrics", "created_at", "updated_at",
