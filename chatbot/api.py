@@ -185,9 +185,11 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
         threading.Thread(target=produce, daemon=True, name=f"generate-{response_id}").start()
 
         def chunk(delta: dict, finish=None) -> str:
+            # The version that writes this reply, read when its generation
+            # took the model: a hot-swap meanwhile does not change it.
             body = {
                 "id": response_id, "object": "chat.completion.chunk", "created": created,
-                "model": policy.version,
+                "model": stream.result.version,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -201,9 +203,12 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
 
         async def events():
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                started = False
                 while True:
                     kind, value = await anyio.to_thread.run_sync(next_event, abandon_on_cancel=True)
+                    if not started and kind != "error":
+                        started = True
+                        yield chunk({"role": "assistant", "content": ""})
                     if kind == "piece":
                         yield chunk({"content": value})
                     elif kind == "done":

@@ -33,11 +33,16 @@ class VersionFollower:
         self.error: dict | None = None  # the last version that could not be loaded, and why
         self.swaps: list[dict] = []  # recent swaps with their timings, newest last
         self._failed: str | None = None
+        self._lock = threading.Lock()  # the polling thread and an operator's request may sync at once
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sync(self) -> dict | None:
         """Swap to the active version if needed; return the swap's timings, or None."""
+        with self._lock:
+            return self._sync()
+
+    def _sync(self) -> dict | None:
         wanted = self.store.active_version()
         if wanted == self.policy.version or wanted == self._failed:
             return None

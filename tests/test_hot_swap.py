@@ -1,0 +1,287 @@
+"""Hot-swap into the live bot, following the registry, restart on the active
+version, and the operator API's token."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+TOKEN = "test-admin-token-0123456789"
+PROMPTS = ["hello", "how are you", "what is your name"]
+
+
+def _make_adapter(base_dir, out: Path, seed: int, base_model: str) -> Path:
+    """A LoRA whose random weights change the base's greedy replies."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    model.save_pretrained(out)
+    (out / "adapter.json").write_text(json.dumps({"version": out.name, "base_model": base_model}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_trained, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {v: _make_adapter(tiny_trained, root / v, seed, str(tiny_trained)) for seed, v in ((1, "v1"), (2, "v2"))}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_trained, adapters):
+    """Each version's greedy reply to each prompt, computed on separate copies
+    of the model, without the hot-swap code."""
+    import torch
+    from peft import PeftModel
+
+    from chatbot.models import load_model
+    from chatbot.policy import GenerationSettings, Policy
+
+    out = {}
+    for version in ("v0", "v1", "v2"):
+        loaded = load_model(str(tiny_trained), tiny_trained, device="cpu")
+        if version != "v0":
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(adapters[version])).eval()
+        policy = Policy(loaded)
+        with torch.inference_mode():
+            out[version] = {p: policy.generate([{"role": "user", "content": p}],
+                                               GenerationSettings(temperature=0, max_new_tokens=12)).text
+                            for p in PROMPTS}
+    assert out["v1"] != out["v0"] and out["v2"] != out["v1"], "the adapters must change the replies"
+    return out
+
+
+def _register(store, adapters, base_model):
+    for version, path in adapters.items():
+        store.register_adapter(version, path=str(path), base_model=base_model)
+
+
+class _Scheduler:
+    """Stands in for the retrain scheduler: records what it was asked."""
+
+    def __init__(self, store):
+        self.store, self.asked = store, []
+
+    def retrain_now(self, method, trigger="operator"):
+        self.asked.append(method)
+        return {"started": True, "pid": 1, "method": method}
+
+    def pause(self):
+        self.store.set_setting("schedule_paused", True)
+
+    def resume(self):
+        self.store.set_setting("schedule_paused", False)
+
+    def state(self):
+        return {"paused": bool(self.store.get_setting("schedule_paused", False))}
+
+
+@pytest.fixture
+def live(tiny_trained, store, chat_options, adapters):
+    """A served app with the operator surface on, following the registry."""
+    from chatbot.admin import Operations
+    from chatbot.models import load_model
+    from chatbot.policy import Policy
+    from chatbot.server import BackgroundServer, create_app
+    from chatbot.swap import VersionFollower
+
+    _register(store, adapters, str(tiny_trained))
+    policy = Policy(load_model(str(tiny_trained), tiny_trained, device="cpu"))
+    follower = VersionFollower(policy, store, interval_s=0.2)
+    follower.sync()
+    scheduler = _Scheduler(store)
+    app = create_app(policy, store, chat_options, ops=Operations(store, follower, scheduler), admin_token=TOKEN)
+    follower.start()
+    with BackgroundServer(app) as server:
+        yield server, policy, follower, scheduler
+    follower.stop()
+
+
+def _chat(client, prompt, stream):
+    body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 12,
+            "stream": stream}
+    if not stream:
+        r = client.post("/v1/chat/completions", json=body)
+        r.raise_for_status()
+        data = r.json()
+        return data["model"], data["choices"][0]["message"]["content"]
+    text, model = "", None
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            model = chunk["model"]
+            text += chunk["choices"][0]["delta"].get("content") or ""
+    return model, text.strip()
+
+
+def test_swaps_under_concurrent_chat_fail_no_request_and_label_every_reply_right(live, expected, store):
+    server, policy, follower, _ = live
+    results, errors, done = [], [], threading.Event()
+
+    def client_loop(worker: int):
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            i = 0
+            while not done.is_set():
+                prompt = PROMPTS[(worker + i) % len(PROMPTS)]
+                try:
+                    results.append((prompt, *_chat(client, prompt, stream=(worker + i) % 2 == 0)))
+                except Exception as exc:  # noqa: BLE001 - counted as a failed request
+                    errors.append(repr(exc))
+                i += 1
+
+    workers = [threading.Thread(target=client_loop, args=(w,)) for w in range(4)]
+    for w in workers:
+        w.start()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with httpx.Client(base_url=server.url, timeout=60, headers=headers) as admin:
+            for i, version in enumerate(["v1", "v2", "v0", "v2", "v1", "v0", "v1", "v2"]):
+                time.sleep(0.3)
+                if i % 2:  # half through the operator API (swaps at once) ...
+                    r = admin.post("/v1/admin/promote", json={"version": version})
+                    assert r.status_code == 200 and r.json()["serving_version"] == version, r.text
+                else:  # ... half through the database alone, as the command line does
+                    store.promote(version)
+                    deadline = time.monotonic() + 10
+                    while policy.version != version and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    assert policy.version == version
+        time.sleep(0.3)
+    finally:
+        done.set()
+        for w in workers:
+            w.join(timeout=60)
+    assert errors == []
+    assert len(results) >= 20
+    seen = {version for _, version, _ in results}
+    assert seen == {"v0", "v1", "v2"}
+    # Every reply is exactly what its labelled version writes: it was written
+    # start to finish by that version, and labelled with it.
+    wrong = [(p, v, t) for p, v, t in results if t != expected[v][p]]
+    assert wrong == []
+    assert follower.state()["swaps"] == 8
+    # The reply rows in the database carry the same labels.
+    rows = list(store.db.query("SELECT model_version, COUNT(*) AS n FROM responses GROUP BY model_version"))
+    assert {r["model_version"] for r in rows} == {"v0", "v1", "v2"}
+
+
+def test_restart_comes_up_on_the_recorded_active_version(tiny_trained, store, adapters, expected):
+    from chatbot.models import load_model
+    from chatbot.policy import GenerationSettings, Policy
+    from chatbot.swap import VersionFollower
+
+    _register(store, adapters, str(tiny_trained))
+    store.promote("v2")
+    policy = Policy(load_model(str(tiny_trained), tiny_trained, device="cpu"))  # a fresh process's model
+    VersionFollower(policy, store).sync()
+    assert policy.version == "v2"
+    reply = policy.generate([{"role": "user", "content": PROMPTS[0]}], GenerationSettings(temperature=0, max_new_tokens=12))
+    assert reply.version == "v2" and reply.text == expected["v2"][PROMPTS[0]]
+
+
+def test_an_adapter_that_cannot_load_leaves_the_old_version_serving(tiny_trained, store, adapters, tmp_path):
+    from chatbot.models import load_model
+    from chatbot.policy import Policy
+    from chatbot.swap import VersionFollower
+
+    _register(store, adapters, str(tiny_trained))
+    foreign = _make_adapter(tiny_trained, tmp_path / "v3", 3, base_model="some/other-model")
+    store.register_adapter("v3", path=str(foreign), base_model="some/other-model")
+    policy = Policy(load_model(str(tiny_trained), tiny_trained, device="cpu"))
+    follower = VersionFollower(policy, store)
+    store.promote("v1")
+    follower.sync()
+    store.promote("v3")
+    assert follower.sync() is None
+    assert policy.version == "v1"
+    assert "trained on base 'some/other-model'" in follower.state()["error"]["error"]
+    # A half-written adapter directory (what a killed training run leaves) is
+    # never registered, so never loaded; the next promotion clears the error.
+    (tmp_path / ".run-9.partial").mkdir()
+    store.promote("v2")
+    follower.sync()
+    assert policy.version == "v2" and follower.state()["error"] is None
+
+
+ROUTES = [("GET", "/v1/admin/status", None), ("POST", "/v1/admin/retrain", {"method": "kto"}),
+          ("POST", "/v1/admin/promote", {"version": "v1"}), ("POST", "/v1/admin/rollback", {}),
+          ("POST", "/v1/admin/schedule", {"action": "pause"})]
+
+
+def test_operator_routes_refuse_without_the_right_token_and_do_nothing(live, store):
+    server, policy, _, scheduler = live
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}):
+            for method, path, body in ROUTES:
+                r = client.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401, (path, headers, r.text)
+                assert r.json()["error"]["code"] == "unauthorized"
+        # the console asks for a login too
+        assert client.get("/admin/config").status_code in (401, 403)
+    assert scheduler.asked == [] and store.active_version() == "v0" and policy.version == "v0"
+    assert store.get_setting("schedule_paused") is None and store.activations() == []
+
+
+def test_operator_routes_work_with_the_token(live, store):
+    server, policy, _, scheduler = live
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=server.url, timeout=30, headers=headers) as client:
+        status = client.get("/v1/admin/status").json()
+        assert status["active_version"] == "v0" and status["serving"]["serving_version"] == "v0"
+        assert {"feedback", "feedback_by_value", "recent_runs", "schedule"} <= set(status)
+        assert client.post("/v1/admin/retrain", json={"method": "kto"}).status_code == 202
+        assert scheduler.asked == ["kto"]
+        assert client.post("/v1/admin/retrain", json={"method": "sft"}).status_code == 400
+        r = client.post("/v1/admin/promote", json={"version": "v2"})
+        assert r.json()["serving_version"] == "v2" and policy.version == "v2"
+        r = client.post("/v1/admin/promote", json={"version": "v9"})
+        assert r.status_code == 404 and "no adapter 'v9'" in r.json()["error"]["message"]
+        assert client.post("/v1/admin/rollback", json={}).json()["serving_version"] == "v0"
+        assert client.post("/v1/admin/rollback", json={"to": "v1"}).json()["active"] == "v1"
+        assert client.post("/v1/admin/schedule", json={"action": "pause"}).json()["paused"] is True
+        assert client.get("/v1/admin/status").json()["schedule_paused"] is True
+        assert client.post("/v1/admin/schedule", json={"action": "resume"}).json()["paused"] is False
+        assert client.post("/v1/admin/schedule", json={"action": "stop"}).status_code == 400
+
+
+def test_without_a_token_the_operator_surface_is_off(tiny_loaded, store, chat_options):
+    from chatbot.admin import Operations
+    from chatbot.policy import Policy
+    from chatbot.server import BackgroundServer, create_app
+    from chatbot.swap import VersionFollower
+
+    policy = Policy(tiny_loaded)
+    ops = Operations(store, VersionFollower(policy, store), _Scheduler(store))
+    with BackgroundServer(create_app(policy, store, chat_options, ops=ops, admin_token=None)) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for method, path, body in ROUTES:
+                r = client.request(method, path, json=body, headers={"Authorization": "Bearer anything-at-all-x"})
+                assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+            assert client.get("/admin").status_code == 403
+            assert client.get("/").status_code == 200  # the chat is unaffected
+    assert store.get_setting("schedule_paused") is None
+
+
+def test_admin_token_must_be_long_enough():
+    from chatbot.admin import check_token
+
+    assert check_token(None) is None and check_token("  ") is None
+    with pytest.raises(ValueError, match="at least 16 characters"):
+        check_token("short")

@@ -1,0 +1,179 @@
+"""The adapter registry (promote, rollback, its log), the evaluation gate,
+and the command line that drives them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from online_rl.gate import GateConfig, apply, decide
+from storage import StoreError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _register(store, tmp_path, version, status="candidate"):
+    path = tmp_path / "adapters" / version
+    path.mkdir(parents=True)
+    store.register_adapter(version, path=str(path), base_model="tiny", status=status)
+    return path
+
+
+# -- registry ---------------------------------------------------------------------
+
+
+def test_promote_and_rollback_walk_the_activation_log(store, tmp_path):
+    for v in ("v1", "v2", "v3"):
+        _register(store, tmp_path, v)
+    assert store.promote("v1")["previous"] == "v0"
+    store.promote("v2")
+    store.promote("v3")
+    assert store.active_version() == "v3"
+    # Back to what was active before v3, then before v2: a stack, not a toggle.
+    assert store.rollback() == {"active": "v2", "previous": "v3", "changed": True}
+    assert store.get_adapter("v3")["reason"] == "rolled back to v2"
+    assert store.get_adapter("v3")["status"] == "retired"
+    assert store.rollback()["active"] == "v1"
+    assert store.rollback()["active"] == "v0"
+    assert [a["status"] for a in store.adapters()] == ["retired", "retired", "retired"]
+    with pytest.raises(StoreError, match="nothing to roll back to"):
+        store.rollback()
+    assert store.rollback(to="v3")["active"] == "v3"
+    assert [a["action"] for a in store.activations()] == ["rollback", "rollback", "rollback", "rollback",
+                                                         "promote", "promote", "promote"]
+
+
+def test_promote_refuses_unknown_or_missing_versions(store, tmp_path):
+    path = _register(store, tmp_path, "v1")
+    with pytest.raises(StoreError, match="no adapter 'v7'"):
+        store.promote("v7")
+    with pytest.raises(StoreError, match="v1, v2"):
+        store.promote("latest")
+    path.rmdir()
+    with pytest.raises(StoreError, match="files are missing"):
+        store.promote("v1")
+    assert store.active_version() == "v0" and store.activations() == []
+
+
+def test_a_rejected_candidate_can_still_be_promoted_by_hand(store, tmp_path):
+    _register(store, tmp_path, "v1", status="rejected")
+    store.promote("v1", actor="ops")
+    assert store.get_adapter("v1")["status"] == "active"
+
+
+def _cli(*args, data_dir):
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args, "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_promote_and_rollback_from_the_command_line(store, data_dir, tmp_path):
+    _register(store, tmp_path, "v1")
+    done = _cli("promote", "v1", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"active": "v1", "previous": "v0", "changed": True}
+    status = json.loads(_cli("status", data_dir=data_dir).stdout)
+    assert status["active_version"] == "v1" and status["adapters_by_version"][0]["status"] == "active"
+    bad = _cli("promote", "v9", data_dir=data_dir)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: no adapter 'v9'") and "Traceback" not in bad.stderr
+    back = _cli("rollback", data_dir=data_dir)
+    assert back.returncode == 0 and json.loads(back.stdout)["active"] == "v0"
+    assert store.active_version() == "v0"
+
+
+# -- the gate -----------------------------------------------------------------------
+
+
+def _evaluation(**overrides):
+    stats = {"distinct_fraction": 0.9, "top_reply_share": 0.1, "empty_fraction": 0.0,
+             "cut_off_fraction": 0.1, "mean_words": 5}
+    evaluation = {"prompts": 20, "win_rate": 0.6, "kl_to_base": 3.0, "nan": False,
+                  "candidate": dict(stats), "active": dict(stats), "active_version": "v0"}
+    for key, value in overrides.items():
+        if key in stats:
+            evaluation["candidate"][key] = value
+        else:
+            evaluation[key] = value
+    return evaluation
+
+
+def test_a_good_candidate_passes_the_gate():
+    verdict = decide(_evaluation())
+    assert verdict.passed and verdict.reason() == "passed every check"
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    ({"win_rate": 0.4}, "win rate 0.40"),
+    ({"kl_to_base": 30.0}, "KL to the base 30.00 nats"),
+    ({"nan": True}, "NaN"),
+    ({"distinct_fraction": 0.05}, "only 5% of its replies are distinct"),
+    ({"top_reply_share": 0.8}, "one reply is 80%"),
+    ({"empty_fraction": 0.5}, "50% empty replies"),
+    ({"cut_off_fraction": 0.9}, "90% of its replies never end"),
+    ({"prompts": 2}, "only 2 held-out prompts"),
+])
+def test_each_check_of_the_gate_can_reject(overrides, reason):
+    verdict = decide(_evaluation(**overrides))
+    assert not verdict.passed and reason in verdict.reason()
+
+
+def test_gate_thresholds_are_settings():
+    assert decide(_evaluation(win_rate=0.45), GateConfig(min_win_rate=0.4)).passed
+    assert not decide(_evaluation(kl_to_base=3.0), GateConfig(max_kl=2.0)).passed
+
+
+def test_gate_records_its_decision_in_the_registry(store, tmp_path):
+    _register(store, tmp_path, "v1")
+    _register(store, tmp_path, "v2")
+    assert apply(store, "v1", _evaluation()).passed
+    assert store.active_version() == "v1" and store.activations()[0]["action"] == "gate"
+    verdict = apply(store, "v2", _evaluation(win_rate=0.2, active_version="v1"))
+    assert not verdict.passed
+    assert store.get_adapter("v2")["status"] == "rejected" and "win rate 0.20" in store.get_adapter("v2")["reason"]
+    assert store.active_version() == "v1"
+
+
+def test_gate_leaves_a_candidate_alone_when_the_active_version_changed_meanwhile(store, tmp_path):
+    _register(store, tmp_path, "v1")
+    _register(store, tmp_path, "v2")
+    store.promote("v1")
+    verdict = apply(store, "v2", _evaluation(active_version="v0"))
+    assert not verdict.passed and "became active meanwhile" in verdict.reason()
+    assert store.get_adapter("v2")["status"] == "candidate" and store.active_version() == "v1"
+
+
+def test_gate_rejects_a_deliberately_worse_candidate(tiny_trained, store, tmp_path):
+    """A candidate whose LoRA is large noise babbles: the real evaluation on
+    held-out prompts measures it, and the gate rejects it with the reasons."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from online_rl.evaluate import EvalConfig, compare
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_trained)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_trained),
+                           LoraConfig(r=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)
+    prompts = [[{"role": "user", "content": text}] for text in
+               ("hello", "how are you", "what is your name", "do you like music", "tell me a joke",
+                "good morning", "who are you", "what can you do")]
+
+    def judge(prompts, replies):  # the held-out users: short, finished, word-like replies
+        return [-len(r) - 50 * sum(not w.isalpha() for w in r.split()) for r in replies]
+
+    evaluation = compare(model, tokenizer, prompts, judge, EvalConfig(max_new_tokens=16))
+    evaluation["active_version"] = "v0"
+    _register(store, tmp_path, "v1")
+    verdict = apply(store, "v1", evaluation)
+    assert not verdict.passed
+    assert "KL to the base" in verdict.reason()
+    assert store.get_adapter("v1")["status"] == "rejected" and store.active_version() == "v0"
