@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="method of scheduled retrains (default ppo)")
     ops.add_argument("--train-threads", type=int, default=0,
                      help="torch threads of the training process (default: half the cores)")
+    serve.add_argument("--log-json", action="store_true",
+                       help="log one JSON object per line on stderr (for a log collector)")
     ops.add_argument("--follow-every", type=float, default=2.0, metavar="SECONDS",
                      help="how often to check the registry for a new active version (default 2)")
 
@@ -202,18 +204,34 @@ def cmd_serve(args) -> int:
         raise CliError(str(exc), code=2) from None
     scheduler = RetrainScheduler(store, retrain_command(args), schedule,
                                  log_dir=os.path.join(args.data_dir, "logs"))
-    try:
-        loaded = load_model(args.model, args.data_dir, device=args.device)
-    except ModelLoadError as exc:
-        raise CliError(str(exc)) from None
-    print(
-        f"model {loaded.name!r} loaded from {loaded.path} on {loaded.device} ({loaded.dtype}); "
-        f"active version {store.active_version()}",
-        file=sys.stderr,
-    )
-    from chatbot.server import serve
+    import logging
 
-    return serve(args, store, loaded, scheduler)
+    from chatbot import logs
+    from chatbot.metrics import loading_app
+    from chatbot.server import BackgroundServer, serve
+
+    logs.configure(json_lines=args.log_json)
+    log = logging.getLogger("chatbot")
+    # While the model loads (minutes for a first starter build, longer for a
+    # big model), the port already answers: /healthz says 503 "loading".
+    state = {"message": f"loading model {args.model!r}"}
+
+    def progress(line: str) -> None:
+        state["message"] = line
+        log.info(line)
+
+    try:
+        loading = BackgroundServer(loading_app(state), host=args.host, port=args.port).__enter__()
+    except (OSError, RuntimeError) as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    try:
+        loaded = load_model(args.model, args.data_dir, device=args.device, build_progress=progress)
+    except ModelLoadError as exc:
+        loading.__exit__(None, None, None)
+        raise CliError(str(exc)) from None
+    log.info("model %r loaded from %s on %s (%s)", loaded.name, loaded.path, loaded.device, loaded.dtype)
+    # The loading answerer gives the port up only when the app is built.
+    return serve(args, store, loaded, scheduler, before_listen=lambda: loading.__exit__(None, None, None))
 
 
 def cmd_retrain(args) -> int:

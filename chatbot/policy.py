@@ -88,6 +88,9 @@ class Policy:
         self._loads = itertools.count(1)
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()
+        # Called as fn(outcome, generation) after every request: outcome is ok,
+        # stopped, busy or error; generation is None unless it ran (metrics).
+        self.listeners: list = []
         self.max_waiting = max_waiting
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -216,8 +219,16 @@ class Policy:
     def _enter(self) -> None:
         with self._in_flight_lock:
             if self._in_flight >= self.max_waiting:
+                self._notify("busy", None)
                 raise Busy("the model is busy: too many requests are waiting, try again shortly")
             self._in_flight += 1
+
+    def _notify(self, outcome: str, generation: "Generation | None") -> None:
+        for listener in self.listeners:
+            try:
+                listener(outcome, generation)
+            except Exception:  # noqa: BLE001 - counting must never fail a reply
+                pass
 
     def _leave(self) -> None:
         with self._in_flight_lock:
@@ -261,10 +272,13 @@ class Policy:
                 with torch.inference_mode():
                     output = self.model.generate(**self.generation_kwargs(input_ids, settings))
                 version = self.version
+        except BaseException:
+            self._notify("error", None)
+            raise
         finally:
             self._leave()
         new_tokens = output[0, len(ids):].tolist()
-        return Generation(
+        result = Generation(
             text=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
             version=version,
             prompt=sent,
@@ -273,6 +287,8 @@ class Policy:
             finish_reason=self.finish_reason(new_tokens, settings, stopped=False),
             latency_ms=(time.perf_counter() - started) * 1000,
         )
+        self._notify("ok", result)
+        return result
 
     def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
                stop: threading.Event | None = None) -> "ReplyStream":
@@ -298,6 +314,7 @@ class ReplyStream:
 
         policy, settings = self.policy, self.settings
         policy._enter()
+        outcome = "error"
         try:
             with policy._lock:
                 sent, ids = policy.build_prompt(self._messages, settings)
@@ -333,9 +350,11 @@ class ReplyStream:
                     self._finish(pieces, output, input_ids.shape[1])
                 if "error" in output:
                     raise output["error"]
+                outcome = "stopped" if self.result.finish_reason == "stopped" else "ok"
         finally:
             policy._leave()
             self.result.latency_ms = (time.perf_counter() - self._started) * 1000
+            policy._notify(outcome, self.result if outcome != "error" else None)
 
 
     def _finish(self, pieces: list[str], output: dict, prompt_length: int) -> None:

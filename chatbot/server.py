@@ -18,10 +18,12 @@ import time
 import gradio as gr
 from fastapi import FastAPI
 
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from chatbot.admin import Operations, admin_router, token_matches
 from chatbot.api import api_router, install_error_handlers
+from chatbot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from chatbot.metrics import Metrics
 from chatbot.policy import Policy
 from chatbot.ui import ChatOptions, ChatUI
 from storage import Store
@@ -53,6 +55,20 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
     app = FastAPI(title="Learning chatbot", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     install_error_handlers(app)
     app.include_router(api_router(policy, store, options))
+    metrics = Metrics(store, lambda: policy.version)
+    policy.listeners.append(metrics.observe)
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        """Ready: the model is loaded (this app exists only then) and serving."""
+        loaded = policy.loaded
+        return {"status": "ok", "ready": True, "version": policy.version, "model": loaded.name,
+                "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus():
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     if ops is not None:
         app.include_router(admin_router(ops, admin_token))
         if admin_token:
@@ -90,7 +106,7 @@ class BackgroundServer:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "BackgroundServer":
@@ -107,8 +123,9 @@ class BackgroundServer:
         self.thread.join(timeout=30)
 
 
-def serve(args, store: Store, loaded, scheduler) -> int:
-    """Run until interrupted: follow the registry, run the schedule, serve."""
+def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> int:
+    """Run until interrupted: follow the registry, run the schedule, serve.
+    `before_listen` frees the port (the answerer used while loading)."""
     import uvicorn
 
     from chatbot.policy import GenerationSettings
@@ -123,35 +140,36 @@ def serve(args, store: Store, loaded, scheduler) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("chatbot")
     options = ChatOptions(defaults=defaults, max_message_chars=args.max_message_chars,
                           max_new_tokens_limit=max(args.max_new_tokens, 1024))
     policy = Policy(loaded)
     follower = VersionFollower(policy, store, interval_s=args.follow_every)
     follower.sync()  # come up on the version the registry says is active
     if follower.error:
-        print(f"warning: {follower.error['error']}; serving {policy.version}", file=sys.stderr)
-    print(f"serving version {policy.version}", file=sys.stderr)
+        log.warning("%s; serving %s", follower.error["error"], policy.version)
+    log.info("serving version %s", policy.version)
     ops = Operations(store, follower, scheduler)
     app = create_app(policy, store, options, auth=auth, ops=ops, admin_token=args.admin_token)
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"chat:  http://{host}:{args.port}/", file=sys.stderr)
-    print(f"API:   http://{host}:{args.port}/v1 (OpenAI-compatible; docs at /v1/docs)", file=sys.stderr)
+    log.info("chat: http://%s:%s/", host, args.port)
+    log.info("API: http://%s:%s/v1 (OpenAI-compatible; docs at /v1/docs); /healthz and /metrics", host, args.port)
     if args.admin_token:
-        print(f"operator console: http://{host}:{args.port}/admin (password: the admin token)", file=sys.stderr)
+        log.info("operator console: http://%s:%s/admin (password: the admin token)", host, args.port)
     else:
-        print("operator API and console: off (no --admin-token)", file=sys.stderr)
+        log.info("operator API and console: off (no --admin-token)")
     state = scheduler.config
     if state.enabled:
         every = f"on cron {state.cron!r}" if state.cron else f"every {state.every_s:g} s"
-        print(f"retrain schedule: {every}, with at least {state.min_new_feedback} new feedback rows "
-              f"({'paused' if scheduler.paused else 'running'})", file=sys.stderr)
+        log.info("retrain schedule: %s, with at least %s new feedback rows (%s)", every, state.min_new_feedback,
+                 "paused" if scheduler.paused else "running")
     else:
-        print("retrain schedule: off (--retrain-every 0)", file=sys.stderr)
+        log.info("retrain schedule: off (--retrain-every 0)")
     follower.start()
     scheduler.start()
+    before_listen()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=None)
     finally:
         scheduler.shutdown()
         follower.stop()
