@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face causal LM by hub id or local path, or 'starter' for the built-in "
         f"offline model (default; or ${MODEL_ENV})",
     )
-    with_model.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    with_model.add_argument("--device", default="auto",
+                            help="auto (default: the first GPU, in bf16 where supported, else the CPU in "
+                                 "float32), cpu, cuda or cuda:N")
+    with_model.add_argument("--quantize", choices=["none", "8bit", "4bit"], default="none",
+                            help="load the base in 8 or 4 bits through bitsandbytes (a GPU and the "
+                                 "'quantize' extra); default none")
 
     parser = argparse.ArgumentParser(
         prog="app.py",
@@ -78,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feedback rows since the last run needed to start one (default 50)")
     ops.add_argument("--retrain-method", choices=["ppo", "kto"], default="ppo",
                      help="method of scheduled retrains (default ppo)")
+    ops.add_argument("--train-device",
+                     help="device of the training process (default: the same as --device), e.g. cuda:1")
     ops.add_argument("--train-threads", type=int, default=0,
                      help="torch threads of the training process (default: half the cores)")
     serve.add_argument("--log-json", action="store_true",
@@ -182,7 +189,8 @@ def retrain_command(args):
 
     def command(method: str, threads: int) -> list[str]:
         return [sys.executable, app, "retrain", "--data-dir", os.path.abspath(args.data_dir),
-                "--model", args.model, "--device", args.device, "--method", method,
+                "--model", args.model, "--device", args.train_device or args.device,
+                "--quantize", args.quantize, "--method", method,
                 "--threads", str(threads), "--min-win-rate", str(args.min_win_rate),
                 "--max-kl", str(args.max_kl)]
 
@@ -225,7 +233,8 @@ def cmd_serve(args) -> int:
     except (OSError, RuntimeError) as exc:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     try:
-        loaded = load_model(args.model, args.data_dir, device=args.device, build_progress=progress)
+        loaded = load_model(args.model, args.data_dir, device=args.device, build_progress=progress,
+                            quantize=args.quantize)
     except ModelLoadError as exc:
         loading.__exit__(None, None, None)
         raise CliError(str(exc)) from None
@@ -241,7 +250,7 @@ def cmd_retrain(args) -> int:
     store = open_store(args.data_dir)
     config = CycleConfig(method=args.method, min_feedback=args.min_feedback, device=args.device,
                          reward_model=args.reward_model, threads=args.threads, seed=args.seed,
-                         promote=not args.no_promote)
+                         promote=not args.no_promote, quantize=args.quantize)
     config.gate.min_win_rate, config.gate.max_kl = args.min_win_rate, args.max_kl
     if args.ppo_steps is not None:
         config.ppo.steps = args.ppo_steps

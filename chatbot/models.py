@@ -32,6 +32,33 @@ class ModelLoadError(RuntimeError):
     """The named model could not be loaded; the message says what was tried."""
 
 
+QUANTIZE = ("none", "8bit", "4bit")
+
+
+def quantization_config(quantize: str, device):
+    """A `BitsAndBytesConfig` for 8-bit or 4-bit (NF4, bf16 compute) loading of
+    the base; None for "none". Clear errors when it cannot work here."""
+    if quantize in (None, "none"):
+        return None
+    if quantize not in QUANTIZE:
+        raise ModelLoadError(f"unknown --quantize {quantize!r}: use none, 8bit or 4bit")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            f"--quantize {quantize} needs the bitsandbytes package, which is not installed: "
+            "pip install -e '.[quantize]' (or pip install bitsandbytes)") from None
+    if device.type != "cuda":
+        raise ModelLoadError(f"--quantize {quantize} needs a CUDA GPU; this model would load on {device}")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=default_dtype(device) if device.type == "cuda" else torch.float32)
+
+
 @dataclass
 class LoadedModel:
     model: Any
@@ -99,14 +126,23 @@ def load_model(
     *,
     device: str = "auto",
     build_progress=None,
+    quantize: str = "none",
 ) -> LoadedModel:
-    """Load base model and tokenizer for serving; raise `ModelLoadError` on failure."""
-    path = resolve_model_path(name, data_dir, build_progress=build_progress)
+    """Load base model and tokenizer; raise `ModelLoadError` on failure.
+
+    `quantize` ("8bit", "4bit") loads the base through bitsandbytes, on a GPU.
+    """
     torch_device = resolve_device(device)
+    quantized = quantization_config(quantize, torch_device)
+    path = resolve_model_path(name, data_dir, build_progress=build_progress)
     dtype = default_dtype(torch_device)
     tokenizer = load_tokenizer(path, name=name)
-    model = _from_pretrained("AutoModelForCausalLM", path, name=name, dtype=dtype)
-    model.to(torch_device)
+    if quantized is None:
+        model = _from_pretrained("AutoModelForCausalLM", path, name=name, dtype=dtype)
+        model.to(torch_device)
+    else:  # bitsandbytes places the weights itself
+        model = _from_pretrained("AutoModelForCausalLM", path, name=name, dtype=dtype,
+                                 quantization_config=quantized, device_map={"": torch_device})
     model.eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

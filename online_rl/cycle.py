@@ -65,6 +65,7 @@ class CycleConfig:
     method: str = "ppo"
     min_feedback: int = 20  # rated replies needed (after the per-rater cap)
     device: str = "auto"
+    quantize: str = "none"  # none, 8bit or 4bit: the base loaded through bitsandbytes (a GPU)
     reward_model: str | None = None  # base of the reward model; None: the policy's base
     threads: int = 0  # torch threads for training; 0 leaves torch's default
     seed: int = 0
@@ -183,7 +184,7 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     report(f"loading base model {model_name!r}", stage="load")
-    loaded = load_model(model_name, data_dir, device=config.device)
+    loaded = load_model(model_name, data_dir, device=config.device, quantize=config.quantize)
     device, tokenizer = loaded.device, loaded.tokenizer
     tokenizer.padding_side = "left"
 

@@ -72,3 +72,48 @@ def test_device_resolution_on_the_cpu():
             resolve_device("cuda:0")
     with pytest.raises(ModelLoadError, match="unknown device"):
         resolve_device("tpu-please")
+
+
+def test_dtype_follows_the_device(monkeypatch):
+    from chatbot.models import default_dtype
+
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_dtype(torch.device("cuda:0")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert default_dtype(torch.device("cuda:1")) == torch.float16
+
+
+def test_quantized_loading_explains_what_is_missing(tiny_model_dir, data_dir, monkeypatch):
+    import builtins
+
+    from chatbot.models import quantization_config
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    with pytest.raises(ModelLoadError, match=r"needs the bitsandbytes package.*\.\[quantize\]"):
+        load_model(str(tiny_model_dir), data_dir, device="cpu", quantize="4bit")
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert quantization_config("none", torch.device("cpu")) is None
+    with pytest.raises(ModelLoadError, match="unknown --quantize"):
+        quantization_config("3bit", torch.device("cpu"))
+
+
+def test_serve_on_a_missing_gpu_is_one_clear_line(data_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # the CPU-only path is what is checked here
+    app = Path(__file__).resolve().parents[1] / "app.py"
+    done = subprocess.run([sys.executable, str(app), "serve", "--device", "cuda:0", "--port", "0",
+                           "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "error: device 'cuda:0' asked for, but no CUDA GPU is visible"
