@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_model.add_argument("--device", default="auto",
                             help="auto (default: the first GPU, in bf16 where supported, else the CPU in "
                                  "float32), cpu, cuda or cuda:N")
+    with_model.add_argument("--memory-budget-gib", type=float,
+                            help="plan against this much memory per device instead of what is free now")
+    with_model.add_argument("--no-memory-check", action="store_true",
+                            help="skip the memory plan (see docs/deploy.md)")
     with_model.add_argument("--quantize", choices=["none", "8bit", "4bit"], default="none",
                             help="load the base in 8 or 4 bits through bitsandbytes (a GPU and the "
                                  "'quantize' extra); default none")
@@ -197,6 +201,40 @@ def retrain_command(args):
     return command
 
 
+def check_memory(args, *, serve: bool, train: bool, progress=None) -> str | None:
+    """Refuse to start (exit 2) when the memory plan does not fit; see chatbot/memory.py.
+
+    Returns a note when the plan could not be made (the model's config is not
+    readable here): logged once the model has loaded, since a model that does
+    not load has a clearer error of its own."""
+    if args.no_memory_check:
+        return None
+    import logging
+
+    from chatbot import memory
+    from chatbot.models import ModelLoadError, resolve_device, resolve_model_path
+    from online_rl.ppo import PPOConfig
+
+    try:
+        serve_device = resolve_device(args.device) if serve else None
+        train_device = resolve_device(getattr(args, "train_device", None) or args.device) if train else None
+        path = resolve_model_path(args.model, args.data_dir, build_progress=progress)
+        plans = memory.plan(path, serve_device=serve_device, train_device=train_device, quantize=args.quantize,
+                            reward_model_path=getattr(args, "reward_model", None), ppo=PPOConfig())
+    except ModelLoadError as exc:
+        raise CliError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a config that cannot be read here fails clearly at load
+        return f"memory plan skipped: cannot read the model's config ({exc})"
+    try:
+        report = memory.check(plans, available=memory.budget(args.memory_budget_gib), hints=memory.HINTS)
+    except memory.MemoryPlanError as exc:
+        raise CliError(f"memory plan: {exc}", code=2) from None
+    for plan in plans:
+        logging.getLogger("chatbot").info("memory plan: %s on %s needs %s", plan.name, plan.device, plan.describe())
+    logging.getLogger("chatbot").info("memory plan fits: %s", report)
+    return None
+
+
 def cmd_serve(args) -> int:
     from chatbot.admin import check_token
     from chatbot.models import ModelLoadError, load_model
@@ -233,11 +271,14 @@ def cmd_serve(args) -> int:
     except (OSError, RuntimeError) as exc:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     try:
+        skipped = check_memory(args, serve=True, train=schedule.enabled, progress=progress)
         loaded = load_model(args.model, args.data_dir, device=args.device, build_progress=progress,
                             quantize=args.quantize)
-    except ModelLoadError as exc:
+        if skipped:
+            log.warning(skipped)
+    except (ModelLoadError, CliError) as exc:
         loading.__exit__(None, None, None)
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc), code=getattr(exc, "code", 1)) from None
     log.info("model %r loaded from %s on %s (%s)", loaded.name, loaded.path, loaded.device, loaded.dtype)
     # The loading answerer gives the port up only when the app is built.
     return serve(args, store, loaded, scheduler, before_listen=lambda: loading.__exit__(None, None, None))
@@ -258,6 +299,9 @@ def cmd_retrain(args) -> int:
         config.validate()
     except ValueError as exc:
         raise CliError(str(exc), code=2) from None
+    skipped = check_memory(args, serve=False, train=True)
+    if skipped:
+        print(f"warning: {skipped}", file=sys.stderr)
     try:
         result = run_cycle(store, data_dir=args.data_dir, model_name=args.model, config=config,
                            progress=lambda line: print(line, file=sys.stderr, flush=True))

@@ -1,0 +1,55 @@
+"""The memory plan: estimated from a config, refusing what cannot fit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatbot import memory
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768)
+
+
+@pytest.fixture(scope="module")
+def qwen7b():
+    from transformers import Qwen2Config
+
+    return memory.model_shape(Qwen2Config(**QWEN_7B))
+
+
+def test_shape_counts_parameters_from_the_config_alone(qwen7b):
+    assert 7.5e9 < qwen7b.params < 7.7e9  # Qwen2.5-7B has 7.6B parameters
+    assert qwen7b.kv_width == 4 * 128 and qwen7b.layers == 28
+
+
+def test_an_impossible_configuration_is_refused_with_its_numbers(qwen7b):
+    plans = [memory.serving_plan(qwen7b, "cuda:0", 2), memory.training_plan(qwen7b, "cuda:0", 2)]
+    with pytest.raises(memory.MemoryPlanError) as refused:
+        memory.check(plans, available=lambda device: 24 * memory.GIB, hints=memory.HINTS)
+    message = str(refused.value)
+    assert message.startswith("not enough memory on cuda:0: serving needs 15.")
+    assert "one retrain needs 4" in message and "weights 14.19" in message
+    assert "but cuda:0 has 24.00 GiB free" in message and "--quantize 4bit" in message
+
+
+def test_quantizing_or_a_second_gpu_makes_it_fit(qwen7b):
+    serving = memory.serving_plan(qwen7b, "cuda:0", 2, quantize="4bit")
+    assert serving.total < 8 * memory.GIB
+    training = memory.training_plan(qwen7b, "cuda:1", 2)
+    report = memory.check([serving, training], available=lambda device: 80 * memory.GIB)
+    assert set(report) == {"cuda:0", "cuda:1"} and report["cuda:0"]["need_gib"] < 8
+
+
+def test_serve_and_retrain_refuse_before_loading_when_the_budget_is_too_small(tiny_model_dir, data_dir):
+    for command in (["serve", "--port", "0"], ["retrain"]):
+        done = subprocess.run([sys.executable, str(ROOT / "app.py"), *command, "--model", str(tiny_model_dir),
+                               "--device", "cpu", "--memory-budget-gib", "0.05", "--data-dir", str(data_dir)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: memory plan: not enough memory on cpu:") and "GiB free" in last
