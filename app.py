@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="method of scheduled retrains (default ppo)")
     ops.add_argument("--train-device",
                      help="device of the training process (default: the same as --device), e.g. cuda:1")
+    ops.add_argument("--train-launcher", choices=["python", "accelerate"], default="python",
+                     help="run the training process as one python process (default), or under "
+                          "`accelerate launch` (DDP over several GPUs, or CPU processes)")
+    ops.add_argument("--train-processes", type=int, default=2,
+                     help="with --train-launcher accelerate: how many processes (default 2)")
+    ops.add_argument("--accelerate-config", metavar="FILE",
+                     help="with --train-launcher accelerate: an accelerate config file (DeepSpeed ZeRO, "
+                          "FSDP, machines); it decides the processes")
     ops.add_argument("--train-threads", type=int, default=0,
                      help="torch threads of the training process (default: half the cores)")
     serve.add_argument("--log-json", action="store_true",
@@ -191,12 +199,25 @@ def retrain_command(args):
     """The training process a scheduled retrain runs: this file's `retrain`."""
     app = os.path.abspath(__file__)
 
+    device = args.train_device or args.device
+
     def command(method: str, threads: int) -> list[str]:
-        return [sys.executable, app, "retrain", "--data-dir", os.path.abspath(args.data_dir),
-                "--model", args.model, "--device", args.train_device or args.device,
-                "--quantize", args.quantize, "--method", method,
-                "--threads", str(threads), "--min-win-rate", str(args.min_win_rate),
-                "--max-kl", str(args.max_kl)]
+        retrain = [app, "retrain", "--data-dir", os.path.abspath(args.data_dir),
+                   "--model", args.model, "--device", device, "--quantize", args.quantize, "--method", method,
+                   "--threads", str(threads), "--min-win-rate", str(args.min_win_rate),
+                   "--max-kl", str(args.max_kl)]
+        if args.train_launcher == "python":
+            return [sys.executable, *retrain]
+        launch = [sys.executable, "-m", "accelerate.commands.launch"]
+        if args.accelerate_config:
+            launch += ["--config_file", args.accelerate_config]
+        else:
+            launch += ["--num_processes", str(args.train_processes)]
+            # torchrun's launcher for several processes, GPUs or CPU processes
+            # (accelerate's --cpu flag would start only one); the cycle joins
+            # a gloo group on the CPU.
+            launch += ["--multi_gpu"] if args.train_processes > 1 else []
+        return [*launch, *retrain]
 
     return command
 
@@ -317,6 +338,8 @@ def cmd_retrain(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         print(json.dumps({"status": "failed", "run_id": store.runs(1)[0]["id"], "error": str(exc)}))
         return 1
+    if result.get("status") == "worker":  # another process of `accelerate launch` reports
+        return 0
     print(json.dumps(summary_line(result), default=str))
     return 0
 

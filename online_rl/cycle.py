@@ -116,15 +116,57 @@ def latest_reward_model(store: Store) -> str | None:
     return None
 
 
+def process_group(device: str = "auto"):
+    """The `accelerate` state when launched as several processes
+    (``accelerate launch``), else None.
+
+    On the CPU the processes join a gloo group: accelerate does that only when
+    told the run is on the CPU (its ``--cpu`` flag starts a single process,
+    so CPU processes are started by the torchrun launcher, ``--multi_gpu``)."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.startswith("cpu") or not torch.cuda.is_available())
+    return state if state.num_processes > 1 else None
+
+
+def _broadcast(dist, value):
+    """`value` from the main process, on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter",
               config: CycleConfig | None = None, progress: ProgressFn = print) -> dict:
-    """Run one cycle and return its summary (also stored as the run's metrics)."""
+    """Run one cycle and return its summary (also stored as the run's metrics).
+
+    Under ``accelerate launch`` with several processes, the main process does
+    everything that touches the database and the disk (the run row, the
+    reward model, evaluation, registration, the gate); every process loads
+    its own copy of the base and takes part in PPO (DDP), each sampling its
+    share of the rollouts. The other processes return ``{"status": "worker"}``.
+    """
     config = (config or CycleConfig()).validate()
     data_dir = Path(data_dir)
-    watermark = store.latest_feedback_id()
-    # Raises RunInProgress (nothing recorded) while another run is going.
-    run_id = store.start_run(config.method, config=dataclasses.asdict(config), watermark=watermark,
-                             exclusive=True)
+    dist = process_group(config.device)
+    if dist is not None:
+        if config.method != "ppo":
+            raise ValueError("several training processes run PPO only; run KTO in one process")
+        config.device = str(dist.device)  # each process on its own device (its GPU, or the CPU)
+        if not dist.is_main_process:
+            return _worker(store, data_dir, model_name, config, dist)
+    try:
+        watermark = store.latest_feedback_id()
+        # Raises RunInProgress (nothing recorded) while another run is going.
+        run_id = store.start_run(config.method, config=dataclasses.asdict(config), watermark=watermark,
+                                 exclusive=True)
+    except BaseException:
+        if dist is not None:
+            _broadcast(dist, None)  # tell the other processes there is no run
+        raise
     started = time.perf_counter()
     stage = {"stage": "snapshot"}
 
@@ -145,8 +187,13 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
             message = (f"not enough feedback to retrain: {counts['examples']} rated replies, at least "
                        f"{config.min_feedback} needed (--min-feedback)")
             store.finish_run(run_id, "refused", error=message, metrics={"feedback": counts})
+            if dist is not None:
+                _broadcast(dist, None)
             raise NotEnoughFeedback(message)
-        summary = _train_and_register(store, run_id, snap, config, data_dir, model_name, report, progress)
+        if dist is not None:
+            _broadcast(dist, {"run_id": run_id, "watermark": watermark, "active": store.active_version()})
+        summary = _train_and_register(store, run_id, snap, config, data_dir, model_name, report, progress,
+                                      dist=dist)
         outcome = "candidate"
         if config.promote:
             from online_rl.gate import apply
@@ -174,9 +221,22 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
         raise
 
 
+def _worker(store, data_dir: Path, model_name: str, config: CycleConfig, dist) -> dict:
+    """A process other than the main one: same snapshot, its share of PPO."""
+    job = _broadcast(dist, None)
+    if job is None:  # the main process refused or failed before starting
+        return {"status": "worker", "process_index": dist.process_index, "trained": False}
+    snap = snapshot(store, config.data, job["watermark"])
+    _train_and_register(store, job["run_id"], snap, config, data_dir, model_name, lambda line, **f: None,
+                        lambda line: None, dist=dist, active=job["active"])
+    return {"status": "worker", "process_index": dist.process_index, "trained": True}
+
+
 def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path, model_name: str, report,
-                        progress_line):
+                        progress_line, *, dist=None, active: str | None = None):
     import torch
+
+    main = dist is None or dist.is_main_process
 
     from chatbot.models import load_model, load_tokenizer, resolve_model_path
 
@@ -188,7 +248,7 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     device, tokenizer = loaded.device, loaded.tokenizer
     tokenizer.padding_side = "left"
 
-    active = store.active_version()
+    active = active or store.active_version()
     active_row = store.get_adapter(active) if active != "v0" else None
     active_path = active_row["path"] if active_row and Path(active_row["path"]).exists() else None
     if active_row and not active_path:
@@ -202,7 +262,10 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     reward_metrics = None
     from online_rl.reward import load_reward_model, train_reward_model
 
-    if config.method == "ppo" or previous is None:
+    if not main:  # the main process trains the reward model; the others load what it saved
+        reward_path = Path(_broadcast(dist, None))
+        rm = load_reward_model(rm_base, str(reward_path), rm_tokenizer, device)
+    elif config.method == "ppo" or previous is None:
         report("reward model: training" + (f" from {previous}" if previous else ""), stage="reward_model")
         rm, reward_metrics = train_reward_model(rm_base, rm_tokenizer, snap, config.reward, device=device,
                                                 previous=previous, progress=lambda line: report(line))
@@ -215,6 +278,8 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
         rm = load_reward_model(rm_base, previous, rm_tokenizer, device)
         reward_path = Path(previous)
         report(f"reward model: reusing {previous} to judge the candidate", stage="reward_model")
+    if dist is not None and main:
+        _broadcast(dist, str(reward_path))
 
     def reward_fn(prompts, replies):
         # P(thumbs-up): bounded, so the KL penalty and the missing-EOS penalty
@@ -262,6 +327,8 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
                                           config.kto, progress=lambda line: report(line),
                                           device=str(device.type))
     policy.eval()
+    if not main:  # evaluation and registration are the main process's
+        return None
 
     # -- evaluation -----------------------------------------------------------
     report("evaluation: candidate against " + active, stage="evaluation")
@@ -285,6 +352,7 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     final = adapters / version
     metrics = {
         "method": config.method,
+        "processes": dist.num_processes if dist is not None else 1,
         "parent": start_from,
         "reward_model": reward_metrics,
         "reward_model_path": str(reward_path) if reward_path else None,

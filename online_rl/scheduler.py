@@ -200,8 +200,9 @@ class RetrainScheduler:
                     preexec_fn=(lambda: os.nice(nice)) if nice else None,
                 )
             self._child = child
+            newest = self.store.runs(1)
             self._child_info = {"pid": child.pid, "method": method, "trigger": trigger, "started_at": _now(),
-                                "log": str(log_path), "argv": argv}
+                                "log": str(log_path), "argv": argv, "after_run": newest[0]["id"] if newest else 0}
         log.info("retrain started (%s, %s): pid %s, log %s", method, trigger, child.pid, log_path)
         threading.Thread(target=self._reap, args=(child, method, log_path), daemon=True,
                          name=f"reap-{child.pid}").start()
@@ -212,7 +213,9 @@ class RetrainScheduler:
         code = child.wait()
         self._child_info = {**self._child_info, "exit_code": code, "finished_at": _now()}
         try:
-            own = [r for r in self.store.runs(20) if r["pid"] == child.pid]
+            # Its run: the one started after it (under `accelerate launch`
+            # the run's pid is the main worker's, not the launcher's).
+            own = [r for r in self.store.runs(20) if r["id"] > self._child_info.get("after_run", 0)]
             if own:
                 stale = self.store.fail_stale_runs()  # it was killed mid-run: its row still says running
                 if stale:
