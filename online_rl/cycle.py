@@ -213,6 +213,9 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
         raise
     except BaseException as exc:  # noqa: BLE001 - recorded, then raised again
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if type(exc).__name__ in ("OutOfMemoryError", "MemoryError"):
+            error += (" (out of memory during the retrain: see the memory plan in docs/deploy.md; "
+                      "--quantize, --train-device or fewer PPO rollouts)")
         store.finish_run(run_id, "failed", error=error,
                          metrics={"stage": stage.get("stage"), "traceback": traceback.format_exc()[-4000:],
                                   "seconds": round(time.perf_counter() - started, 1)})

@@ -170,3 +170,23 @@ def test_a_simulated_round_chats_thumbs_retrains_and_promotes(data_dir, tiny_mod
     # The thumbs went through the store like the chat page's, and v1 was promoted.
     assert store.counts()["feedback"] == 12
     assert store.active_version() == "v1"
+
+
+def test_running_out_of_memory_is_a_failed_run_with_that_error(store, data_dir, tiny_model_dir, monkeypatch):
+    import torch
+
+    import online_rl.ppo
+    from online_rl.cycle import CycleFailed, run_cycle
+
+    def out_of_memory(self, prompts, reward_fn):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(online_rl.ppo.PPOTrainer, "step", out_of_memory)
+    _thumbs(store, 20)
+    with pytest.raises(CycleFailed, match="out of memory"):
+        run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
+                  progress=lambda line: None)
+    run = store.runs(1)[0]
+    assert run["status"] == "failed" and run["metrics"]["stage"] == "policy"
+    assert run["error"].startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "--quantize" in run["error"] and store.adapters() == []
