@@ -80,8 +80,7 @@ def swap_times(loaded, paths: list[Path], swaps: int) -> dict:
 
     policy = Policy(loaded)
     policy.swap_to("v1", str(paths[0]))  # the first wrap of the base is not a swap between versions
-    records = [policy.swap_to(f"v{2 + i % 2}" if i % 2 == 0 else "v1", str(paths[(i + 1) % 2]))
-               for i in range(swaps)]
+    records = [policy.swap_to(f"v{(i + 1) % 2 + 1}", str(paths[(i + 1) % 2])) for i in range(swaps)]
     size = sum(p.stat().st_size for p in paths[0].glob("*.safetensors")) / 2**20
     return {"read_ms": [r["read_s"] * 1000 for r in records], "switch_ms": [r["switch_s"] * 1000 for r in records],
             "total_ms": [r["total_s"] * 1000 for r in records], "adapter_mb": round(size, 2)}

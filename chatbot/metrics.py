@@ -14,8 +14,6 @@ it answers 503 with what it is doing.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
@@ -44,7 +42,7 @@ class _StoreCollector(Collector):
         for status in ("running", "succeeded", "failed", "refused"):
             runs.add_metric([status], counts["runs_by_status"].get(status, 0))
         yield runs
-        last = self._last_finished_run()
+        last = self.store.last_finished_run()
         duration = GaugeMetricFamily("chatbot_last_run_duration_seconds",
                                      "Wall time of the last finished retrain run", labels=["status"])
         if last is not None:
@@ -57,15 +55,6 @@ class _StoreCollector(Collector):
         number = GaugeMetricFamily("chatbot_active_version_number", "The active version's number (0: the base)")
         number.add_metric([], int(active[1:]))
         yield number
-
-    def _last_finished_run(self) -> dict | None:
-        rows = list(self.store.db.query(
-            "SELECT status, started_at, finished_at FROM runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"))
-        if not rows:
-            return None
-        row = rows[0]
-        seconds = (datetime.fromisoformat(row["finished_at"]) - datetime.fromisoformat(row["started_at"]))
-        return {"status": row["status"], "seconds": seconds.total_seconds()}
 
 
 class Metrics:

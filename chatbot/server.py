@@ -9,7 +9,6 @@ schedule (`online_rl.scheduler`, built by ``app.py``) until it stops."""
 
 from __future__ import annotations
 
-import html
 import logging
 import sys
 import threading
@@ -84,8 +83,8 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
         else:
             @app.get("/admin", include_in_schema=False)
             def console_off():
-                return HTMLResponse("<p>The operator console is off: start the server with "
-                                    f"{html.escape('--admin-token')}.</p>", status_code=403)
+                return HTMLResponse("<p>The operator console is off: start the server with --admin-token.</p>",
+                                    status_code=403)
     demo = ChatUI(policy, store, options).build()
     # Requests queue in Gradio (people see their place in line); the policy
     # serialises the model itself, shared with the HTTP routes.

@@ -32,7 +32,6 @@ class VersionFollower:
         self.interval_s = interval_s
         self.error: dict | None = None  # the last version that could not be loaded, and why
         self.swaps: list[dict] = []  # recent swaps with their timings, newest last
-        self._failed: str | None = None
         self._lock = threading.Lock()  # the polling thread and an operator's request may sync at once
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -44,18 +43,17 @@ class VersionFollower:
 
     def _sync(self) -> dict | None:
         wanted = self.store.active_version()
-        if wanted == self.policy.version or wanted == self._failed:
+        if wanted == self.policy.version or (self.error and wanted == self.error["version"]):
             return None
         row = self.store.get_adapter(wanted) if wanted != "v0" else None
         try:
             info = self.policy.swap_to(wanted, row["path"] if row else None)
         except AdapterLoadError as exc:
-            self._failed = wanted
             self.error = {"version": wanted, "error": str(exc), "at": _now(),
                           "serving": self.policy.version}
             log.error("could not switch to %s, still serving %s: %s", wanted, self.policy.version, exc)
             return None
-        self._failed, self.error = None, None
+        self.error = None
         info["at"] = _now()
         self.swaps = [*self.swaps[-49:], info]
         log.info("now serving %s (was %s): swapped in %.3f s", info["version"], info["previous"], info["total_s"])

@@ -431,6 +431,10 @@ class Store:
         A process killed mid-run (SIGKILL, out of memory, power cut) cannot
         record its own end; whoever looks next does it for it. Returns the ids.
         """
+        # Called on every status read and scheduler check: take the write
+        # lock only when some run is marked running at all.
+        if not list(self.db.query("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1")):
+            return []
         with self._write() as db:
             return self._fail_stale_runs(db)
 
@@ -539,11 +543,7 @@ class Store:
 
     def activate_base(self) -> None:
         """Serve the base model (v0): retire whichever adapter is active."""
-        with self._write() as db:
-            db.execute(
-                "UPDATE adapters SET status = 'retired', updated_at = ? WHERE status = 'active'",
-                [utcnow()],
-            )
+        self.promote(BASE_VERSION)
 
     def promote(self, version: str, *, action: str = "promote", actor: str | None = None,
                 reason: str | None = None) -> dict:
@@ -663,6 +663,16 @@ class Store:
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 [key, json.dumps(value), utcnow()],
             )
+
+    def last_finished_run(self) -> dict | None:
+        """The newest run that ended: its status and wall time in seconds."""
+        rows = list(self.db.query(
+            "SELECT status, started_at, finished_at FROM runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"))
+        if not rows:
+            return None
+        row = rows[0]
+        elapsed = datetime.fromisoformat(row["finished_at"]) - datetime.fromisoformat(row["started_at"])
+        return {"status": row["status"], "seconds": elapsed.total_seconds()}
 
     def last_run_watermark(self) -> int:
         """The watermark of the newest run that got as far as taking one."""

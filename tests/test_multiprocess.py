@@ -39,7 +39,7 @@ def test_the_launcher_command_line(data_dir, tiny_model_dir):
 @pytest.mark.slow
 def test_two_cpu_processes_complete_one_cycle_and_one_adapter(store, data_dir, tiny_model_dir):
     from online_rl.scheduler import RetrainScheduler, ScheduleConfig
-    from tests.test_scheduler import _thumbs
+    from tests.test_retrain import _thumbs
 
     command = app.retrain_command(_args(data_dir, tiny_model_dir))
     argv = lambda method, threads: [*command(method, threads), "--ppo-steps", "2", "--min-feedback", "10"]  # noqa: E731

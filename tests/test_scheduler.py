@@ -13,18 +13,9 @@ import pytest
 
 from online_rl.scheduler import RetrainScheduler, ScheduleConfig
 from storage import RunInProgress
+from tests.test_retrain import _thumbs
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _thumbs(store, n, session="s"):
-    for i in range(n // 2):
-        conversation = store.start_conversation(session)
-        messages = [{"role": "user", "content": f"hello number {i} from {session}"}]
-        for reply, vote in ((f"hi {i}", 1), (f"well that is a rather long answer number {i}", -1)):
-            rid = store.log_response(conversation_id=conversation, prompt=messages, reply=reply,
-                                     model_version="v0", session_id=session)
-            store.record_feedback(rid, vote, session_id=session)
 
 
 def _retrain(data_dir, model, *extra):
