@@ -32,6 +32,7 @@ import os
 import resource
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -216,6 +217,9 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
         if type(exc).__name__ in ("OutOfMemoryError", "MemoryError"):
             error += (" (out of memory during the retrain: see the memory plan in docs/deploy.md; "
                       "--quantize, --train-device or fewer PPO rollouts)")
+        elif dist is not None and any(sign in str(exc) for sign in ("closed by peer", "NCCL", "ProcessGroup",
+                                                                    "Connection reset")):
+            error += " (another training process stopped first: its error is in the retrain's log)"
         store.finish_run(run_id, "failed", error=error,
                          metrics={"stage": stage.get("stage"), "traceback": traceback.format_exc()[-4000:],
                                   "seconds": round(time.perf_counter() - started, 1)})
@@ -229,10 +233,52 @@ def _worker(store, data_dir: Path, model_name: str, config: CycleConfig, dist) -
     job = _broadcast(dist, None)
     if job is None:  # the main process refused or failed before starting
         return {"status": "worker", "process_index": dist.process_index, "trained": False}
+    from online_rl.ppo import training_engine
+
+    try:
+        training_engine()
+    except ValueError:  # the main process records the refusal as the run's error
+        return {"status": "worker", "process_index": dist.process_index, "trained": False}
     snap = snapshot(store, config.data, job["watermark"])
     _train_and_register(store, job["run_id"], snap, config, data_dir, model_name, lambda line, **f: None,
                         lambda line: None, dist=dist, active=job["active"])
     return {"status": "worker", "process_index": dist.process_index, "trained": True}
+
+
+def _gather_sharded_adapter(trainer, main: bool) -> tempfile.TemporaryDirectory | None:
+    """After PPO under FSDP: the trained adapter, saved whole into a temporary
+    directory by the main process (None on the others). Every process must
+    call it (the LoRA weights are gathered from their shards).
+
+    The sharded model cannot be evaluated or saved by the main process alone
+    (every forward pass is a collective), so the main process then loads the
+    base again, whole, with this adapter (`_reload_with_adapter`), as serving
+    will. That needs one whole copy of the base per GPU for inference, which
+    serving needs anyway; sharding is what saves the training memory (the
+    policy's weights, gradients and optimizer state, and the rollouts' KV
+    cache, each process holding a share)."""
+    weights = trainer.gather_adapter()
+    scratch = tempfile.TemporaryDirectory(prefix="chatbot-gathered-") if main else None
+    if main:
+        trainer.unwrapped.policy.save_pretrained(scratch.name, state_dict=weights)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.free_memory()  # drops accelerate's references to the sharded model
+    return scratch
+
+
+def _reload_with_adapter(adapter_dir: str, model_name: str, data_dir: Path, config: CycleConfig):
+    import gc
+
+    import torch
+    from peft import PeftModel
+
+    from chatbot.models import load_model
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    base = load_model(model_name, data_dir, device=config.device, quantize=config.quantize)
+    return PeftModel.from_pretrained(base.model, adapter_dir)
 
 
 def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path, model_name: str, report,
@@ -240,15 +286,31 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     import torch
 
     main = dist is None or dist.is_main_process
+    if dist is not None:
+        from online_rl.ppo import training_engine
 
-    from chatbot.models import load_model, load_tokenizer, resolve_model_path
+        if training_engine() == "fsdp2":  # refuses DeepSpeed and FSDP version 1 first (see _worker)
+            # Every process needs whole weights for its reward model (and the
+            # base is whole on each device before FSDP shards it), so each one
+            # reads them itself; with accelerate's "CPU RAM efficient loading"
+            # transformers would give all but the first process empty (meta)
+            # weights.
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+
+    from chatbot.models import (load_model, load_tokenizer, quantization_config, resolve_device,
+                                resolve_model_path)
 
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    # The policy's copy of the base is loaded after the reward model has been
+    # trained: the two are never both in memory with the reward model's
+    # training state (what the memory plan counts on for a sharded retrain).
     report(f"loading base model {model_name!r}", stage="load")
-    loaded = load_model(model_name, data_dir, device=config.device, quantize=config.quantize)
-    device, tokenizer = loaded.device, loaded.tokenizer
+    device = resolve_device(config.device)
+    quantization_config(config.quantize, device)  # refuses early when bitsandbytes or the GPU is missing
+    base_path = resolve_model_path(model_name, data_dir)
+    tokenizer = load_tokenizer(base_path, name=model_name)
     tokenizer.padding_side = "left"
 
     active = active or store.active_version()
@@ -258,8 +320,8 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
         raise FileNotFoundError(f"the active adapter {active} is missing from {active_row['path']}")
 
     # -- reward model ---------------------------------------------------------
-    rm_base = resolve_model_path(config.reward_model, data_dir) if config.reward_model else loaded.path
-    rm_tokenizer = tokenizer if rm_base == loaded.path else load_tokenizer(rm_base)
+    rm_base = resolve_model_path(config.reward_model, data_dir) if config.reward_model else base_path
+    rm_tokenizer = tokenizer if rm_base == base_path else load_tokenizer(rm_base)
     previous = latest_reward_model(store)
     reward_path = None
     reward_metrics = None
@@ -292,6 +354,8 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     # -- policy update --------------------------------------------------------
     from peft import PeftModel
 
+    loaded = load_model(model_name, data_dir, device=config.device, quantize=config.quantize)
+
     # PPO continues from the active adapter: its on-policy steps build on what
     # earlier cycles learned, and its KL penalty is always to the base. KTO is
     # an offline method over all the replayed thumbs: starting it again from
@@ -319,9 +383,20 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
         trainer = PPOTrainer(policy, tokenizer, config.ppo, progress=lambda line: progress_line(line),
                              on_step=on_step)
         history = trainer.train(prompts, reward_fn)
-        policy = trainer.unwrapped.policy
         train_metrics = {"steps": len(history), "first": history[0], "last": history[-1],
-                         "history": history}
+                         "history": history, "sharded": trainer.sharded}
+        if trainer.sharded:
+            report("ppo: gathering the adapter from its shards")
+            gathered = _gather_sharded_adapter(trainer, main)
+            del trainer, policy  # the sharded model goes before a whole copy is loaded
+            loaded.model = None
+            if not main:
+                return None
+            report("evaluation: loading the base whole, with the adapter")
+            with gathered:
+                policy = _reload_with_adapter(gathered.name, model_name, data_dir, config)
+        else:
+            policy = trainer.unwrapped.policy
     else:
         from online_rl.kto import train_kto
 

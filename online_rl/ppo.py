@@ -22,8 +22,13 @@ One PPO step:
 
 Everything runs through `accelerate.Accelerator`, so the same code runs on a
 CPU, one GPU or several under ``accelerate launch`` (each process samples its
-own share of the rollouts; statistics are averaged across processes).
-Only the LoRA weights and the value head are trained.
+own share of the rollouts; statistics are averaged across processes): DDP by
+default, or FSDP (version 2) from an accelerate config file, which shards the
+policy's weights, gradients and optimizer state across the processes. Under
+FSDP every forward pass is a collective, so rollouts are generated through
+the sharded root module with ``synced_gpus`` (all processes keep stepping
+until the longest reply is done), and `gather_adapter` collects the trained
+LoRA weights whole. Only the LoRA weights and the value head are trained.
 """
 
 from __future__ import annotations
@@ -75,16 +80,96 @@ class PolicyWithValue(nn.Module):
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
-        hidden = policy.get_base_model().config.hidden_size
+        base = policy.get_base_model()
+        # What FSDP wraps as one unit each (accelerate reads it from the root).
+        self._no_split_modules = list(getattr(base, "_no_split_modules", None) or [])
+        hidden = base.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids=None, *, generate: dict | None = None):
+        """Logits and values; or, with `generate`, the policy's `generate(**generate)`.
+
+        Generation enters through this module's forward so that FSDP's hooks on
+        the root gather its parameters (FSDP also requires the root's forward to
+        come first)."""
+        if generate is not None:
+            return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **generate)
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           output_hidden_states=True, use_cache=False)
-        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)
+        # A copy, not a view: FSDP's hooks on a module's outputs do not follow views.
+        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1).clone()
         return out.logits.float(), values
+
+
+class _GenerateThroughRoot:
+    """What `sample` needs of a model, for a sharded `PolicyWithValue`: every
+    `generate` call goes through the root module's forward."""
+
+    def __init__(self, root):
+        self.root = root
+
+    @property
+    def training(self) -> bool:
+        return self.root.training
+
+    def eval(self):
+        self.root.eval()
+
+    def train(self, mode: bool = True):
+        self.root.train(mode)
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        return self.root(input_ids, attention_mask, generate=kwargs)
+
+
+def training_engine(environ=None) -> str:
+    """The engine `accelerate launch` set up for this process: "fsdp2" or
+    "ddp" (also for one process). Raises ValueError for the engines retrains
+    do not run on: DeepSpeed, and FSDP version 1 (the rollouts and the
+    gathering of the adapter are written for FSDP2's per-parameter sharding,
+    and only that is tested)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+
+    def flag(name):
+        return environ.get(name, "false").lower() in ("1", "true", "yes")
+
+    if flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ValueError("retrains do not run under DeepSpeed: use an accelerate config with "
+                         "distributed_type: FSDP and fsdp_version: 2 (docs/deploy.md), or plain DDP")
+    if flag("ACCELERATE_USE_FSDP"):
+        version = environ.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise ValueError(f"retrains under FSDP need fsdp_version: 2 in the accelerate config "
+                             f"(this one asks for version {version})")
+        return "fsdp2"
+    return "ddp"
+
+
+def training_accelerator():
+    """accelerate's `Accelerator` for a retrain, from the launcher's settings
+    (`training_engine`).
+
+    An FSDP config is honoured on CPU processes too: accelerate enables FSDP
+    only on accelerators and would fall back to DDP, while torch's FSDP2 runs
+    over gloo as well (this is how the sharded path is tested on a machine
+    without GPUs).
+    """
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    engine = training_engine()
+    accelerator = Accelerator()
+    state = accelerator.state
+    if engine == "fsdp2" and state.distributed_type == DistributedType.MULTI_CPU:
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        state.distributed_type = DistributedType.FSDP
+        # As accelerate does on GPUs: every later state object reads it from here.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
 
 
 class AdaptiveKL:
@@ -143,11 +228,11 @@ class PPOTrainer:
 
     def __init__(self, policy, tokenizer, config: PPOConfig, *, accelerator=None, progress: ProgressFn = print,
                  on_step: Callable[[dict], None] | None = None):
-        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.config = config
         self.tokenizer = tokenizer
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or training_accelerator()
         self.progress = progress if self.accelerator.is_main_process else (lambda line: None)
         self.on_step = on_step
         torch.manual_seed(config.seed)
@@ -155,6 +240,7 @@ class PPOTrainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
         self.kl = AdaptiveKL(config.init_kl_coef, config.target_kl, config.kl_horizon, config.adaptive_kl)
         self.history: list[dict] = []
 
@@ -170,9 +256,10 @@ class PPOTrainer:
 
     def rollout(self, prompts: list[list[dict]]) -> dict:
         cfg = self.config
-        return sample(self.unwrapped.policy, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+        model = _GenerateThroughRoot(self.model) if self.sharded else self.unwrapped.policy
+        return sample(model, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                       temperature=cfg.temperature, top_p=1.0, max_prompt_tokens=cfg.max_prompt_tokens,
-                      device=self.device)
+                      device=self.device, synced_gpus=self.sharded)
 
     def _forward(self, model, batch, index=slice(None)):
         """Log-probs of the reply tokens, the full log-softmax, and values."""
@@ -276,6 +363,20 @@ class PPOTrainer:
             if self.on_step:
                 self.on_step(record)
         return self.history
+
+    def gather_adapter(self) -> dict:
+        """The policy's trained LoRA weights, whole, on the CPU, keyed as in
+        the policy's own state dict (what `save_pretrained(state_dict=...)`
+        takes). Under FSDP each is gathered from its shards: every process
+        must call this."""
+        prefix = "policy."
+        weights = {}
+        for name, param in self.unwrapped.named_parameters():
+            if not (param.requires_grad and name.startswith(prefix)):
+                continue  # frozen base weights, or the value head
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            weights[name[len(prefix):]] = full.detach().to("cpu", copy=True)
+        return weights
 
     def save_adapter(self, path) -> None:
         """The LoRA adapter alone (what serving loads); main process only."""

@@ -21,13 +21,16 @@ def left_pad(rows: list[list[int]], pad_id: int, device):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 32, temperature: float = 1.0,
-           top_p: float = 1.0, max_prompt_tokens: int = 256, device=None) -> dict:
+           top_p: float = 1.0, max_prompt_tokens: int = 256, device=None, synced_gpus: bool = False) -> dict:
     """One sampled reply per prompt (greedy when temperature is 0).
 
     Returns the batch: ``prompt_ids``/``prompt_mask`` (left-padded),
     ``reply``/``reply_mask`` (tokens up to and including the first
     end-of-sequence), ``finished`` (an end-of-sequence was produced),
     ``texts`` and ``prompts``.
+
+    `synced_gpus`: keep generating until every process has finished, for a
+    model sharded across processes (each forward pass is a collective).
     """
     device = device or next(model.parameters()).device
     rows = [encode(tokenizer, p, max_length=max_prompt_tokens)[0] for p in prompts]
@@ -39,7 +42,7 @@ def sample(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int =
         input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=sampling,
         temperature=temperature if sampling else None, top_p=top_p if sampling else None,
         top_k=0 if sampling else None, max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
     )
     model.train(was_training)
     reply = out[:, prompt_ids.shape[1]:]
