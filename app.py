@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--train-processes", type=int, default=2,
                      help="with --train-launcher accelerate: how many processes (default 2)")
     ops.add_argument("--accelerate-config", metavar="FILE",
-                     help="with --train-launcher accelerate: an accelerate config file (DeepSpeed ZeRO, "
-                          "FSDP, machines); it decides the processes")
+                     help="with --train-launcher accelerate: an accelerate config file (FSDP version 2, "
+                          "machines); it decides the processes. See docs/deploy.md")
     ops.add_argument("--train-threads", type=int, default=0,
                      help="torch threads of the training process (default: half the cores)")
     serve.add_argument("--log-json", action="store_true",
@@ -222,6 +222,34 @@ def retrain_command(args):
     return command
 
 
+def training_layout(args) -> tuple[int, bool]:
+    """How many processes a retrain runs as, and whether FSDP shards it: from
+    the launcher's environment inside `retrain`, from the scheduler's
+    settings (and the accelerate config file) in `serve`."""
+    from online_rl.ppo import training_engine
+
+    if "WORLD_SIZE" in os.environ:  # this is one process of `accelerate launch`
+        try:
+            sharded = training_engine() == "fsdp2"
+        except ValueError:  # an engine the cycle refuses, as a failed run with the reason
+            sharded = False
+        return int(os.environ["WORLD_SIZE"]), sharded
+    if getattr(args, "train_launcher", "python") != "accelerate":
+        return 1, False
+    if not args.accelerate_config:
+        return args.train_processes, False
+    try:
+        import yaml
+
+        with open(args.accelerate_config, encoding="utf-8") as fp:
+            launch = yaml.safe_load(fp) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise CliError(f"cannot read the accelerate config {args.accelerate_config}: {exc}", code=2) from None
+    fsdp = launch.get("distributed_type") == "FSDP" and str(
+        (launch.get("fsdp_config") or {}).get("fsdp_version", 1)) == "2"
+    return int(launch.get("num_processes") or 1), fsdp
+
+
 def check_memory(args, *, serve: bool, train: bool, progress=None) -> str | None:
     """Refuse to start (exit 2) when the memory plan does not fit; see chatbot/memory.py.
 
@@ -236,12 +264,16 @@ def check_memory(args, *, serve: bool, train: bool, progress=None) -> str | None
     from chatbot.models import ModelLoadError, resolve_device, resolve_model_path
     from online_rl.ppo import PPOConfig
 
+    processes, sharded = training_layout(args) if train else (1, False)
     try:
         serve_device = resolve_device(args.device) if serve else None
         train_device = resolve_device(getattr(args, "train_device", None) or args.device) if train else None
+        if train_device is not None and train_device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            train_device = resolve_device(f"cuda:{os.environ['LOCAL_RANK']}")  # this process's GPU
         path = resolve_model_path(args.model, args.data_dir, build_progress=progress)
         plans = memory.plan(path, serve_device=serve_device, train_device=train_device, quantize=args.quantize,
-                            reward_model_path=getattr(args, "reward_model", None), ppo=PPOConfig())
+                            reward_model_path=getattr(args, "reward_model", None), ppo=PPOConfig(),
+                            processes=processes, sharded=sharded)
     except ModelLoadError as exc:
         raise CliError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a config that cannot be read here fails clearly at load

@@ -14,7 +14,11 @@ device to count its parameters and LoRA targets; no weights are read):
   state in float32, the KV cache of a batch of rollouts, activations kept for
   backward over one PPO minibatch (per layer about ``s·b·h·34`` bytes at 16
   bits, after Korthikanti et al. 2022, doubled in float32) and the
-  float32 logits of that minibatch.
+  float32 logits of that minibatch. With several training processes each
+  samples its share of the rollouts; under FSDP the policy's weights and LoRA
+  state are split too, while the main process still trains the reward model
+  alone and evaluates the candidate on a whole copy of the base (the plan
+  takes the largest of these phases).
 
 Estimates are deliberately simple and on the high side; the plan refuses to
 start when the need passes `headroom` (90%) of what the device has free, with
@@ -106,19 +110,49 @@ def serving_plan(shape: Shape, device: str, dtype_bytes: int, *, quantize: str =
 
 def training_plan(shape: Shape, device: str, dtype_bytes: int, *, quantize: str = "none", rollouts: int = 32,
                   minibatch: int = 8, prompt_tokens: int = 256, new_tokens: int = 32,
-                  reward_shape: Shape | None = None) -> Plan:
+                  reward_shape: Shape | None = None, processes: int = 1, sharded: bool = False,
+                  eval_batch: int = 64) -> Plan:
+    """One retrain on one process's device. With several processes each
+    samples its share of the rollouts; `sharded` (FSDP) also splits the
+    policy's weights and LoRA state, and the plan is then the largest of the
+    main process's three phases: training the reward model, PPO on a shard
+    (with the reward model), and evaluating the candidate on a whole copy of
+    the base (see online_rl/cycle.py)."""
     seq = prompt_tokens + new_tokens
     reward = reward_shape or shape
     act_bytes = 34 * (dtype_bytes / 2)
-    return Plan("one retrain", device, {
-        "policy weights": _weights(shape, dtype_bytes, quantize),
-        "reward model weights": _weights(reward, dtype_bytes, quantize),
-        "LoRA + AdamW": (shape.lora_params + reward.lora_params) * 16,
-        "rollout KV cache": 2 * shape.layers * shape.kv_width * dtype_bytes * seq * rollouts,
+    overhead = OVERHEAD["cuda" if device.startswith("cuda") else "cpu"]
+    weights, reward_weights = _weights(shape, dtype_bytes, quantize), _weights(reward, dtype_bytes, quantize)
+    per_process = max(1, rollouts // max(1, processes))
+    shard = processes if sharded else 1
+    ppo = {
+        "policy weights" if shard == 1 else f"policy weights (1/{shard})": weights / shard,
+        "reward model weights": reward_weights,
+        "LoRA + AdamW": (shape.lora_params / shard + reward.lora_params) * 16,
+        "rollout KV cache": 2 * shape.layers * shape.kv_width * dtype_bytes * seq * per_process,
         "activations": shape.layers * seq * minibatch * shape.hidden * act_bytes,
         "logits": 3 * minibatch * seq * shape.vocab * 4,
-        "overhead": OVERHEAD["cuda" if device.startswith("cuda") else "cpu"],
-    })
+        "overhead": overhead,
+    }
+    if not sharded:
+        return Plan("one retrain", device, ppo)
+    phases = {
+        f"one retrain (PPO sharded over {processes})": ppo,
+        "one retrain (training the reward model)": {
+            "reward model weights": reward_weights,
+            "reward model LoRA + AdamW": reward.lora_params * 16,
+            "reward model activations": reward.layers * seq * minibatch * reward.hidden * act_bytes,
+            "overhead": overhead,
+        },
+        "one retrain (evaluating the candidate whole)": {
+            "policy weights": weights,
+            "reward model weights": reward_weights,
+            "evaluation KV cache": 2 * shape.layers * shape.kv_width * dtype_bytes * seq * eval_batch,
+            "overhead": overhead,
+        },
+    }
+    name, parts = max(phases.items(), key=lambda item: sum(item[1].values()))
+    return Plan(name, device, parts)
 
 
 def available_bytes(device: str) -> float:
@@ -169,9 +203,12 @@ def device_key(device) -> str:
 
 
 def plan(model_path: str, *, serve_device=None, train_device=None, quantize: str = "none",
-         reward_model_path: str | None = None, ppo=None, context_tokens: int = 4096) -> list[Plan]:
+         reward_model_path: str | None = None, ppo=None, context_tokens: int = 4096,
+         processes: int = 1, sharded: bool = False) -> list[Plan]:
     """The plans for serving on `serve_device` and/or one retrain on
-    `train_device` (None: not planned), from the models' configs."""
+    `train_device` (None: not planned), from the models' configs. A retrain
+    of several `processes` is planned for one of them (`train_device` is
+    that process's device); `sharded`: under FSDP."""
     from transformers import AutoConfig
 
     def shape_of(path):
@@ -190,11 +227,13 @@ def plan(model_path: str, *, serve_device=None, train_device=None, quantize: str
             reward = shape_of(reward_model_path) if reward_model_path and reward_model_path != model_path else None
             extra = {} if ppo is None else dict(rollouts=ppo.rollouts, minibatch=ppo.minibatch,
                                                 prompt_tokens=ppo.max_prompt_tokens, new_tokens=ppo.max_new_tokens)
-            plans.append(training_plan(shape, key, dtype_bytes, quantize=quantize, reward_shape=reward, **extra))
+            plans.append(training_plan(shape, key, dtype_bytes, quantize=quantize, reward_shape=reward,
+                                       processes=processes, sharded=sharded, **extra))
     return plans
 
 
-HINTS = ("To fit: --quantize 4bit (or 8bit) on a GPU, --train-device on another GPU, a smaller --model, "
+HINTS = ("To fit: --quantize 4bit (or 8bit) on a GPU, --train-device on another GPU, several training "
+         "processes (--train-launcher accelerate; FSDP shards the policy), a smaller --model, "
          "--reward-model with a smaller base, or fewer PPO rollouts; --memory-budget-gib sets what the plan "
          "may use, --no-memory-check skips it.")
 

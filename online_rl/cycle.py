@@ -306,7 +306,7 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     # The policy's copy of the base is loaded after the reward model has been
     # trained: the two are never both in memory with the reward model's
     # training state (what the memory plan counts on for a sharded retrain).
-    report(f"loading base model {model_name!r}", stage="load")
+    report(f"loading the tokenizer of {model_name!r}", stage="load")
     device = resolve_device(config.device)
     quantization_config(config.quantize, device)  # refuses early when bitsandbytes or the GPU is missing
     base_path = resolve_model_path(model_name, data_dir)
@@ -354,6 +354,7 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     # -- policy update --------------------------------------------------------
     from peft import PeftModel
 
+    report(f"loading base model {model_name!r}", stage="load")
     loaded = load_model(model_name, data_dir, device=config.device, quantize=config.quantize)
 
     # PPO continues from the active adapter: its on-policy steps build on what

@@ -53,3 +53,39 @@ def test_serve_and_retrain_refuse_before_loading_when_the_budget_is_too_small(ti
         assert done.returncode == 2, done.stderr[-2000:]
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("error: memory plan: not enough memory on cpu:") and "GiB free" in last
+
+
+def test_fsdp_plans_a_shard_of_the_policy_but_a_whole_copy_to_evaluate(qwen7b):
+    ddp = memory.training_plan(qwen7b, "cuda:0", 2, processes=4)
+    fsdp = memory.training_plan(qwen7b, "cuda:0", 2, processes=4, sharded=True)
+    assert fsdp.name == "one retrain (PPO sharded over 4)"
+    assert fsdp.parts["policy weights (1/4)"] == ddp.parts["policy weights"] / 4
+    assert fsdp.total < ddp.total - 10 * memory.GIB  # 30.6 against 41.7 GiB
+    # Past some number of processes the whole copy the main process evaluates
+    # on is what decides: sharding never plans less than two copies of the base.
+    wide = memory.training_plan(qwen7b, "cuda:0", 2, processes=16, sharded=True)
+    assert wide.name == "one retrain (evaluating the candidate whole)"
+    assert wide.total >= ddp.parts["policy weights"] + ddp.parts["reward model weights"]
+
+
+def test_the_training_layout_comes_from_the_launcher_or_the_accelerate_config(tmp_path, monkeypatch):
+    import app
+    from tests.test_multiprocess import FSDP2_CONFIG
+
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "FSDP_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP2_CONFIG.format(version=2))
+
+    def layout(*argv):
+        return app.training_layout(app.build_parser().parse_args(["serve", *argv]))
+
+    assert layout() == (1, False)
+    assert layout("--train-launcher", "accelerate", "--train-processes", "4") == (4, False)
+    assert layout("--train-launcher", "accelerate", "--accelerate-config", str(config)) == (2, True)
+    with pytest.raises(app.CliError, match="cannot read the accelerate config"):
+        layout("--train-launcher", "accelerate", "--accelerate-config", str(tmp_path / "missing.yaml"))
+    monkeypatch.setenv("WORLD_SIZE", "3")  # inside `accelerate launch`
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert app.training_layout(app.build_parser().parse_args(["retrain"])) == (3, True)

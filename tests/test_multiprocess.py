@@ -31,8 +31,8 @@ def test_the_launcher_command_line(data_dir, tiny_model_dir):
     argv = app.retrain_command(_args(data_dir, tiny_model_dir))("ppo", 1)
     assert argv[:6] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu"]
     assert argv[6:8] == [str(ROOT / "app.py"), "retrain"] and "--threads" in argv
-    with_config = app.retrain_command(_args(data_dir, tiny_model_dir, accelerate_config="zero3.yaml"))("ppo", 1)
-    assert with_config[3:5] == ["--config_file", "zero3.yaml"] and "--num_processes" not in with_config
+    with_config = app.retrain_command(_args(data_dir, tiny_model_dir, accelerate_config="fsdp.yaml"))("ppo", 1)
+    assert with_config[3:5] == ["--config_file", "fsdp.yaml"] and "--num_processes" not in with_config
     plain = app.retrain_command(app.build_parser().parse_args(["serve", "--data-dir", str(data_dir)]))("kto", 2)
     assert plain[:3] == [sys.executable, str(ROOT / "app.py"), "retrain"]
 
