@@ -148,6 +148,8 @@ def training_plan(shape: Shape, device: str, dtype_bytes: int, *, quantize: str 
             "policy weights": weights,
             "reward model weights": reward_weights,
             "evaluation KV cache": 2 * shape.layers * shape.kv_width * dtype_bytes * seq * eval_batch,
+            # the reply positions' logits, then their float32 copy and log-softmax
+            "evaluation logits": eval_batch * (new_tokens + 1) * shape.vocab * (dtype_bytes + 8),
             "overhead": overhead,
         },
     }

@@ -27,6 +27,7 @@ then succeeded, refused or failed with the error. Nothing fails silently.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import resource
@@ -127,7 +128,11 @@ def process_group(device: str = "auto"):
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=device.startswith("cpu") or not torch.cuda.is_available())
+    # The other processes wait in a collective while the main process trains
+    # the reward model alone (many minutes for a large base): NCCL's default
+    # 10-minute timeout would end them, so allow a whole retrain.
+    state = PartialState(cpu=device.startswith("cpu") or not torch.cuda.is_available(),
+                         timeout=datetime.timedelta(hours=6))
     return state if state.num_processes > 1 else None
 
 
@@ -217,8 +222,8 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
         if type(exc).__name__ in ("OutOfMemoryError", "MemoryError"):
             error += (" (out of memory during the retrain: see the memory plan in docs/deploy.md; "
                       "--quantize, --train-device or fewer PPO rollouts)")
-        elif dist is not None and any(sign in str(exc) for sign in ("closed by peer", "NCCL", "ProcessGroup",
-                                                                    "Connection reset")):
+        elif dist is not None and any(sign in str(exc) for sign in ("closed by peer", "Connection reset",
+                                                                    "ProcessGroupNCCL", "NCCL communicator")):
             error += " (another training process stopped first: its error is in the retrain's log)"
         store.finish_run(run_id, "failed", error=error,
                          metrics={"stage": stage.get("stage"), "traceback": traceback.format_exc()[-4000:],
@@ -233,16 +238,27 @@ def _worker(store, data_dir: Path, model_name: str, config: CycleConfig, dist) -
     job = _broadcast(dist, None)
     if job is None:  # the main process refused or failed before starting
         return {"status": "worker", "process_index": dist.process_index, "trained": False}
-    from online_rl.ppo import training_engine
-
     try:
-        training_engine()
+        _engine(config)
     except ValueError:  # the main process records the refusal as the run's error
         return {"status": "worker", "process_index": dist.process_index, "trained": False}
     snap = snapshot(store, config.data, job["watermark"])
     _train_and_register(store, job["run_id"], snap, config, data_dir, model_name, lambda line, **f: None,
                         lambda line: None, dist=dist, active=job["active"])
     return {"status": "worker", "process_index": dist.process_index, "trained": True}
+
+
+def _engine(config: CycleConfig) -> str:
+    """`training_engine`, and a quantized base refused under FSDP: its 8-bit
+    weights cannot be sharded and its 4-bit ones are left whole by
+    accelerate, so the run would not fit where the plan says it does."""
+    from online_rl.ppo import training_engine
+
+    engine = training_engine()
+    if engine == "fsdp2" and config.quantize != "none":
+        raise ValueError(f"--quantize {config.quantize} does not combine with FSDP retrains: shard the base "
+                         "unquantized, or train quantized without FSDP (DDP or one process)")
+    return engine
 
 
 def _gather_sharded_adapter(trainer, main: bool) -> tempfile.TemporaryDirectory | None:
@@ -287,9 +303,7 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
 
     main = dist is None or dist.is_main_process
     if dist is not None:
-        from online_rl.ppo import training_engine
-
-        if training_engine() == "fsdp2":  # refuses DeepSpeed and FSDP version 1 first (see _worker)
+        if _engine(config) == "fsdp2":  # refuses what retrains do not run on first (see _worker)
             # Every process needs whole weights for its reward model (and the
             # base is whole on each device before FSDP shards it), so each one
             # reads them itself; with accelerate's "CPU RAM efficient loading"

@@ -127,9 +127,10 @@ class _GenerateThroughRoot:
 def training_engine(environ=None) -> str:
     """The engine `accelerate launch` set up for this process: "fsdp2" or
     "ddp" (also for one process). Raises ValueError for the engines retrains
-    do not run on: DeepSpeed, and FSDP version 1 (the rollouts and the
-    gathering of the adapter are written for FSDP2's per-parameter sharding,
-    and only that is tested)."""
+    do not run on: DeepSpeed, FSDP version 1 (the rollouts and the gathering
+    of the adapter are written for FSDP2's per-parameter sharding, and only
+    that is tested), and FSDP with its parameters offloaded to the CPU (the
+    shards would sit where a GPU collective cannot gather them)."""
     import os
 
     environ = os.environ if environ is None else environ
@@ -145,6 +146,9 @@ def training_engine(environ=None) -> str:
         if version != "2":
             raise ValueError(f"retrains under FSDP need fsdp_version: 2 in the accelerate config "
                              f"(this one asks for version {version})")
+        if flag("FSDP_OFFLOAD_PARAMS"):
+            raise ValueError("retrains under FSDP do not offload parameters to the CPU: set "
+                             "fsdp_offload_params: false in the accelerate config")
         return "fsdp2"
     return "ddp"
 
@@ -241,6 +245,11 @@ class PPOTrainer:
         optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.sharded:
+            # accelerate keeps the root unit (here the embeddings, the final
+            # norm, lm_head, the value head) whole between forward and
+            # backward; a rollout is a long run of forwards, so reshard it too.
+            self.model.set_reshard_after_forward(True)
         self.kl = AdaptiveKL(config.init_kl_coef, config.target_kl, config.kl_horizon, config.adaptive_kl)
         self.history: list[dict] = []
 

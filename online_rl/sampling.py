@@ -72,6 +72,10 @@ def full_inputs(batch: dict, index=slice(None)):
 def reply_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each reply token under `model` (0 on padding)."""
     ids, mask, positions, start = full_inputs(batch)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1].float()
+    # Logits only where they predict a reply token: the prompt's positions
+    # would cost batch x prompt x vocabulary for nothing.
+    keep = ids.shape[1] - start + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   logits_to_keep=keep).logits[:, -keep:-1].float()
     logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
     return logp.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1) * batch["reply_mask"]

@@ -61,6 +61,22 @@ def test_training_engine_from_the_launcher_environment():
         training_engine({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"})
     with pytest.raises(ValueError, match="DeepSpeed"):
         training_engine({"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(ValueError, match="fsdp_offload_params: false"):
+        training_engine({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"})
+
+
+def test_a_quantized_base_is_refused_under_fsdp_only(monkeypatch):
+    from online_rl.cycle import CycleConfig, _engine
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS", raising=False)
+    assert _engine(CycleConfig(quantize="none")) == "fsdp2"
+    with pytest.raises(ValueError, match="--quantize 4bit does not combine with FSDP"):
+        _engine(CycleConfig(quantize="4bit"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert _engine(CycleConfig(quantize="4bit")) == "ddp"
 
 
 def _scheduled_retrain(store, data_dir, tiny_model_dir, **extra):
