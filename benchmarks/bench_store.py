@@ -130,7 +130,7 @@ def main():
     )
     print(body)
     if not args.no_write:
-        write_section("store-writes", "Feedback writes: Store against raw sqlite3", 
+        write_section("store-writes", "Feedback writes: Store against raw sqlite3",
                       "python benchmarks/bench_store.py " + " ".join(sys.argv[1:]), body)
 
 

@@ -386,9 +386,3 @@ class PPOTrainer:
             full = param.full_tensor() if hasattr(param, "full_tensor") else param
             weights[name[len(prefix):]] = full.detach().to("cpu", copy=True)
         return weights
-
-    def save_adapter(self, path) -> None:
-        """The LoRA adapter alone (what serving loads); main process only."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.unwrapped.policy.save_pretrained(str(path))
