@@ -68,9 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     serve.add_argument("--auth", help="require a login: user:password[,user:password...]")
     serve.add_argument("--auth-file", help="require a login: a file with one user:password a line")
-    serve.add_argument("--max-new-tokens", type=int, default=96, help="default reply length cap (tokens)")
-    serve.add_argument("--temperature", type=float, default=0.8, help="default sampling temperature (0: greedy)")
-    serve.add_argument("--top-p", type=float, default=0.95, help="default nucleus sampling threshold")
     serve.add_argument("--system-prompt", default="", help="default system prompt")
     serve.add_argument("--max-message-chars", type=int, default=8000,
                        help="longer messages are refused (default 8000)")
@@ -117,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrain = sub.add_parser("retrain", parents=[common, with_model],
                              help="run one retrain cycle now; prints progress, then one JSON summary line")
     retrain.add_argument("--method", choices=["ppo", "kto"], default="ppo",
-                         help="ppo: reward model, then PPO (default); kto: KTO straight from the thumbs")
+                         help="ppo: reward models, then PPO (default); kto: KTO straight from the thumbs "
+                              "(experimental: on the taste suite it learns less than PPO, see the README)")
     retrain.add_argument("--min-feedback", type=int, default=20,
                          help="refuse (exit 2) with fewer rated replies than this (default 20)")
     retrain.add_argument("--reward-model",
@@ -128,13 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--no-promote", action="store_true",
                          help="only register the candidate; do not apply the evaluation gate")
 
-    with_gate = [serve, retrain]
-    for p in with_gate:
+    for p in (serve, retrain):
+        # The bot's sampling settings: serving uses them as its defaults, and a
+        # retrain's rollouts sample with the same ones (what is trained is
+        # what is served); the scheduler passes the server's on.
+        p.add_argument("--max-new-tokens", type=int, default=96, help="default reply length cap (tokens)")
+        p.add_argument("--temperature", type=float, default=0.8, help="default sampling temperature (0: greedy)")
+        p.add_argument("--top-p", type=float, default=0.95, help="default nucleus sampling threshold")
         p.add_argument("--min-win-rate", type=float, default=0.5,
-                       help="gate: the candidate's reward-model win rate against the active version "
-                            "must be at least this (default 0.5)")
-        p.add_argument("--max-kl", type=float, default=12.0,
-                       help="gate: mean KL to the base per reply at most this many nats (default 12)")
+                       help="gate: the candidate's win rate against the active version, under its own reward "
+                            "model and under the judge, must be at least this (default 0.5)")
+        p.add_argument("--max-kl", type=float, default=0.5,
+                       help="gate: mean KL to the base at most this many nats per reply token (default 0.5)")
 
     sub.add_parser("promote", parents=[common], help="make VERSION the active one (v0: the base model)") \
         .add_argument("version", help="v0, v1, v2, ...")
@@ -205,7 +208,8 @@ def retrain_command(args):
         retrain = [app, "retrain", "--data-dir", os.path.abspath(args.data_dir),
                    "--model", args.model, "--device", device, "--quantize", args.quantize, "--method", method,
                    "--threads", str(threads), "--min-win-rate", str(args.min_win_rate),
-                   "--max-kl", str(args.max_kl)]
+                   "--max-kl", str(args.max_kl), "--max-new-tokens", str(args.max_new_tokens),
+                   "--temperature", str(args.temperature), "--top-p", str(args.top_p)]
         if args.train_launcher == "python":
             return [sys.executable, *retrain]
         launch = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -226,7 +230,7 @@ def training_layout(args) -> tuple[int, bool]:
     """How many processes a retrain runs as, and whether FSDP shards it: from
     the launcher's environment inside `retrain`, from the scheduler's
     settings (and the accelerate config file) in `serve`."""
-    from online_rl.ppo import training_engine
+    from online_rl.distributed import training_engine
 
     if "WORLD_SIZE" in os.environ:  # this is one process of `accelerate launch`
         try:
@@ -273,6 +277,7 @@ def check_memory(args, *, serve: bool, train: bool, progress=None) -> str | None
         path = resolve_model_path(args.model, args.data_dir, build_progress=progress)
         plans = memory.plan(path, serve_device=serve_device, train_device=train_device, quantize=args.quantize,
                             reward_model_path=getattr(args, "reward_model", None), ppo=PPOConfig(),
+                            new_tokens=getattr(args, "max_new_tokens", 96),
                             processes=processes, sharded=sharded)
     except ModelLoadError as exc:
         raise CliError(str(exc)) from None
@@ -341,11 +346,16 @@ def cmd_retrain(args) -> int:
     from online_rl.cycle import CycleConfig, CycleFailed, NotEnoughFeedback, run_cycle, summary_line
     from storage import RunInProgress
 
+    from chatbot.models import GenerationSettings
+
     store = open_store(args.data_dir)
+    generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p)
     config = CycleConfig(method=args.method, min_feedback=args.min_feedback, device=args.device,
                          reward_model=args.reward_model, threads=args.threads, seed=args.seed,
-                         promote=not args.no_promote, quantize=args.quantize)
-    config.gate.min_win_rate, config.gate.max_kl = args.min_win_rate, args.max_kl
+                         promote=not args.no_promote, quantize=args.quantize, generation=generation)
+    config.gate.min_win_rate = config.gate.min_judge_win_rate = args.min_win_rate
+    config.gate.max_kl = args.max_kl
     if args.ppo_steps is not None:
         config.ppo.steps = args.ppo_steps
     try:

@@ -205,12 +205,13 @@ def device_key(device) -> str:
 
 
 def plan(model_path: str, *, serve_device=None, train_device=None, quantize: str = "none",
-         reward_model_path: str | None = None, ppo=None, context_tokens: int = 4096,
+         reward_model_path: str | None = None, ppo=None, new_tokens: int = 96, context_tokens: int = 4096,
          processes: int = 1, sharded: bool = False) -> list[Plan]:
     """The plans for serving on `serve_device` and/or one retrain on
     `train_device` (None: not planned), from the models' configs. A retrain
     of several `processes` is planned for one of them (`train_device` is
-    that process's device); `sharded`: under FSDP."""
+    that process's device); `sharded`: under FSDP; `new_tokens`: the reply
+    cap, which rollouts sample to as the bot serves."""
     from transformers import AutoConfig
 
     def shape_of(path):
@@ -228,7 +229,7 @@ def plan(model_path: str, *, serve_device=None, train_device=None, quantize: str
         else:
             reward = shape_of(reward_model_path) if reward_model_path and reward_model_path != model_path else None
             extra = {} if ppo is None else dict(rollouts=ppo.rollouts, minibatch=ppo.minibatch,
-                                                prompt_tokens=ppo.max_prompt_tokens, new_tokens=ppo.max_new_tokens)
+                                                prompt_tokens=ppo.max_prompt_tokens, new_tokens=new_tokens)
             plans.append(training_plan(shape, key, dtype_bytes, quantize=quantize, reward_shape=reward,
                                        processes=processes, sharded=sharded, **extra))
     return plans

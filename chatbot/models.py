@@ -9,7 +9,7 @@ message names what was tried, never a traceback.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,53 @@ PLAIN_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
 )
+
+
+@dataclass
+class GenerationSettings:
+    """How the bot samples a reply. Serving and the training rollouts build
+    their `transformers.GenerationConfig` from the same settings
+    (`generation_config`), so what is trained is what is served."""
+
+    max_new_tokens: int = 96  # reply length cap, in tokens
+    temperature: float = 0.8  # 0 means greedy
+    top_p: float = 0.95  # nucleus sampling
+    system_prompt: str = ""  # prepended as a system message when not empty
+
+    def validate(self) -> "GenerationSettings":
+        if not 1 <= int(self.max_new_tokens) <= 4096:
+            raise ValueError("max_new_tokens must be between 1 and 4096")
+        if not 0.0 <= float(self.temperature) <= 2.0:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError("top_p must be greater than 0 and at most 1")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def generation_config(self, tokenizer):
+        """The one `GenerationConfig` a reply is sampled with, every field set.
+
+        transformers fills any field left unset (None) from the model's own
+        ``generation_config.json`` (a checkpoint may ship top_k 20, a
+        repetition penalty, min_p ...). Every sampling field is set here, to
+        these settings or to "off", so no checkpoint default applies to
+        serving and not to training, or the other way round.
+        """
+        from transformers import GenerationConfig
+
+        sampling = float(self.temperature) > 0
+        return GenerationConfig(
+            max_new_tokens=int(self.max_new_tokens), min_new_tokens=0,
+            do_sample=sampling, num_beams=1, num_return_sequences=1,
+            temperature=float(self.temperature) if sampling else 1.0,
+            top_p=float(self.top_p) if sampling else 1.0,
+            top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+            repetition_penalty=1.0, no_repeat_ngram_size=0, length_penalty=1.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        )
 
 
 class ModelLoadError(RuntimeError):

@@ -24,10 +24,10 @@ import json
 import threading
 import time
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
-from chatbot.models import LoadedModel
+from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
 
 
 class Busy(RuntimeError):
@@ -39,26 +39,6 @@ class AdapterLoadError(RuntimeError):
 
 
 BASE_VERSION = "v0"
-
-
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 96  # reply length cap, in tokens
-    temperature: float = 0.8  # 0 means greedy
-    top_p: float = 0.95  # nucleus sampling
-    system_prompt: str = ""  # prepended as a system message when not empty
-
-    def validate(self) -> "GenerationSettings":
-        if not 1 <= int(self.max_new_tokens) <= 4096:
-            raise ValueError("max_new_tokens must be between 1 and 4096")
-        if not 0.0 <= float(self.temperature) <= 2.0:
-            raise ValueError("temperature must be between 0 and 2")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise ValueError("top_p must be greater than 0 and at most 1")
-        return self
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -237,18 +217,8 @@ class Policy:
     def generation_kwargs(self, input_ids, settings: GenerationSettings) -> dict:
         import torch
 
-        sampling = settings.temperature > 0
-        return dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=int(settings.max_new_tokens),
-            do_sample=sampling,
-            temperature=float(settings.temperature) if sampling else None,
-            top_p=float(settings.top_p) if sampling else None,
-            top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+        return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    generation_config=settings.generation_config(self.tokenizer))
 
     def finish_reason(self, new_tokens: list[int], settings: GenerationSettings, stopped: bool) -> str:
         if stopped:

@@ -1,47 +1,56 @@
 """One retrain cycle: feedback in, a candidate adapter out.
 
-1. **Snapshot** the store up to a watermark (the newest feedback id now), split
-   by conversation, capped per rater. Too little feedback: the run is recorded
-   as refused and `NotEnoughFeedback` is raised (the CLI exits 2).
-2. **Reward model** (PPO only): trained on the snapshot, continuing from the
-   previous run's reward model when there is one. A KTO run reuses the newest
-   reward model to judge its candidate, training one only if none exists yet.
-3. **Policy update**: PPO against the reward model, or KTO straight from the
-   thumbs. Both replay all feedback; PPO continues from the active version's
-   adapter, KTO trains a fresh one on the base.
-4. **Evaluation** of the candidate against the active version on held-out
-   prompts: reward-model win rate, KL to the base, signs of degenerate replies.
-5. **Registration**: the adapter is written to a scratch directory, described
-   by ``adapter.json`` (base model, method, watermark, config, metrics), and
-   renamed to ``adapters/vN`` with a never-reused version; the `adapters` row
-   gets status candidate.
-6. **Gate** (when `promote` is set, as the scheduler and ``app.py retrain`` do):
-   the candidate becomes active if it passes `online_rl.gate`, else it is
-   rejected with the reasons. A running server notices the new active version
-   in the database and hot-swaps it in.
+It reads top to bottom as its phases, each a function of its own:
+
+1. **snapshot**: the store up to a watermark (the newest feedback id now),
+   split by conversation, capped per rater. Too little feedback: the run is
+   recorded as refused and `NotEnoughFeedback` is raised (the CLI exits 2).
+2. **reward models**: the *policy's* reward model on the training side,
+   stopped on the held-out side's loss, and the *judge* on the held-out
+   side, stopped on the training side's loss (each warm-started from its
+   previous run's). A policy reward model no better than chance on held-out
+   thumbs (its AUC's 95% interval includes 0.5) trains no policy: the run is
+   refused as "waiting for more feedback" and `NotEnoughFeedback` is raised.
+3. **policy**: PPO against the policy's reward model (its logits), from the
+   active version's adapter, sampling as the bot serves; or KTO straight from
+   the thumbs on a fresh adapter.
+4. **evaluation** of the candidate against the active version and the base on
+   held-out prompts (`online_rl.evaluate`).
+5. **registration**: the adapter is written to a scratch directory, described
+   by ``adapter.json`` (base model, method, watermark, config, metrics, the
+   KL coefficient the next cycle continues from), and renamed to
+   ``adapters/vN`` with a never-reused version; the `adapters` row gets
+   status candidate.
+6. **gate** (when `promote` is set, as the scheduler, ``app.py retrain`` and
+   the simulation do): the candidate becomes active if it passes
+   `online_rl.gate`, else it is rejected with the reasons. A running server
+   notices the new active version in the database and hot-swaps it in.
 
 Every run is a row in `runs`: running while it works (with live progress),
 then succeeded, refused or failed with the error. Nothing fails silently.
+Under ``accelerate launch`` the main process does everything that touches the
+database and the disk; the others (`_worker`) take part in PPO only
+(`online_rl.distributed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from online_rl.data import DataConfig, snapshot
-from online_rl.evaluate import EvalConfig, compare
+from chatbot.models import GenerationSettings
+from online_rl.data import DataConfig, Snapshot, snapshot
+from online_rl.distributed import broadcast, check_engine, process_group
+from online_rl.evaluate import EvalConfig
 from online_rl.gate import GateConfig
 from online_rl.kto import KTOSettings
 from online_rl.ppo import PPOConfig
@@ -55,7 +64,12 @@ REWARD_DIR = "reward_models"
 
 
 class NotEnoughFeedback(Exception):
-    """Too little feedback for a run; the message says how much there is and how much is needed."""
+    """Too little (or too uninformative) feedback for a run; the message says
+    how much there is and what is needed, `metrics` what was measured."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}
 
 
 class CycleFailed(Exception):
@@ -68,9 +82,10 @@ class CycleConfig:
     min_feedback: int = 20  # rated replies needed (after the per-rater cap)
     device: str = "auto"
     quantize: str = "none"  # none, 8bit or 4bit: the base loaded through bitsandbytes (a GPU)
-    reward_model: str | None = None  # base of the reward model; None: the policy's base
+    reward_model: str | None = None  # base of the reward models; None: the policy's base
     threads: int = 0  # torch threads for training; 0 leaves torch's default
     seed: int = 0
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # as the bot serves
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -84,9 +99,37 @@ class CycleConfig:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.min_feedback < 2:
             raise ValueError("min_feedback must be at least 2")
-        if self.ppo.steps < 1 or self.ppo.rollouts < 1 or self.ppo.minibatch < 1:
-            raise ValueError("PPO steps, rollouts and minibatch must be at least 1")
+        self.ppo.validate()
+        self.generation.validate()
         return self
+
+    def rollout_settings(self) -> GenerationSettings:
+        """How rollouts and evaluation sample: as the bot serves. A bot that
+        answers greedily still learns from samples at temperature 1: greedy
+        rollouts would all be the same reply, and there would be nothing to
+        compare."""
+        if self.generation.temperature > 0:
+            return self.generation
+        return dataclasses.replace(self.generation, temperature=1.0, top_p=1.0)
+
+
+@dataclass
+class Job:
+    """What every phase of one run needs."""
+
+    store: Store
+    run_id: int
+    config: CycleConfig
+    data_dir: Path
+    model_name: str
+    report: Callable
+    progress: ProgressFn
+    dist: object = None
+    active: str = "v0"
+
+    @property
+    def main(self) -> bool:
+        return self.dist is None or self.dist.is_main_process
 
 
 def peak_memory_mb() -> float:
@@ -109,52 +152,25 @@ def summary_line(result: dict) -> dict:
             "train": train, "evaluation": evaluation}
 
 
-def latest_reward_model(store: Store) -> str | None:
-    """The newest reward model a succeeded run left on disk."""
+def latest_reward_model(store: Store, key: str = "reward_model_path") -> str | None:
+    """The newest reward model (or judge, with key ``judge_model_path``) a
+    succeeded run left on disk."""
     for run in store.runs(limit=200):
-        path = (run.get("metrics") or {}).get("reward_model_path")
+        path = (run.get("metrics") or {}).get(key)
         if run["status"] == "succeeded" and path and Path(path).exists():
             return path
     return None
 
 
-def process_group(device: str = "auto"):
-    """The `accelerate` state when launched as several processes
-    (``accelerate launch``), else None.
-
-    On the CPU the processes join a gloo group: accelerate does that only when
-    told the run is on the CPU (its ``--cpu`` flag starts a single process,
-    so CPU processes are started by the torchrun launcher, ``--multi_gpu``)."""
-    import torch
-    from accelerate import PartialState
-
-    # The other processes wait in a collective while the main process trains
-    # the reward model alone (many minutes for a large base): NCCL's default
-    # 10-minute timeout would end them, so allow a whole retrain.
-    state = PartialState(cpu=device.startswith("cpu") or not torch.cuda.is_available(),
-                         timeout=datetime.timedelta(hours=6))
-    return state if state.num_processes > 1 else None
-
-
-def _broadcast(dist, value):
-    """`value` from the main process, on every process."""
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+# -- the run --------------------------------------------------------------------
 
 
 def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter",
               config: CycleConfig | None = None, progress: ProgressFn = print) -> dict:
     """Run one cycle and return its summary (also stored as the run's metrics).
 
-    Under ``accelerate launch`` with several processes, the main process does
-    everything that touches the database and the disk (the run row, the
-    reward model, evaluation, registration, the gate); every process loads
-    its own copy of the base and takes part in PPO (DDP), each sampling its
-    share of the rollouts. The other processes return ``{"status": "worker"}``.
-    """
+    Under ``accelerate launch`` with several processes the other processes
+    return ``{"status": "worker"}``."""
     config = (config or CycleConfig()).validate()
     data_dir = Path(data_dir)
     dist = process_group(config.device)
@@ -171,7 +187,7 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
                                  exclusive=True)
     except BaseException:
         if dist is not None:
-            _broadcast(dist, None)  # tell the other processes there is no run
+            broadcast(None)  # tell the other processes there is no run
         raise
     started = time.perf_counter()
     stage = {"stage": "snapshot"}
@@ -183,23 +199,12 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
         progress(line)
         store.update_run_progress(run_id, stage)
 
+    job = Job(store, run_id, config, data_dir, model_name, report, progress, dist, store.active_version())
     try:
-        snap = snapshot(store, config.data, watermark)
-        counts = snap.counts()
-        report(f"snapshot: {counts['examples']} rated replies ({counts['up']} up, {counts['down']} down), "
-               f"{counts['train_pairs'] + counts['heldout_pairs']} pairs, {counts['prompts']} prompts, "
-               f"watermark {watermark}")
-        if counts["examples"] < config.min_feedback or not snap.train:
-            message = (f"not enough feedback to retrain: {counts['examples']} rated replies, at least "
-                       f"{config.min_feedback} needed (--min-feedback)")
-            store.finish_run(run_id, "refused", error=message, metrics={"feedback": counts})
-            if dist is not None:
-                _broadcast(dist, None)
-            raise NotEnoughFeedback(message)
+        snap = take_snapshot(job, watermark)
         if dist is not None:
-            _broadcast(dist, {"run_id": run_id, "watermark": watermark, "active": store.active_version()})
-        summary = _train_and_register(store, run_id, snap, config, data_dir, model_name, report, progress,
-                                      dist=dist)
+            broadcast({"run_id": run_id, "watermark": watermark, "active": job.active})
+        summary = train_and_register(job, snap)
         outcome = "candidate"
         if config.promote:
             from online_rl.gate import apply
@@ -209,13 +214,16 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
             summary["gate"] = verdict.as_dict()
             outcome = "promoted" if verdict.passed else "not promoted"
             report(f"gate: {summary['version']} {outcome}: {verdict.reason()}")
-        summary.update(feedback=counts, seconds=round(time.perf_counter() - started, 1),
+        summary.update(feedback=snap.counts(), seconds=round(time.perf_counter() - started, 1),
                        peak_memory_mb=peak_memory_mb())
         store.finish_run(run_id, "succeeded", metrics=summary)
         report(f"run {run_id} succeeded: {summary['version']} {outcome} in {summary['seconds']:.0f} s",
                stage="done")
         return {"run_id": run_id, "status": "succeeded", **summary}
-    except NotEnoughFeedback:
+    except NotEnoughFeedback as exc:
+        store.finish_run(run_id, "refused", error=str(exc), metrics={"stage": stage.get("stage"), **exc.metrics})
+        if dist is not None and stage.get("stage") == "snapshot":
+            broadcast(None)  # the other processes are still waiting for the job
         raise
     except BaseException as exc:  # noqa: BLE001 - recorded, then raised again
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -235,228 +243,276 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
 
 def _worker(store, data_dir: Path, model_name: str, config: CycleConfig, dist) -> dict:
     """A process other than the main one: same snapshot, its share of PPO."""
-    job = _broadcast(dist, None)
-    if job is None:  # the main process refused or failed before starting
+    job_facts = broadcast(None)
+    if job_facts is None:  # the main process refused or failed before starting
         return {"status": "worker", "process_index": dist.process_index, "trained": False}
     try:
-        _engine(config)
+        check_engine(config.quantize)
     except ValueError:  # the main process records the refusal as the run's error
         return {"status": "worker", "process_index": dist.process_index, "trained": False}
-    snap = snapshot(store, config.data, job["watermark"])
-    _train_and_register(store, job["run_id"], snap, config, data_dir, model_name, lambda line, **f: None,
-                        lambda line: None, dist=dist, active=job["active"])
+    job = Job(store, job_facts["run_id"], config, data_dir, model_name, lambda line, **f: None, lambda line: None,
+              dist, job_facts["active"])
+    snap = snapshot(store, config.data, job_facts["watermark"])
+    try:
+        train_and_register(job, snap)
+    except NotEnoughFeedback:  # the main process refused after the reward model; it records why
+        return {"status": "worker", "process_index": dist.process_index, "trained": False}
     return {"status": "worker", "process_index": dist.process_index, "trained": True}
 
 
-def _engine(config: CycleConfig) -> str:
-    """`training_engine`, and a quantized base refused under FSDP: its 8-bit
-    weights cannot be sharded and its 4-bit ones are left whole by
-    accelerate, so the run would not fit where the plan says it does."""
-    from online_rl.ppo import training_engine
-
-    engine = training_engine()
-    if engine == "fsdp2" and config.quantize != "none":
-        raise ValueError(f"--quantize {config.quantize} does not combine with FSDP retrains: shard the base "
-                         "unquantized, or train quantized without FSDP (DDP or one process)")
-    return engine
+# -- 1. snapshot -------------------------------------------------------------------
 
 
-def _gather_sharded_adapter(trainer, main: bool) -> tempfile.TemporaryDirectory | None:
-    """After PPO under FSDP: the trained adapter, saved whole into a temporary
-    directory by the main process (None on the others). Every process must
-    call it (the LoRA weights are gathered from their shards).
-
-    The sharded model cannot be evaluated or saved by the main process alone
-    (every forward pass is a collective), so the main process then loads the
-    base again, whole, with this adapter (`_reload_with_adapter`), as serving
-    will. That needs one whole copy of the base per GPU for inference, which
-    serving needs anyway; sharding is what saves the training memory (the
-    policy's weights, gradients and optimizer state, and the rollouts' KV
-    cache, each process holding a share)."""
-    weights = trainer.gather_adapter()
-    scratch = tempfile.TemporaryDirectory(prefix="chatbot-gathered-") if main else None
-    if main:
-        trainer.unwrapped.policy.save_pretrained(scratch.name, state_dict=weights)
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.free_memory()  # drops accelerate's references to the sharded model
-    return scratch
+def take_snapshot(job: Job, watermark: int) -> Snapshot:
+    snap = snapshot(job.store, job.config.data, watermark)
+    counts = snap.counts()
+    job.report(f"snapshot: {counts['examples']} rated replies ({counts['up']} up, {counts['down']} down), "
+               f"{counts['train_pairs'] + counts['heldout_pairs']} pairs, {counts['prompts']} prompts, "
+               f"{counts['raters']} raters, watermark {watermark}")
+    if counts["examples"] < job.config.min_feedback or not snap.train:
+        raise NotEnoughFeedback(f"not enough feedback to retrain: {counts['examples']} rated replies, at least "
+                                f"{job.config.min_feedback} needed (--min-feedback)", {"feedback": counts})
+    return snap
 
 
-def _reload_with_adapter(adapter_dir: str, model_name: str, data_dir: Path, config: CycleConfig):
-    import gc
-
-    import torch
-    from peft import PeftModel
-
-    from chatbot.models import load_model
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    base = load_model(model_name, data_dir, device=config.device, quantize=config.quantize)
-    return PeftModel.from_pretrained(base.model, adapter_dir)
-
-
-def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path, model_name: str, report,
-                        progress_line, *, dist=None, active: str | None = None):
+def train_and_register(job: Job, snap: Snapshot) -> dict | None:
+    """Phases 2 to 5; None on the processes other than the main one."""
     import torch
 
-    main = dist is None or dist.is_main_process
-    if dist is not None:
-        if _engine(config) == "fsdp2":  # refuses what retrains do not run on first (see _worker)
-            # Every process needs whole weights for its reward model (and the
-            # base is whole on each device before FSDP shards it), so each one
-            # reads them itself; with accelerate's "CPU RAM efficient loading"
-            # transformers would give all but the first process empty (meta)
-            # weights.
-            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
-
-    from chatbot.models import (load_model, load_tokenizer, quantization_config, resolve_device,
-                                resolve_model_path)
+    config = job.config
+    if job.dist is not None:
+        check_engine(config.quantize)  # refuses what retrains do not run on first (see _worker)
+    from chatbot.models import load_tokenizer, quantization_config, resolve_device, resolve_model_path
 
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    # The policy's copy of the base is loaded after the reward model has been
-    # trained: the two are never both in memory with the reward model's
-    # training state (what the memory plan counts on for a sharded retrain).
-    report(f"loading the tokenizer of {model_name!r}", stage="load")
+    job.report(f"loading the tokenizer of {job.model_name!r}", stage="load")
     device = resolve_device(config.device)
     quantization_config(config.quantize, device)  # refuses early when bitsandbytes or the GPU is missing
-    base_path = resolve_model_path(model_name, data_dir)
-    tokenizer = load_tokenizer(base_path, name=model_name)
+    base_path = resolve_model_path(job.model_name, job.data_dir)
+    tokenizer = load_tokenizer(base_path, name=job.model_name)
     tokenizer.padding_side = "left"
-
-    active = active or store.active_version()
-    active_row = store.get_adapter(active) if active != "v0" else None
+    active_row = job.store.get_adapter(job.active) if job.active != "v0" else None
     active_path = active_row["path"] if active_row and Path(active_row["path"]).exists() else None
     if active_row and not active_path:
-        raise FileNotFoundError(f"the active adapter {active} is missing from {active_row['path']}")
+        raise FileNotFoundError(f"the active adapter {job.active} is missing from {active_row['path']}")
 
-    # -- reward model ---------------------------------------------------------
-    rm_base = resolve_model_path(config.reward_model, data_dir) if config.reward_model else base_path
-    rm_tokenizer = tokenizer if rm_base == base_path else load_tokenizer(rm_base)
-    previous = latest_reward_model(store)
-    reward_path = None
-    reward_metrics = None
+    rewards = train_reward_models(job, snap, base_path, tokenizer, device)
+    policy, parent, train_metrics = update_policy(job, snap, tokenizer, device, rewards, active_path)
+    if policy is None:  # a process other than the main one: its part is done
+        return None
+    evaluation = evaluate_candidate(job, snap, policy, tokenizer, rewards, active_path)
+    return register(job, snap, policy, parent, rewards, train_metrics, evaluation, base_path)
+
+
+# -- 2. reward models -----------------------------------------------------------------
+
+
+@dataclass
+class Rewards:
+    policy: object  # RewardModel PPO optimizes
+    judge: object | None  # RewardModel PPO never sees (main process only)
+    metrics: dict | None
+    judge_metrics: dict | None
+    path: Path | None
+    judge_path: Path | None
+
+    @property
+    def judge_informative(self) -> bool:
+        low = (self.judge_metrics or {}).get("auc_low")
+        return low is not None and low > 0.5
+
+
+def train_reward_models(job: Job, snap: Snapshot, base_path: str, tokenizer, device) -> Rewards:
+    """The policy's reward model (trained on the training side, stopped on the
+    held-out side) and the judge (the other way round); the other processes
+    load the policy's reward model the main process saved."""
+    from chatbot.models import load_tokenizer, resolve_model_path
     from online_rl.reward import load_reward_model, train_reward_model
 
-    if not main:  # the main process trains the reward model; the others load what it saved
-        reward_path = Path(_broadcast(dist, None))
-        rm = load_reward_model(rm_base, str(reward_path), rm_tokenizer, device)
-    elif config.method == "ppo" or previous is None:
-        report("reward model: training" + (f" from {previous}" if previous else ""), stage="reward_model")
-        rm, reward_metrics = train_reward_model(rm_base, rm_tokenizer, snap, config.reward, device=device,
-                                                previous=previous, progress=lambda line: report(line))
-        reward_path = data_dir / REWARD_DIR / f"run-{run_id}"
-        reward_path.parent.mkdir(parents=True, exist_ok=True)
-        rm.save(reward_path, reward_metrics)
-        report(f"reward model: held-out AUC {reward_metrics['auc']}, accuracy {reward_metrics['accuracy']}, "
-               f"pair accuracy {reward_metrics['pair_accuracy']}")
-    else:
-        rm = load_reward_model(rm_base, previous, rm_tokenizer, device)
-        reward_path = Path(previous)
-        report(f"reward model: reusing {previous} to judge the candidate", stage="reward_model")
-    if dist is not None and main:
-        _broadcast(dist, str(reward_path))
+    config = job.config
+    rm_base = resolve_model_path(config.reward_model, job.data_dir) if config.reward_model else base_path
+    rm_tokenizer = tokenizer if rm_base == base_path else load_tokenizer(rm_base)
+    if not job.main:
+        path = broadcast(None)
+        if path is None:
+            raise NotEnoughFeedback("waiting for more feedback")
+        return Rewards(load_reward_model(rm_base, path, rm_tokenizer, device), None, None, None, Path(path), None)
 
-    def reward_fn(prompts, replies):
-        # P(thumbs-up): bounded, so the KL penalty and the missing-EOS penalty
-        # keep a fixed meaning whatever the scale of the reward model's logits.
-        return torch.sigmoid(torch.tensor(rm.score(prompts, replies))).tolist()
+    directory = job.data_dir / REWARD_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    job.report("reward model: training on the training side", stage="reward_model")
+    rm, metrics = train_reward_model(rm_base, rm_tokenizer, snap.train, snap.train_pairs, snap.heldout,
+                                     snap.heldout_pairs, config.reward, device=device,
+                                     previous=latest_reward_model(job.store), progress=lambda line: job.report(line))
+    job.report(f"reward model: held-out AUC {metrics['auc']} (95% interval {metrics['auc_low']}-"
+               f"{metrics['auc_high']}) on {metrics['heldout_examples']} thumbs, Brier {metrics['brier']}, "
+               f"pair accuracy {metrics['pair_accuracy']}")
+    low = metrics["auc_low"]
+    if low is None or low <= 0.5:
+        message = (f"waiting for more feedback: the reward model is no better than chance on held-out thumbs "
+                   f"(AUC {metrics['auc']}, 95% interval {metrics['auc_low']}-{metrics['auc_high']}, "
+                   f"{metrics['heldout_examples']} held-out thumbs); no policy is trained on it")
+        if job.dist is not None:
+            broadcast(None)
+        raise NotEnoughFeedback(message, {"reward_model": metrics, "feedback": snap.counts()})
+    path = directory / f"run-{job.run_id}"
+    rm.save(path, metrics)
+    if job.dist is not None:
+        broadcast(str(path))
 
-    # -- policy update --------------------------------------------------------
+    job.report("judge: training a reward model on the held-out side", stage="reward_model")
+    judge, judge_metrics = train_reward_model(rm_base, rm_tokenizer, snap.heldout, snap.heldout_pairs, snap.train,
+                                              snap.train_pairs, config.reward, device=device,
+                                              previous=latest_reward_model(job.store, "judge_model_path"),
+                                              progress=lambda line: job.report(line.replace("reward model",
+                                                                                            "judge")),
+                                              name="judge")
+    judge_path = directory / f"run-{job.run_id}-judge"
+    judge.save(judge_path, judge_metrics)
+    job.report(f"judge: AUC {judge_metrics['auc']} (95% interval {judge_metrics['auc_low']}-"
+               f"{judge_metrics['auc_high']}) on the {judge_metrics['heldout_examples']} training-side thumbs")
+    return Rewards(rm, judge, metrics, judge_metrics, path, judge_path)
+
+
+def scorer(rm):
+    """A reward function: the reward model's logits, as they are."""
+    return lambda prompts, replies: rm.score(prompts, replies)
+
+
+# -- 3. policy ----------------------------------------------------------------------
+
+
+def carried_kl_coef(active_path: str | None) -> float | None:
+    """The KL coefficient the active adapter's cycle ended with."""
+    if not active_path:
+        return None
+    try:
+        about = json.loads((Path(active_path) / "adapter.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = ((about.get("metrics") or {}).get("kl_coef"))
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards, active_path: str | None):
+    """(policy, parent version, training metrics); policy None on the other processes."""
     from peft import PeftModel
 
-    report(f"loading base model {model_name!r}", stage="load")
-    loaded = load_model(model_name, data_dir, device=config.device, quantize=config.quantize)
+    from chatbot.models import load_model
 
-    # PPO continues from the active adapter: its on-policy steps build on what
-    # earlier cycles learned, and its KL penalty is always to the base. KTO is
-    # an offline method over all the replayed thumbs: starting it again from
-    # an adapter already trained on the same thumbs compounds its epochs
-    # (measured: KL to the base past 40 nats by the third cycle), so each KTO
-    # cycle trains a fresh adapter on the base.
-    if active_path and config.method == "ppo":
-        policy = PeftModel.from_pretrained(loaded.model, active_path, is_trainable=True)
-        start_from = active
-    else:
-        policy, start_from = None, "v0"
-    if config.method == "ppo":
-        from online_rl.ppo import PPOTrainer, add_lora
-
-        if policy is None:
-            policy = add_lora(loaded.model, config.ppo)
-        prompts = snap.prompts or [e.prompt for e in snap.train]
-        report(f"ppo: {config.ppo.steps} steps of {config.ppo.rollouts} rollouts on {len(prompts)} prompts, "
-               f"from {start_from}", stage="policy")
-
-        def on_step(record):
-            report(f"ppo: step {record['step']}/{config.ppo.steps} done", step=record["step"],
-                   of=config.ppo.steps, last=record)
-
-        trainer = PPOTrainer(policy, tokenizer, config.ppo, progress=lambda line: progress_line(line),
-                             on_step=on_step)
-        history = trainer.train(prompts, reward_fn)
-        train_metrics = {"steps": len(history), "first": history[0], "last": history[-1],
-                         "history": history, "sharded": trainer.sharded}
-        if trainer.sharded:
-            report("ppo: gathering the adapter from its shards")
-            gathered = _gather_sharded_adapter(trainer, main)
-            del trainer, policy  # the sharded model goes before a whole copy is loaded
-            loaded.model = None
-            if not main:
-                return None
-            report("evaluation: loading the base whole, with the adapter")
-            with gathered:
-                policy = _reload_with_adapter(gathered.name, model_name, data_dir, config)
-        else:
-            policy = trainer.unwrapped.policy
-    else:
+    config = job.config
+    job.report(f"loading base model {job.model_name!r}", stage="load")
+    loaded = load_model(job.model_name, job.data_dir, device=config.device, quantize=config.quantize)
+    if config.method == "kto":
         from online_rl.kto import train_kto
 
-        report(f"kto: {len(snap.train)} rated replies, from {start_from}", stage="policy")
-        policy, train_metrics = train_kto(loaded.model, tokenizer, snap.train,
-                                          config.kto, progress=lambda line: report(line),
-                                          device=str(device.type))
+        # KTO is an offline method over all the replayed thumbs: starting it
+        # again from an adapter already trained on the same thumbs compounds
+        # its epochs, so each KTO cycle trains a fresh adapter on the base.
+        job.report(f"kto: {len(snap.train)} rated replies, from v0", stage="policy")
+        policy, metrics = train_kto(loaded.model, tokenizer, snap.train, config.kto,
+                                    progress=lambda line: job.report(line), device=str(device.type))
+        policy.eval()
+        return policy, "v0", metrics
+
+    from online_rl.distributed import gather_sharded_adapter, reload_with_adapter
+    from online_rl.ppo import PPOTrainer, add_lora
+
+    # PPO continues from the active adapter, so what earlier cycles learned
+    # accumulates, with the KL coefficient it ended with; the KL is always to
+    # the base.
+    ppo = dataclasses.replace(config.ppo, kl_coef=carried_kl_coef(active_path) or config.ppo.kl_coef)
+    if active_path:
+        policy, parent = PeftModel.from_pretrained(loaded.model, active_path, is_trainable=True), job.active
+    else:
+        policy, parent = add_lora(loaded.model, ppo), "v0"
+    prompts = snap.prompts or [e.prompt for e in snap.train]
+    anchor = [(e.prompt, e.reply) for e in snap.train if e.label and e.reply.strip()]
+    job.report(f"ppo: {ppo.steps} steps of {ppo.prompts_per_step} prompts x {ppo.samples_per_prompt} replies on "
+               f"{len(prompts)} prompts, {len(anchor)} liked replies as the language anchor, from {parent}, "
+               f"KL coefficient {ppo.kl_coef:.3f}", stage="policy")
+
+    def on_step(record):
+        job.report(f"ppo: step {record['step']}/{ppo.steps} done", step=record["step"], of=ppo.steps, last=record)
+
+    trainer = PPOTrainer(policy, tokenizer, ppo, config.rollout_settings(), progress=job.progress, on_step=on_step)
+    history = trainer.train(prompts, scorer(rewards.policy), anchor)
+    metrics = {"steps": len(history), "first": history[0], "last": history[-1], "history": history,
+               "sharded": trainer.sharded, "stopped": trainer.stopped, "kl_coef": round(trainer.kl.value, 5),
+               "score_first": history[0]["score"], "score_last": history[-1]["score"]}
+    if not trainer.sharded:
+        policy = trainer.unwrapped.policy
+    else:
+        job.report("ppo: gathering the adapter from its shards")
+        gathered = gather_sharded_adapter(trainer, job.main)
+        del trainer, policy  # the sharded model goes before a whole copy is loaded
+        loaded.model = None
+        if not job.main:
+            return None, parent, metrics
+        job.report("evaluation: loading the base whole, with the adapter")
+        with gathered:
+            policy = reload_with_adapter(gathered.name, job.model_name, job.data_dir, config.device, config.quantize)
     policy.eval()
-    if not main:  # evaluation and registration are the main process's
-        return None
+    if not job.main:
+        return None, parent, metrics
+    return policy, parent, metrics
 
-    # -- evaluation -----------------------------------------------------------
-    report("evaluation: candidate against " + active, stage="evaluation")
+
+# -- 4. evaluation --------------------------------------------------------------------
+
+
+def evaluate_candidate(job: Job, snap: Snapshot, policy, tokenizer, rewards: Rewards, active_path) -> dict:
+    from online_rl.evaluate import compare
+
+    job.report(f"evaluation: candidate against {job.active} and the base", stage="evaluation")
     held = snap.heldout_prompts or [e.prompt for e in snap.heldout] or snap.prompts
-    evaluation = compare(policy, tokenizer, held, reward_fn, config.eval, active_adapter=active_path)
-    evaluation["active_version"] = active
-    report(f"evaluation: win rate {evaluation['win_rate']} against {active}, KL to base "
-           f"{evaluation['kl_to_base']} nats, distinct replies {evaluation['candidate']['distinct_fraction']}")
+    evaluation = compare(policy, tokenizer, held, job.config.rollout_settings(), scorer(rewards.policy),
+                         job.config.eval, judge_fn=scorer(rewards.judge) if rewards.judge else None,
+                         heldout_examples=snap.heldout, active_adapter=active_path)
+    evaluation["active_version"] = job.active
+    evaluation["judge_informative"] = rewards.judge_informative
+    job.report(f"evaluation: win rate {evaluation['win_rate']} (judge {evaluation['judge_win_rate']}) against "
+               f"{job.active}, KL to base {evaluation['kl_per_token']} nats per token, base NLL per token "
+               f"{evaluation['base_nll']}, known words {evaluation['known_words']}")
+    return evaluation
 
-    # -- registration ---------------------------------------------------------
-    report("saving the adapter", stage="register")
-    adapters = data_dir / ADAPTERS_DIR
+
+# -- 5. registration ------------------------------------------------------------------
+
+
+def register(job: Job, snap: Snapshot, policy, parent: str, rewards: Rewards, train_metrics: dict,
+             evaluation: dict, base_path: str) -> dict:
+    config = job.config
+    job.report("saving the adapter", stage="register")
+    adapters = job.data_dir / ADAPTERS_DIR
     adapters.mkdir(parents=True, exist_ok=True)
-    scratch = adapters / f".run-{run_id}.partial"
+    scratch = adapters / f".run-{job.run_id}.partial"
     # This is the only run going (start_run is exclusive): any other scratch
     # directory is what a killed run left behind. None of them is ever loaded.
     for leftover in adapters.glob(".run-*.partial"):
         shutil.rmtree(leftover, ignore_errors=True)
     policy.save_pretrained(str(scratch))
-    version = store.allocate_version()
+    version = job.store.allocate_version()
     final = adapters / version
     metrics = {
         "method": config.method,
-        "processes": dist.num_processes if dist is not None else 1,
-        "parent": start_from,
-        "reward_model": reward_metrics,
-        "reward_model_path": str(reward_path) if reward_path else None,
+        "processes": job.dist.num_processes if job.dist is not None else 1,
+        "parent": parent,
+        "reward_model": rewards.metrics,
+        "reward_model_path": str(rewards.path) if rewards.path else None,
+        "judge_model": rewards.judge_metrics,
+        "judge_model_path": str(rewards.judge_path) if rewards.judge_path else None,
+        "kl_coef": train_metrics.get("kl_coef"),
         "train": train_metrics,
         "evaluation": evaluation,
         "adapter_mb": dir_size_mb(scratch),
-        "base_mb": dir_size_mb(loaded.path) if Path(loaded.path).exists() else None,
+        "base_mb": dir_size_mb(base_path) if Path(base_path).exists() else None,
     }
     description = {
-        "version": version, "base_model": model_name, "base_path": loaded.path, "method": config.method,
-        "parent": start_from, "run_id": run_id, "watermark": snap.watermark,
+        "version": version, "base_model": job.model_name, "base_path": base_path, "method": config.method,
+        "parent": parent, "run_id": job.run_id, "watermark": snap.watermark,
         "config": dataclasses.asdict(config), "metrics": {k: v for k, v in metrics.items() if k != "train"},
     }
     # adapter.json is written last, then the directory is renamed into place:
@@ -465,6 +521,6 @@ def _train_and_register(store, run_id, snap, config: CycleConfig, data_dir: Path
     os.replace(scratch, final)
     compact = {k: v for k, v in metrics.items() if k != "train"}
     compact["train"] = {k: v for k, v in train_metrics.items() if k != "history"}
-    store.register_adapter(version, path=str(final), base_model=model_name, run_id=run_id,
-                           status="candidate", metrics=compact, watermark=snap.watermark)
+    job.store.register_adapter(version, path=str(final), base_model=job.model_name, run_id=job.run_id,
+                               status="candidate", metrics=compact, watermark=snap.watermark)
     return {"version": version, "path": str(final), **metrics}

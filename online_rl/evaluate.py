@@ -1,19 +1,30 @@
-"""Candidate against active on held-out prompts.
+"""Candidate against the active version and the base, on held-out prompts.
 
-Both versions reply to the same held-out prompts (same sampling seed); the
-reward model judges each pair of replies. Reported:
+The candidate, the active version and the base each reply to the same
+held-out prompts, `samples` times, sampled as the bot serves (same seed for
+each). Measured:
 
-- ``win_rate``: share of prompts where the candidate's reply scores higher
-  (ties count half);
-- ``kl_to_base``: mean over replies of ``sum_t log pi(t) - log base(t)`` on the
-  candidate's own samples, a Monte-Carlo estimate of KL(candidate || base) per
-  reply, in nats; the same for the active version;
-- signs of degenerate replies: share of distinct replies, share of the most
-  common reply, share of empty replies, share cut off without an
-  end-of-sequence token, mean words per reply;
-- a few replies side by side, to be read, not just counted.
+- **win rates**: the share of replies where the candidate's scores higher
+  than the active version's (ties count half), under the reward model PPO
+  optimized (``win_rate``) and under the **judge**, a reward model PPO never
+  saw, trained on other thumbs (``judge_win_rate``). Scores are raw
+  reward-model logits, one scale for both versions: nothing is normalized
+  per batch here.
+- **held-out thumbs**: on rated replies from held-out conversations, how
+  much more likely (per token, against the active version) the candidate
+  makes the liked replies than the disliked ones: real users' evidence that
+  no reward model stands between.
+- **KL to the base**: ``sum_t log pi(t) - log base(t)`` on the version's own
+  samples, per token and per reply (a Monte-Carlo estimate of
+  KL(version || base) at the serving temperature).
+- **language** (`online_rl.language`): the base model's NLL per token and
+  the known-word share of each version's replies, the base's own included,
+  so that drift is judged against the base, not only the previous round.
+- signs of degenerate replies: share of distinct replies, of the most
+  common reply, of empty replies, of replies cut off at the reply cap, mean
+  words per reply; and a few replies side by side, to be read.
 
-The evaluation gate decides from these numbers; this module only
+The gate (`online_rl.gate`) decides from these numbers; this module only
 measures.
 """
 
@@ -25,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from online_rl.sampling import reply_logprobs, sample_many
+from online_rl.language import base_nll_per_token, known_word_fraction
+from online_rl.sampling import encode_replies, reply_logprobs, sample_many
 
 CANDIDATE, ACTIVE = "default", "active"
 
@@ -33,8 +45,8 @@ CANDIDATE, ACTIVE = "default", "active"
 @dataclass
 class EvalConfig:
     max_prompts: int = 64
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # KL is estimated on samples from the model's own distribution
+    samples: int = 2  # replies per held-out prompt and version
+    max_heldout_thumbs: int = 400  # rated held-out replies scored for the thumbs margin
     seed: int = 1234
     examples: int = 6  # replies shown side by side in the metrics
 
@@ -51,72 +63,135 @@ def reply_stats(texts: list[str], finished: list[bool]) -> dict:
     }
 
 
-def _samples_and_kl(model, tokenizer, prompts, config: EvalConfig, adapter: str | None):
-    """Sample with the named adapter (None: the base) and estimate KL to the base."""
-    torch.manual_seed(config.seed)
+def _use(model, adapter: str | None):
+    """A context in which `model` is the named adapter, or the base for None."""
+    import contextlib
+
     if adapter is None:
-        with model.disable_adapter():
-            batches = sample_many(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                                  temperature=config.temperature)
-        kls = [0.0] * len(prompts)
-    else:
-        model.set_adapter(adapter)
-        batches = sample_many(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                              temperature=config.temperature)
-        kls = []
-        for batch in batches:
-            own = reply_logprobs(model, batch, config.temperature)
-            with model.disable_adapter():
-                base = reply_logprobs(model, batch, config.temperature)
-            kls.extend((own - base).sum(-1).tolist())
+        return model.disable_adapter()
+    model.set_adapter(adapter)
+    return contextlib.nullcontext()
+
+
+def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, adapter: str | None) -> dict:
+    """One version's samples, KL to the base and language figures."""
+    torch.manual_seed(config.seed)
+    with _use(model, adapter):
+        batches = sample_many(model, tokenizer, prompts, settings)
+        own = [reply_logprobs(model, b, settings.temperature or 1.0) for b in batches]
+    with model.disable_adapter():
+        ref = [reply_logprobs(model, b, settings.temperature or 1.0) for b in batches]
+    kls = [x for o, r in zip(own, ref) for x in (o - r).sum(-1).tolist()]
+    tokens = sum(float(b["reply_mask"].sum()) for b in batches)
     texts = [t for b in batches for t in b["texts"]]
     finished = [bool(f) for b in batches for f in b["finished"].tolist()]
-    return texts, finished, kls
+    return {
+        "texts": texts,
+        "kl_to_base": round(sum(kls) / len(kls), 4) if adapter else 0.0,
+        "kl_per_token": round(sum(kls) / max(tokens, 1), 4) if adapter else 0.0,
+        "base_nll": base_nll_per_token(model, batches),
+        "known_words": known_word_fraction(texts),
+        "stats": reply_stats(texts, finished),
+    }
 
 
-def compare(model, tokenizer, prompts: list[list[dict]], reward_fn, config: EvalConfig | None = None,
-            *, active_adapter: str | None = None) -> dict:
+def heldout_thumbs_margin(model, tokenizer, examples, active: str | None, max_examples: int) -> dict:
+    """Mean per-token log-likelihood gain (candidate over active) of the liked
+    held-out replies minus that of the disliked ones, with its standard
+    error. Positive: the candidate moved towards what held-out raters liked."""
+    examples = examples[:max_examples]
+    liked = [e for e in examples if e.label]
+    disliked = [e for e in examples if not e.label]
+    if not liked or not disliked:
+        return {"examples": len(examples), "margin": None, "se": None}
+    gains = []
+    for i in range(0, len(examples), 64):
+        chunk = examples[i:i + 64]
+        batch = encode_replies(tokenizer, [e.prompt for e in chunk], [e.reply for e in chunk],
+                               device=next(model.parameters()).device)
+        mask = batch["reply_mask"].float()
+        with _use(model, CANDIDATE):
+            cand = reply_logprobs(model, batch)
+        with _use(model, active):
+            act = reply_logprobs(model, batch)
+        gains.extend(((cand - act).sum(-1) / mask.sum(-1).clamp(min=1)).tolist())
+    up = [g for g, e in zip(gains, examples) if e.label]
+    down = [g for g, e in zip(gains, examples) if not e.label]
+
+    def mean_var(xs):
+        m = sum(xs) / len(xs)
+        return m, sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)
+
+    (mu, vu), (md, vd) = mean_var(up), mean_var(down)
+    return {"examples": len(examples), "margin": round(mu - md, 5),
+            "se": round(math.sqrt(vu / len(up) + vd / len(down)), 5)}
+
+
+def win_rate(candidate: list[float], active: list[float]) -> float:
+    wins = sum(1.0 if c > a else 0.5 if c == a else 0.0 for c, a in zip(candidate, active))
+    return round(wins / len(candidate), 4)
+
+
+def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, config: EvalConfig | None = None,
+            *, judge_fn=None, heldout_examples=(), active_adapter: str | None = None) -> dict:
     """Evaluate `model`'s trained adapter ("default") against the active version.
 
-    `model` is a `PeftModel`; `active_adapter` is the directory of the active
-    version's adapter, or None when the base (v0) is active.
+    `model` is a `PeftModel`; `settings` the serving `GenerationSettings`;
+    `reward_fn` the reward model PPO optimized, `judge_fn` one it did not
+    (None: no judge); `active_adapter` the directory of the active version's
+    adapter, or None when the base (v0) is active.
     """
     config = config or EvalConfig()
-    prompts = prompts[: config.max_prompts]
+    prompts = [p for p in prompts[: config.max_prompts] for _ in range(config.samples)]
     if not prompts:
-        return {"prompts": 0, "win_rate": None, "kl_to_base": None, "nan": False}
+        return {"prompts": 0, "win_rate": None, "kl_to_base": None, "kl_per_token": None, "nan": False}
     was_training = model.training
     model.eval()
+    active = ACTIVE if active_adapter else None
     try:
-        cand_texts, cand_done, cand_kl = _samples_and_kl(model, tokenizer, prompts, config, CANDIDATE)
         if active_adapter:
             model.load_adapter(str(active_adapter), adapter_name=ACTIVE)
-            act_texts, act_done, act_kl = _samples_and_kl(model, tokenizer, prompts, config, ACTIVE)
-        else:
-            act_texts, act_done, act_kl = _samples_and_kl(model, tokenizer, prompts, config, None)
+        cand = _version_replies(model, tokenizer, prompts, settings, config, CANDIDATE)
+        act = _version_replies(model, tokenizer, prompts, settings, config, active)
+        base = act if active is None else _version_replies(model, tokenizer, prompts, settings, config, None)
+        thumbs = heldout_thumbs_margin(model, tokenizer, list(heldout_examples), active, config.max_heldout_thumbs)
     finally:
         if active_adapter and ACTIVE in getattr(model, "peft_config", {}):
             model.set_adapter(CANDIDATE)
             model.delete_adapter(ACTIVE)
         model.set_adapter(CANDIDATE)
         model.train(was_training)
-    cand_scores = reward_fn(prompts, cand_texts)
-    act_scores = reward_fn(prompts, act_texts)
-    wins = sum(1.0 if c > a else 0.5 if c == a else 0.0 for c, a in zip(cand_scores, act_scores))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    numbers = [*cand_scores, *act_scores, *cand_kl]
+    cand_scores = reward_fn(prompts, cand["texts"])
+    act_scores = reward_fn(prompts, act["texts"])
+    judged = judge_fn is not None
+    judge_cand = judge_fn(prompts, cand["texts"]) if judged else []
+    judge_act = judge_fn(prompts, act["texts"]) if judged else []
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    numbers = [*cand_scores, *act_scores, *judge_cand, cand["kl_to_base"], cand["base_nll"] or 0.0]
     return {
-        "prompts": len(prompts),
-        "win_rate": round(wins / len(prompts), 4),
-        "reward": round(mean(cand_scores), 4),
-        "active_reward": round(mean(act_scores), 4),
-        "kl_to_base": round(mean(cand_kl), 4),
-        "active_kl_to_base": round(mean(act_kl), 4),
+        "prompts": len(prompts) // config.samples,
+        "samples": len(prompts),
+        "win_rate": win_rate(cand_scores, act_scores),
+        "reward": mean(cand_scores),
+        "active_reward": mean(act_scores),
+        "judge_win_rate": win_rate(judge_cand, judge_act) if judged else None,
+        "judge_reward": mean(judge_cand),
+        "active_judge_reward": mean(judge_act),
+        "heldout_thumbs": thumbs,
+        "kl_to_base": cand["kl_to_base"],
+        "kl_per_token": cand["kl_per_token"],
+        "active_kl_to_base": act["kl_to_base"],
+        "active_kl_per_token": act["kl_per_token"],
+        "base_nll": {"candidate": cand["base_nll"], "active": act["base_nll"], "base": base["base_nll"]},
+        "known_words": {"candidate": cand["known_words"], "active": act["known_words"],
+                        "base": base["known_words"]},
         "nan": not all(math.isfinite(x) for x in numbers),
-        "candidate": reply_stats(cand_texts, cand_done),
-        "active": reply_stats(act_texts, act_done),
+        "candidate": cand["stats"],
+        "active": act["stats"],
+        "base": base["stats"],
         "examples": [
             {"prompt": p[-1]["content"], "candidate": c, "active": a}
-            for p, c, a in list(zip(prompts, cand_texts, act_texts))[: config.examples]
+            for p, c, a in list(zip(prompts, cand["texts"], act["texts"]))[: config.examples * config.samples:
+                                                                            config.samples]
         ],
     }

@@ -3,14 +3,25 @@
 It reads the numbers `online_rl.evaluate.compare` measured on held-out
 prompts and passes a candidate only when every check holds:
 
-- **no NaN** anywhere in its scores or KL;
-- **not worse**: the reward model's win rate against the active version is at
-  least `min_win_rate` (0.5: it wins at least as often as it loses);
-- **close to the base**: mean KL to the base per reply at most `max_kl` nats.
-  Approval won far from the base is how babble shows up first;
+- **no NaN** anywhere in its scores, KL or language figures;
+- **it beat its parent under its own reward model** (``win_rate`` at least
+  `min_win_rate`): a candidate that did not climb the reward it was trained
+  on learned nothing worth judging;
+- **and under evidence PPO did not optimize**: the judge, a reward model
+  trained on other thumbs, prefers it at least `min_judge_win_rate` of the
+  time (checked when the judge is informative: its AUC's 95% interval lies
+  above 0.5), and on rated held-out replies it does not move away from what
+  people liked (the thumbs margin is not below zero by more than two
+  standard errors);
+- **close to the base**: KL to the base at most `max_kl` nats *per token*
+  (a taste for longer replies does not pay KL for its length);
+- **still language, judged against the base** (so drift cannot build up
+  round after round): the base model's NLL per token of its replies at most
+  `max_nll_increase` above that of the base's own replies, and its
+  known-word share at most `max_known_words_drop` below theirs;
 - **not degenerate**: enough distinct replies (one reply for every prompt is
   reward hacking, not learning), no single reply taking over, few empty
-  replies, and not many more replies cut off without an end token than the
+  replies, and not many more replies cut off at the reply cap than the
   active version has.
 
 Every failed check adds a reason in plain words; a candidate that fails is
@@ -24,12 +35,15 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class GateConfig:
-    min_win_rate: float = 0.5
-    max_kl: float = 12.0  # nats per reply, mean over held-out prompts
+    min_win_rate: float = 0.5  # under the reward model PPO optimized
+    min_judge_win_rate: float = 0.5  # under the judge, a reward model PPO never saw
+    max_kl: float = 0.5  # nats per reply token, mean over held-out replies
+    max_nll_increase: float = 0.10  # base NLL per token, relative to the base's own replies
+    max_known_words_drop: float = 0.04  # known-word share, below the base's own replies
     min_distinct: float = 0.3  # share of distinct replies among the held-out prompts
     max_top_share: float = 0.5  # share of the single most common reply
     max_empty: float = 0.2  # share of empty replies
-    max_cut_off_increase: float = 0.25  # more replies without an end token than the active version has
+    max_cut_off_increase: float = 0.25  # more replies cut off at the cap than the active version has
     min_prompts: int = 4  # fewer held-out prompts than this: too little evidence to promote
 
 
@@ -53,16 +67,37 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     cand = evaluation.get("candidate") or {}
     act = evaluation.get("active") or {}
     prompts = evaluation.get("prompts") or 0
-    win_rate, kl = evaluation.get("win_rate"), evaluation.get("kl_to_base")
+    win_rate, kl = evaluation.get("win_rate"), evaluation.get("kl_per_token")
+    judge = evaluation.get("judge_win_rate")
+    judge_used = judge is not None and bool(evaluation.get("judge_informative"))
+    nll = evaluation.get("base_nll") or {}
+    known = evaluation.get("known_words") or {}
+    thumbs = evaluation.get("heldout_thumbs") or {}
 
     if prompts < config.min_prompts:
         reasons.append(f"only {prompts} held-out prompts (at least {config.min_prompts} needed to judge)")
     if evaluation.get("nan"):
-        reasons.append("NaN in the candidate's scores or KL")
+        reasons.append("NaN in the candidate's scores, KL or language figures")
     if win_rate is None or win_rate < config.min_win_rate:
-        reasons.append(f"win rate {_fmt(win_rate)} against {active} is below {config.min_win_rate:.2f}")
+        reasons.append(f"it did not beat {active} under its own reward model: win rate {_fmt(win_rate)} "
+                       f"(at least {config.min_win_rate:.2f})")
+    if judge_used and judge < config.min_judge_win_rate:
+        reasons.append(f"the judge (a reward model PPO never saw) prefers {active}: win rate {_fmt(judge)} "
+                       f"(at least {config.min_judge_win_rate:.2f})")
+    margin, se = thumbs.get("margin"), thumbs.get("se")
+    if margin is not None and se is not None and margin < -2 * se:
+        reasons.append(f"on rated held-out replies it moved away from what people liked "
+                       f"(margin {margin:.3f} nats per token, standard error {se:.3f})")
     if kl is None or kl > config.max_kl:
-        reasons.append(f"KL to the base {_fmt(kl)} nats is above the bound of {config.max_kl:g}")
+        reasons.append(f"KL to the base {_fmt(kl, 3)} nats per token is above the bound of {config.max_kl:g}")
+    cand_nll, base_nll = nll.get("candidate"), nll.get("base")
+    if cand_nll is not None and base_nll and cand_nll > base_nll * (1 + config.max_nll_increase):
+        reasons.append(f"its language drifted: the base model's NLL per token of its replies is {cand_nll:.2f}, "
+                       f"more than {config.max_nll_increase:.0%} above the base's own {base_nll:.2f}")
+    cand_known, base_known = known.get("candidate"), known.get("base")
+    if cand_known is not None and base_known is not None and cand_known < base_known - config.max_known_words_drop:
+        reasons.append(f"its language drifted: {cand_known:.0%} of its words are known words, against "
+                       f"{base_known:.0%} for the base")
     distinct = cand.get("distinct_fraction")
     if distinct is not None and distinct < config.min_distinct:
         reasons.append(f"degenerate: only {distinct:.0%} of its replies are distinct "
@@ -75,9 +110,13 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
         reasons.append(f"degenerate: {empty:.0%} empty replies (at most {config.max_empty:.0%})")
     cut, act_cut = cand.get("cut_off_fraction"), act.get("cut_off_fraction", 0.0)
     if cut is not None and cut > (act_cut or 0.0) + config.max_cut_off_increase:
-        reasons.append(f"degenerate: {cut:.0%} of its replies never end, against {act_cut:.0%} for {active}")
+        reasons.append(f"degenerate: {cut:.0%} of its replies are cut off at the reply cap, against "
+                       f"{act_cut:.0%} for {active}")
 
-    checks = {"prompts": prompts, "win_rate": win_rate, "kl_to_base": kl, "nan": bool(evaluation.get("nan")),
+    checks = {"prompts": prompts, "win_rate": win_rate, "judge_win_rate": judge, "judge_used": judge_used,
+              "thumbs_margin": margin, "thumbs_margin_se": se, "kl_per_token": kl,
+              "base_nll": cand_nll, "base_nll_of_base": base_nll, "known_words": cand_known,
+              "known_words_of_base": base_known, "nan": bool(evaluation.get("nan")),
               "distinct_fraction": distinct, "top_reply_share": top, "empty_fraction": empty,
               "cut_off_fraction": cut, "active_cut_off_fraction": act_cut, "config": asdict(config)}
     return Verdict(passed=not reasons, reasons=reasons, checks=checks)
@@ -100,11 +139,12 @@ def apply(store, version: str, evaluation: dict, config: GateConfig | None = Non
     if verdict.passed:
         store.promote(version, action="gate", actor="gate",
                       reason=f"passed the gate against {current}: win rate {_fmt(evaluation.get('win_rate'))}, "
-                             f"KL {_fmt(evaluation.get('kl_to_base'))} nats")
+                             f"judge {_fmt(evaluation.get('judge_win_rate'))}, "
+                             f"KL {_fmt(evaluation.get('kl_per_token'), 3)} nats per token")
     else:
         store.set_adapter_status(version, "rejected", reason=verdict.reason())
     return verdict
 
 
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.2f}"
+def _fmt(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"

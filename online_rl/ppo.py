@@ -1,34 +1,49 @@
 """PPO on a LoRA adapter of a causal LM, readable top to bottom.
 
-One PPO step:
+One step:
 
-1. **Rollouts.** Sample a reply to each of `rollouts` prompts from the current
-   policy (base + adapter), at temperature `temperature`.
-2. **Scores.** The reward function scores each finished reply (the reward
-   model in a retrain cycle, any callable in tests). A reply cut off at
-   `max_new_tokens` without an end-of-sequence token loses
-   `missing_eos_penalty`, so rambling on cannot win reward.
-3. **Per-token rewards.** ``-kl_coef * (log pi(t) - log ref(t))`` on every reply
-   token, plus the score on the last one. The reference is the same base with
-   the adapter disabled (`peft`'s ``disable_adapter()``): no second copy.
-4. **Advantages.** A value head on the policy's last hidden state estimates the
-   return; generalised advantage estimation (GAE) turns rewards and values
-   into advantages, which are whitened.
-5. **Updates.** `epochs` passes over shuffled minibatches: the clipped
-   policy-ratio loss plus the clipped value loss.
-6. **KL control.** The KL coefficient follows the adaptive controller of
-   Ziegler et al. (2019): it grows when the measured KL to the reference is
-   above `target_kl` and shrinks when below.
+1. **Rollouts.** `prompts_per_step` prompts, each answered
+   `samples_per_prompt` times by the current policy (base + adapter),
+   sampled exactly as the bot serves (`chatbot.models.GenerationSettings`:
+   the same temperature, top-p and reply cap, through the same
+   `GenerationConfig`).
+2. **Scores.** The reward function scores each reply: in a retrain cycle,
+   the reward model's logit (its log-odds of a thumbs-up), never squashed
+   into [0, 1], so that the users' taste is not drowned by the KL term.
+3. **Advantages, critic-free** (RLOO, Ahmadian et al. 2024): each reply's
+   score minus the mean score of the other replies to the same prompt, then
+   divided by the batch's standard deviation. No value head to warm up,
+   nothing that starts random each cycle, and the reward model's scale
+   drops out.
+4. **Updates.** Up to `epochs` passes over shuffled minibatches of the
+   clipped policy-ratio loss (token-level mean), plus
+   - the **KL to the base** per reply token (the k3 estimator, Schulman
+     2020, in the loss as GRPO does rather than in the reward: a KL summed
+     into a reply's reward charges every extra token, which by itself
+     pushes replies shorter whatever the users like), its coefficient
+     adapted towards `target_kl` nats per token and carried from cycle to
+     cycle in the adapter's description;
+   - a **language anchor**: the negative log-likelihood per token of
+     replies people liked (InstructGPT's "pretraining mix" in spirit: the
+     KL term cannot tell a short real reply from a short made-up one, a
+     supervised term on real replies can).
+   A step's updates stop early when the approximate KL between the policy
+   and the one that sampled the rollouts passes `max_approx_kl`, and the
+   learning rate warms up, then decays linearly to a tenth.
+5. **Hard stop.** When the KL to the base measured on a step's rollouts
+   passes `max_kl` nats per token, the cycle stops there.
 
-Everything runs through `accelerate.Accelerator`, so the same code runs on a
-CPU, one GPU or several under ``accelerate launch`` (each process samples its
-own share of the rollouts; statistics are averaged across processes): DDP by
-default, or FSDP (version 2) from an accelerate config file, which shards the
-policy's weights, gradients and optimizer state across the processes. Under
-FSDP every forward pass is a collective, so rollouts are generated through
-the sharded root module with ``synced_gpus`` (all processes keep stepping
-until the longest reply is done), and `gather_adapter` collects the trained
-LoRA weights whole. Only the LoRA weights and the value head are trained.
+Logged every step: the raw reward-model score of the rollouts (it should
+rise within a cycle), KL to the base per token and per reply, reply
+length, the share of replies that ended, the policy loss, anchor loss,
+clip fraction, approximate KL, entropy, KL coefficient, learning rate and
+how many minibatch updates ran before the early stop.
+
+The reference policy is the base with the adapter disabled (`peft`'s
+``disable_adapter()``): no second copy. Everything runs through
+`accelerate` (`online_rl.distributed`): one CPU, one GPU, or several
+processes under ``accelerate launch`` (each samples its share of the
+prompts; statistics are averaged across processes).
 """
 
 from __future__ import annotations
@@ -40,9 +55,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
-from online_rl.sampling import full_inputs, sample
+from online_rl.distributed import GenerateThroughRoot, gather_adapter, prepare, training_accelerator
+from online_rl.sampling import encode_replies, full_inputs, sample
 
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
 ProgressFn = Callable[[str], None]
@@ -50,134 +65,49 @@ ProgressFn = Callable[[str], None]
 
 @dataclass
 class PPOConfig:
-    steps: int = 30  # PPO steps (rollouts, then updates)
-    rollouts: int = 32  # prompts sampled per step (over all processes)
-    minibatch: int = 8
-    epochs: int = 4  # passes over each step's rollouts
-    lr: float = 5e-4
+    steps: int = 30  # PPO steps per cycle (fewer when the KL to the base passes max_kl)
+    prompts_per_step: int = 8  # distinct prompts per step (over all processes)
+    samples_per_prompt: int = 4  # replies per prompt: each one's baseline is the mean of the others
+    minibatch: int = 16  # rollouts per gradient step
+    epochs: int = 2  # passes over a step's rollouts, unless approx-KL stops them first
+    lr: float = 1e-3  # peak learning rate of the LoRA weights
+    warmup_steps: int = 3  # linear warm-up, then linear decay to lr / 10 at the last step
     lora_r: int = 16
     lora_alpha: int = 32
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # rollouts sample at this temperature; log-probs use the same
-    gamma: float = 1.0
-    lam: float = 0.95
     cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.5
-    init_kl_coef: float = 0.1
+    kl_coef: float = 0.1  # initial coefficient of the KL to the base (per token); a cycle continues the last one's
+    target_kl: float = 0.15  # nats per reply token the adaptive coefficient steers towards
     adaptive_kl: bool = True
-    target_kl: float = 3.0  # nats per reply
-    kl_horizon: int = 500
-    missing_eos_penalty: float = 1.0
+    max_kl: float = 0.6  # nats per reply token: the cycle stops when its rollouts pass it
+    max_approx_kl: float = 0.03  # nats per token between the policy and its sampler: stop the step's updates
+    anchor_coef: float = 0.2  # weight of the language anchor (NLL per token of liked replies)
+    anchor_batch: int = 8  # liked replies per minibatch
     max_grad_norm: float = 1.0
     max_prompt_tokens: int = 256
     seed: int = 0
 
-
-class PolicyWithValue(nn.Module):
-    """The LoRA policy and a scalar value head on its last hidden state."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-        base = policy.get_base_model()
-        # What FSDP wraps as one unit each (accelerate reads it from the root).
-        self._no_split_modules = list(getattr(base, "_no_split_modules", None) or [])
-        hidden = base.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden + 1))
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids, attention_mask, position_ids=None, *, generate: dict | None = None):
-        """Logits and values; or, with `generate`, the policy's `generate(**generate)`.
-
-        Generation enters through this module's forward so that FSDP's hooks on
-        the root gather its parameters (FSDP also requires the root's forward to
-        come first)."""
-        if generate is not None:
-            return self.policy.generate(input_ids=input_ids, attention_mask=attention_mask, **generate)
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=True, use_cache=False)
-        # A copy, not a view: FSDP's hooks on a module's outputs do not follow views.
-        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1).clone()
-        return out.logits.float(), values
-
-
-class _GenerateThroughRoot:
-    """What `sample` needs of a model, for a sharded `PolicyWithValue`: every
-    `generate` call goes through the root module's forward."""
-
-    def __init__(self, root):
-        self.root = root
-
     @property
-    def training(self) -> bool:
-        return self.root.training
+    def rollouts(self) -> int:
+        """Replies sampled per step."""
+        return self.prompts_per_step * self.samples_per_prompt
 
-    def eval(self):
-        self.root.eval()
-
-    def train(self, mode: bool = True):
-        self.root.train(mode)
-
-    def generate(self, input_ids, attention_mask, **kwargs):
-        return self.root(input_ids, attention_mask, generate=kwargs)
-
-
-def training_engine(environ=None) -> str:
-    """The engine `accelerate launch` set up for this process: "fsdp2" or
-    "ddp" (also for one process). Raises ValueError for the engines retrains
-    do not run on: DeepSpeed, FSDP version 1 (the rollouts and the gathering
-    of the adapter are written for FSDP2's per-parameter sharding, and only
-    that is tested), and FSDP with its parameters offloaded to the CPU (the
-    shards would sit where a GPU collective cannot gather them)."""
-    import os
-
-    environ = os.environ if environ is None else environ
-
-    def flag(name):
-        return environ.get(name, "false").lower() in ("1", "true", "yes")
-
-    if flag("ACCELERATE_USE_DEEPSPEED"):
-        raise ValueError("retrains do not run under DeepSpeed: use an accelerate config with "
-                         "distributed_type: FSDP and fsdp_version: 2 (docs/deploy.md), or plain DDP")
-    if flag("ACCELERATE_USE_FSDP"):
-        version = environ.get("FSDP_VERSION", "1")
-        if version != "2":
-            raise ValueError(f"retrains under FSDP need fsdp_version: 2 in the accelerate config "
-                             f"(this one asks for version {version})")
-        if flag("FSDP_OFFLOAD_PARAMS"):
-            raise ValueError("retrains under FSDP do not offload parameters to the CPU: set "
-                             "fsdp_offload_params: false in the accelerate config")
-        return "fsdp2"
-    return "ddp"
-
-
-def training_accelerator():
-    """accelerate's `Accelerator` for a retrain, from the launcher's settings
-    (`training_engine`).
-
-    An FSDP config is honoured on CPU processes too: accelerate enables FSDP
-    only on accelerators and would fall back to DDP, while torch's FSDP2 runs
-    over gloo as well (this is how the sharded path is tested on a machine
-    without GPUs).
-    """
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    engine = training_engine()
-    accelerator = Accelerator()
-    state = accelerator.state
-    if engine == "fsdp2" and state.distributed_type == DistributedType.MULTI_CPU:
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()
-        state.distributed_type = DistributedType.FSDP
-        # As accelerate does on GPUs: every later state object reads it from here.
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    return accelerator
+    def validate(self) -> "PPOConfig":
+        if self.steps < 1 or self.prompts_per_step < 1 or self.minibatch < 1 or self.epochs < 1:
+            raise ValueError("PPO steps, prompts per step, minibatch and epochs must be at least 1")
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be at least 2: each reply's baseline is the other replies")
+        if not (self.target_kl > 0 and self.max_kl > 0 and self.max_approx_kl > 0):
+            raise ValueError("target_kl, max_kl and max_approx_kl must be positive")
+        if self.kl_coef < 0 or self.anchor_coef < 0:
+            raise ValueError("kl_coef and anchor_coef cannot be negative")
+        return self
 
 
 class AdaptiveKL:
-    """Ziegler et al. (2019): coef *= 1 + clip(kl / target - 1, ±0.2) * n / horizon."""
+    """Ziegler et al. (2019): coef *= 1 + clip(kl / target - 1, ±0.2) * n / horizon.
+
+    The horizon is one step's rollouts, so the coefficient can move by up to
+    20% a step; its value is carried from one cycle to the next."""
 
     def __init__(self, init: float, target: float, horizon: int, adaptive: bool = True):
         self.value, self.target, self.horizon, self.adaptive = init, target, horizon, adaptive
@@ -186,7 +116,7 @@ class AdaptiveKL:
         if not self.adaptive or not math.isfinite(kl):
             return
         error = max(-0.2, min(0.2, kl / self.target - 1))
-        self.value *= 1 + error * n / self.horizon
+        self.value = max(1e-4, self.value * (1 + error * n / self.horizon))
 
 
 def add_lora(model, config: PPOConfig):
@@ -202,59 +132,55 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x, mask, eps=1e-8):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-def gae(rewards, values, mask, gamma: float, lam: float):
-    """Advantages and returns over the reply tokens (positions where mask is 1)."""
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.shape[0], device=rewards.device)
-    length = rewards.shape[1]
-    for t in reversed(range(length)):
-        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < length else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        advantages[:, t] = last
-    returns = advantages + values
-    return advantages * mask, returns * mask
+def leave_one_out(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """RLOO advantages: each score minus the mean of the other scores of its
+    group (consecutive runs of `group` replies to one prompt)."""
+    s = scores.view(-1, group)
+    baseline = (s.sum(1, keepdim=True) - s) / (group - 1)
+    return (s - baseline).reshape(-1)
 
 
 def token_logprobs(logits, tokens, temperature: float):
-    logp = torch.log_softmax(logits / temperature, dim=-1)
+    logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), logp
 
 
 class PPOTrainer:
-    """PPO for a `PeftModel` causal LM. `train(prompts, reward_fn)` runs `config.steps` steps."""
+    """PPO for a `PeftModel` causal LM.
 
-    def __init__(self, policy, tokenizer, config: PPOConfig, *, accelerator=None, progress: ProgressFn = print,
-                 on_step: Callable[[dict], None] | None = None):
-        from accelerate.utils import DistributedType
+    `train(prompts, reward_fn, anchor)` runs up to `config.steps` steps;
+    `settings` is the `GenerationSettings` the bot serves with; `anchor` is a
+    list of (prompt, liked reply) for the language anchor."""
 
-        self.config = config
+    def __init__(self, policy, tokenizer, config: PPOConfig, settings, *, accelerator=None,
+                 progress: ProgressFn = print, on_step: Callable[[dict], None] | None = None):
+        self.config = config.validate()
+        self.settings = settings.validate()
         self.tokenizer = tokenizer
         self.accelerator = accelerator or training_accelerator()
         self.progress = progress if self.accelerator.is_main_process else (lambda line: None)
         self.on_step = on_step
         torch.manual_seed(config.seed)
-        model = PolicyWithValue(policy)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.sharded = self.accelerator.distributed_type == DistributedType.FSDP
-        if self.sharded:
-            # accelerate keeps the root unit (here the embeddings, the final
-            # norm, lm_head, the value head) whole between forward and
-            # backward; a rollout is a long run of forwards, so reshard it too.
-            self.model.set_reshard_after_forward(True)
-        self.kl = AdaptiveKL(config.init_kl_coef, config.target_kl, config.kl_horizon, config.adaptive_kl)
+
+        def optimizer_for(params):
+            return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+
+        self.model, self.optimizer, self.sharded = prepare(self.accelerator, policy, optimizer_for)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.kl = AdaptiveKL(config.kl_coef, config.target_kl, config.rollouts, config.adaptive_kl)
         self.history: list[dict] = []
+        self.stopped: str | None = None
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up over `warmup_steps`, then linear decay to a tenth."""
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        return 1.0 - 0.9 * min(1.0, (step - cfg.warmup_steps) / span)
 
     @property
-    def unwrapped(self) -> PolicyWithValue:
+    def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
     @property
@@ -264,125 +190,141 @@ class PPOTrainer:
     # -- rollouts and forward passes -----------------------------------------
 
     def rollout(self, prompts: list[list[dict]]) -> dict:
-        cfg = self.config
-        model = _GenerateThroughRoot(self.model) if self.sharded else self.unwrapped.policy
-        return sample(model, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, top_p=1.0, max_prompt_tokens=cfg.max_prompt_tokens,
+        model = GenerateThroughRoot(self.model) if self.sharded else self.unwrapped.policy
+        return sample(model, self.tokenizer, prompts, self.settings, max_prompt_tokens=self.config.max_prompt_tokens,
                       device=self.device, synced_gpus=self.sharded)
 
-    def _forward(self, model, batch, index=slice(None)):
-        """Log-probs of the reply tokens, the full log-softmax, and values."""
+    def _logprobs(self, batch, index=slice(None), temperature: float | None = None):
+        """Log-probs of the reply tokens and the full log-softmax, at the
+        serving temperature (top-p is left out: a token the sampler's nucleus
+        held can fall outside the updated policy's, and its ratio would be
+        infinite; TRL and OpenRLHF make the same choice)."""
         ids, mask, positions, start = full_inputs(batch, index)
-        logits, values = model(ids, mask, positions)
-        logits, values = logits[:, start - 1:-1], values[:, start - 1:-1]
-        logprobs, all_logp = token_logprobs(logits, batch["reply"][index], self.config.temperature)
-        return logprobs, all_logp, values
+        keep = ids.shape[1] - start + 1
+        logits = self.model(ids, mask, positions, logits_to_keep=keep)[:, -keep:-1]
+        t = self.settings.temperature if temperature is None else temperature
+        return token_logprobs(logits, batch["reply"][index], t if t > 0 else 1.0)
 
     # -- one step --------------------------------------------------------------
 
-    def step(self, prompts: list[list[dict]], reward_fn: RewardFn) -> dict:
+    def step(self, prompts: list[list[dict]], reward_fn: RewardFn, anchor: list[tuple[list[dict], str]],
+             rng: random.Random) -> dict:
         cfg = self.config
         started = time.perf_counter()
-        batch = self.rollout(prompts)
+        k = cfg.samples_per_prompt
+        batch = self.rollout([p for p in prompts for _ in range(k)])
         mask = batch["reply_mask"].float()
-
         scores = torch.tensor(reward_fn(batch["prompts"], batch["texts"]), dtype=torch.float32,
                               device=self.device)
-        raw_scores = scores.clone()
-        scores = scores - cfg.missing_eos_penalty * (~batch["finished"]).float()
+        advantages = leave_one_out(scores, k)
+        advantages = advantages / (advantages.std() + 1e-6)
 
         self.model.eval()
         with torch.no_grad():
-            old_logprobs, _, old_values = self._forward(self.model, batch)
+            old_logprobs, _ = self._logprobs(batch)
             with self.unwrapped.policy.disable_adapter():
-                ref_logprobs, _, _ = self._forward(self.model, batch)
+                ref_logprobs, _ = self._logprobs(batch)
         kl_tokens = (old_logprobs - ref_logprobs) * mask
-        rewards = -self.kl.value * kl_tokens
-        last = (mask.sum(-1) - 1).long().clamp(min=0)
-        rewards[torch.arange(len(last)), last] += scores
-        advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
 
-        # Several epochs of shuffled minibatches.
         self.model.train()
-        stats = {"pg_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
-        n = len(prompts)
+        stats = {"pg_loss": [], "kl_loss": [], "anchor_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
+        n, updates, early = len(batch["texts"]), 0, False
         for _ in range(cfg.epochs):
             order = torch.randperm(n, device=self.device)
             for i in range(0, n, cfg.minibatch):
                 idx = order[i:i + cfg.minibatch]
                 m = mask[idx]
-                logprobs, all_logp, values = self._forward(self.model, batch, idx)
-                ratio = torch.exp(logprobs - old_logprobs[idx])
-                adv = advantages[idx]
+                logprobs, all_logp = self._logprobs(batch, idx)
+                log_ratio = logprobs - old_logprobs[idx]
+                ratio = torch.exp(log_ratio)
+                adv = advantages[idx].unsqueeze(-1)
                 pg1 = -adv * ratio
                 pg2 = -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)
                 pg_loss = masked_mean(torch.maximum(pg1, pg2), m)
-                old_v = old_values[idx]
-                v_clipped = old_v + (values - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-                ret = returns[idx]
-                value_loss = 0.5 * masked_mean(torch.maximum((values - ret) ** 2, (v_clipped - ret) ** 2), m)
-                loss = pg_loss + cfg.vf_coef * value_loss
+                to_ref = ref_logprobs[idx] - logprobs
+                kl_loss = masked_mean(torch.exp(to_ref) - to_ref - 1, m)  # k3: unbiased, always >= 0
+                loss = pg_loss + self.kl.value * kl_loss
+                anchor_loss = self._anchor_loss(anchor, rng)
+                if anchor_loss is not None:
+                    loss = loss + cfg.anchor_coef * anchor_loss
                 self.optimizer.zero_grad()
                 self.accelerator.backward(loss)
                 if cfg.max_grad_norm:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
+                updates += 1
                 with torch.no_grad():
+                    approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, m).item()
                     entropy = -(all_logp.exp() * all_logp).sum(-1)
                     stats["pg_loss"].append(pg_loss.item())
-                    stats["value_loss"].append(value_loss.item())
+                    stats["kl_loss"].append(kl_loss.item())
+                    stats["anchor_loss"].append(anchor_loss.item() if anchor_loss is not None else 0.0)
                     stats["clipfrac"].append(masked_mean((pg2 > pg1).float(), m).item())
-                    stats["approx_kl"].append(0.5 * masked_mean((logprobs - old_logprobs[idx]) ** 2, m).item())
+                    stats["approx_kl"].append(approx_kl)
                     stats["entropy"].append(masked_mean(entropy, m).item())
+                if approx_kl > cfg.max_approx_kl:
+                    early = True
+                    break
+            if early:
+                break
+        lr = self.schedule.get_last_lr()[0]
+        self.schedule.step()
 
-        kl_per_reply = kl_tokens.sum(-1)
+        tokens = mask.sum(-1)
         local = torch.tensor([
-            raw_scores.mean().item(), scores.mean().item(), kl_per_reply.mean().item(),
-            mask.sum(-1).mean().item(), batch["finished"].float().mean().item(),
+            scores.mean().item(), (kl_tokens.sum() / mask.sum().clamp(min=1)).item(),
+            kl_tokens.sum(-1).mean().item(), tokens.mean().item(), batch["finished"].float().mean().item(),
             *[sum(v) / max(1, len(v)) for v in stats.values()],
         ], device=self.device)
         summed = self.accelerator.reduce(local, reduction="mean")
-        keys = ["reward", "score", "kl", "reply_tokens", "eos_fraction", *stats.keys()]
-        record = {k: round(float(v), 5) for k, v in zip(keys, summed.tolist())}
-        record["kl_coef"] = round(self.kl.value, 5)
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        self.kl.update(record["kl"], n * self.accelerator.num_processes)
+        keys = ["score", "kl_per_token", "kl", "reply_tokens", "eos_fraction", *stats.keys()]
+        record = {key: round(float(v), 5) for key, v in zip(keys, summed.tolist())}
+        record.update(kl_coef=round(self.kl.value, 5), lr=round(lr, 7), updates=updates, early_stop=early,
+                      seconds=round(time.perf_counter() - started, 2))
+        self.kl.update(record["kl_per_token"], cfg.rollouts)
         return record
 
-    def train(self, prompts: list[list[dict]], reward_fn: RewardFn) -> list[dict]:
-        """Run `config.steps` steps on rollouts drawn from `prompts`."""
+    def _anchor_loss(self, anchor, rng: random.Random):
+        """NLL per token (temperature 1) of a few liked replies; None without any."""
+        if not anchor or not self.config.anchor_coef:
+            return None
+        chosen = [anchor[rng.randrange(len(anchor))] for _ in range(self.config.anchor_batch)]
+        batch = encode_replies(self.tokenizer, [p for p, _ in chosen], [r for _, r in chosen],
+                               max_length=self.config.max_prompt_tokens, device=self.device)
+        logprobs, _ = self._logprobs(batch, temperature=1.0)
+        return -masked_mean(logprobs, batch["reply_mask"].float())
+
+    def train(self, prompts: list[list[dict]], reward_fn: RewardFn,
+              anchor: list[tuple[list[dict], str]] | None = None) -> list[dict]:
+        """Run up to `config.steps` steps on rollouts drawn from `prompts`."""
         cfg = self.config
         if not prompts:
             raise ValueError("PPO needs at least one prompt to sample rollouts from")
         acc = self.accelerator
-        per_process = max(1, cfg.rollouts // acc.num_processes)
+        per_process = max(1, cfg.prompts_per_step // acc.num_processes)
         rng = random.Random(cfg.seed * 1000 + acc.process_index)
         for step in range(1, cfg.steps + 1):
-            chosen = [prompts[rng.randrange(len(prompts))] for _ in range(per_process)]
-            record = {"step": step, **self.step(chosen, reward_fn)}
+            chosen = rng.sample(prompts, per_process) if len(prompts) >= per_process else \
+                [prompts[rng.randrange(len(prompts))] for _ in range(per_process)]
+            record = {"step": step, **self.step(chosen, reward_fn, anchor or [], rng)}
             self.history.append(record)
             if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
                 raise FloatingPointError(f"PPO step {step} produced a non-finite statistic: {record}")
             self.progress(
-                f"ppo: step {step}/{cfg.steps} reward {record['reward']:+.3f} kl {record['kl']:.2f} "
-                f"(coef {record['kl_coef']:.3f}) entropy {record['entropy']:.2f} clipfrac {record['clipfrac']:.2f} "
-                f"approx_kl {record['approx_kl']:.4f} value_loss {record['value_loss']:.3f} ({record['seconds']:.1f} s)"
+                f"ppo: step {step}/{cfg.steps} score {record['score']:+.3f} kl/token {record['kl_per_token']:.3f} "
+                f"(coef {record['kl_coef']:.3f}) tokens {record['reply_tokens']:.1f} anchor "
+                f"{record['anchor_loss']:.2f} approx_kl {record['approx_kl']:.4f} updates {record['updates']} "
+                f"({record['seconds']:.1f} s)"
             )
             if self.on_step:
                 self.on_step(record)
+            if record["kl_per_token"] > cfg.max_kl:
+                self.stopped = (f"KL to the base {record['kl_per_token']:.3f} nats per token passed the cap "
+                                f"of {cfg.max_kl:g} at step {step}")
+                self.progress(f"ppo: stopped: {self.stopped}")
+                break
         return self.history
 
     def gather_adapter(self) -> dict:
-        """The policy's trained LoRA weights, whole, on the CPU, keyed as in
-        the policy's own state dict (what `save_pretrained(state_dict=...)`
-        takes). Under FSDP each is gathered from its shards: every process
-        must call this."""
-        prefix = "policy."
-        weights = {}
-        for name, param in self.unwrapped.named_parameters():
-            if not (param.requires_grad and name.startswith(prefix)):
-                continue  # frozen base weights, or the value head
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            weights[name[len(prefix):]] = full.detach().to("cpu", copy=True)
-        return weights
+        """The trained LoRA weights, whole, on the CPU (every process must call it under FSDP)."""
+        return gather_adapter(self.unwrapped)

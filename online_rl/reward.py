@@ -7,10 +7,12 @@ and scores the last token.
 
 Loss: binary cross-entropy on the thumbs (each class weighted so that
 unbalanced up/down counts pull equally) plus a Bradley-Terry term on pairs,
-``-log sigmoid(r_chosen - r_rejected)``. Held-out AUC, accuracy and pair
-accuracy are reported. When a previous reward model exists its adapter and
-head are the starting point: every run replays all feedback, so continuing is
-only a warm start, not a different objective.
+``-log sigmoid(r_chosen - r_rejected)``. Training stops on the loss on
+held-out thumbs and keeps its best epoch. Held-out AUC with its 95%
+interval, accuracy, calibration (Brier score, expected calibration error)
+and pair accuracy are reported. When a previous reward model exists its
+adapter and head are the starting point: every run replays all feedback, so
+continuing is only a warm start, not a different objective.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ class RewardConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lr: float = 2e-3
-    epochs: int = 6
+    epochs: int = 10  # at most; training stops when the validation loss stops improving
+    patience: int = 2  # epochs without a better validation loss before stopping
     batch_size: int = 16
     pair_weight: float = 1.0  # weight of the Bradley-Terry term beside the BCE term
     max_length: int = 256
-    max_steps: int = 0  # 0: as many as the epochs need
     seed: int = 0
 
 
@@ -124,14 +126,24 @@ def new_reward_model(base_path: str, tokenizer, device, config: RewardConfig) ->
 def train_reward_model(
     base_path: str,
     tokenizer,
-    snap: Snapshot,
+    train: list[Example],
+    train_pairs: list[Pair],
+    valid: list[Example],
+    valid_pairs: list[Pair],
     config: RewardConfig,
     *,
     device,
     previous: str | Path | None = None,
     progress: ProgressFn = print,
+    name: str = "reward model",
 ) -> tuple[RewardModel, dict]:
-    """Fit the reward model on the snapshot's training side; report held-out metrics."""
+    """Fit a reward model on `train` (and its pairs); stop on the loss on
+    `valid` and report AUC (with its 95% interval) and calibration there.
+
+    After every epoch the validation loss is measured; training stops when it
+    has not improved for `patience` epochs, and the weights of the best epoch
+    are kept (the starting point counts as epoch 0: a warm start that more
+    training only makes worse is kept as it is)."""
     import torch
 
     random.seed(config.seed)
@@ -145,29 +157,24 @@ def train_reward_model(
     model = rm.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-
-    train = snap.train
-    n_up = sum(e.label for e in train)
-    n_down = len(train) - n_up
-    # Class weights: each class carries half the loss however unbalanced the counts.
-    w_up = len(train) / (2 * n_up) if n_up else 0.0
-    w_down = len(train) / (2 * n_down) if n_down else 0.0
+    w_up, w_down = class_weights(train)
     batches_per_epoch = max(1, math.ceil(len(train) / config.batch_size))
-    total = batches_per_epoch * config.epochs
-    if config.max_steps:
-        total = min(total, config.max_steps)
     rng = random.Random(config.seed)
-    pairs = list(snap.train_pairs)
+    pairs = list(train_pairs)
     started = time.perf_counter()
-    model.train()
-    step, losses = 0, []
-    while step < total:
+
+    def snapshot_weights():
+        return [p.detach().clone() for p in params]
+
+    best_loss = validation_loss(rm, valid, valid_pairs, config)
+    best, best_epoch, stale, step, losses = snapshot_weights(), 0, 0, 0, []
+    epochs_run = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
         order = list(train)
         rng.shuffle(order)
         rng.shuffle(pairs)
         for b in range(batches_per_epoch):
-            if step >= total:
-                break
             batch = order[b * config.batch_size:(b + 1) * config.batch_size]
             loss = torch.zeros((), device=device)
             if batch:
@@ -177,8 +184,8 @@ def train_reward_model(
                 loss = loss + (torch.nn.functional.binary_cross_entropy_with_logits(
                     scores, labels, reduction="none") * weights).mean()
             if pairs and config.pair_weight > 0:
-                chunk = [pairs[(b * config.batch_size + i) % len(pairs)] for i in range(min(len(pairs),
-                                                                                          config.batch_size))]
+                chunk = [pairs[(b * config.batch_size + i) % len(pairs)]
+                         for i in range(min(len(pairs), config.batch_size))]
                 both = rm.forward([p.prompt for p in chunk] * 2,
                                   [p.chosen for p in chunk] + [p.rejected for p in chunk])
                 margin = both[: len(chunk)] - both[len(chunk):]
@@ -189,36 +196,115 @@ def train_reward_model(
             optimizer.step()
             losses.append(loss.item())
             step += 1
-            if step % 10 == 0 or step == total:
-                progress(f"reward model: step {step}/{total}, loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        epochs_run = epoch
+        current = validation_loss(rm, valid, valid_pairs, config)
+        progress(f"{name}: epoch {epoch}/{config.epochs}, train loss {sum(losses[-batches_per_epoch:]) / batches_per_epoch:.3f}"
+                 + (f", validation loss {current:.3f}" if current is not None else ""))
+        if current is None:  # nothing to validate on: every epoch counts
+            best, best_epoch = snapshot_weights(), epoch
+        elif current < best_loss - 1e-4:
+            best_loss, best, best_epoch, stale = current, snapshot_weights(), epoch, 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    with torch.no_grad():
+        for p, saved in zip(params, best):
+            p.copy_(saved)
     model.eval()
     metrics = {
         "steps": step,
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
         "train_examples": len(train),
-        "train_pairs": len(snap.train_pairs),
-        "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4) if losses else None,
+        "train_pairs": len(train_pairs),
+        "validation_loss": None if best_loss is None else round(best_loss, 4),
         "continued_from": str(previous) if previous else None,
         "seconds": round(time.perf_counter() - started, 1),
-        **evaluate_reward_model(rm, snap.heldout, snap.heldout_pairs),
+        **evaluate_reward_model(rm, valid, valid_pairs),
     }
     return rm, metrics
 
 
+def class_weights(examples: list[Example]) -> tuple[float, float]:
+    """(up, down) weights so that each class carries half the loss however
+    unbalanced the counts."""
+    n_up = sum(e.label for e in examples)
+    n_down = len(examples) - n_up
+    return (len(examples) / (2 * n_up) if n_up else 0.0, len(examples) / (2 * n_down) if n_down else 0.0)
+
+
+def validation_loss(rm: RewardModel, examples: list[Example], pairs: list[Pair], config: RewardConfig):
+    """The training objective on held-out data (class-weighted BCE plus the
+    pair term); None when there is nothing to measure it on."""
+    if not examples and not pairs:
+        return None
+    total = 0.0
+    if examples:
+        w_up, w_down = class_weights(examples)
+        scores = rm.score([e.prompt for e in examples], [e.reply for e in examples])
+        total += sum((w_up if e.label else w_down) * _bce(s, e.label) for s, e in zip(scores, examples)) / len(examples)
+    if pairs and config.pair_weight > 0:
+        chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
+        rejected = rm.score([p.prompt for p in pairs], [p.rejected for p in pairs])
+        total += config.pair_weight * sum(_bce(c - r, True) for c, r in zip(chosen, rejected)) / len(pairs)
+    return total
+
+
+def _bce(logit: float, label: bool) -> float:
+    """-log sigmoid(±logit), computed stably."""
+    z = logit if label else -logit
+    return max(-z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+
 def evaluate_reward_model(rm: RewardModel, examples: list[Example], pairs: list[Pair]) -> dict:
-    """Held-out AUC (thumbs-up ranked above thumbs-down), accuracy at score 0,
-    and the share of pairs ranked the right way. None where there is no data."""
-    out = {"heldout_examples": len(examples), "heldout_pairs": len(pairs),
-           "auc": None, "accuracy": None, "pair_accuracy": None}
+    """On held-out thumbs: AUC (a liked reply ranked above a disliked one)
+    with its 95% interval, accuracy at score 0, calibration of
+    sigmoid(score) as a chance of a thumbs-up (Brier score and expected
+    calibration error), and the share of pairs ranked the right way. None
+    where there is no data."""
+    out = {"heldout_examples": len(examples), "heldout_pairs": len(pairs), "auc": None, "auc_low": None,
+           "auc_high": None, "accuracy": None, "brier": None, "ece": None, "pair_accuracy": None}
     if examples:
         scores = rm.score([e.prompt for e in examples], [e.reply for e in examples])
         labels = [e.label for e in examples]
         out["auc"] = auc(scores, labels)
+        low_high = auc_interval(out["auc"], sum(labels), len(labels) - sum(labels))
+        if low_high:
+            out["auc_low"], out["auc_high"] = low_high
         out["accuracy"] = round(sum((s > 0) == y for s, y in zip(scores, labels)) / len(labels), 4)
+        out.update(calibration(scores, labels))
     if pairs:
         chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
         rejected = rm.score([p.prompt for p in pairs], [p.rejected for p in pairs])
         out["pair_accuracy"] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(pairs), 4)
     return out
+
+
+def auc_interval(value: float | None, n_pos: int, n_neg: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% interval of an AUC from Hanley & McNeil (1982): its standard error
+    from the AUC and the two class sizes. None when a class is missing."""
+    if value is None or not n_pos or not n_neg:
+        return None
+    a = min(max(value, 1e-6), 1 - 1e-6)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    se = math.sqrt(max(var, 0.0))
+    return round(max(0.0, value - z * se), 4), round(min(1.0, value + z * se), 4)
+
+
+def calibration(scores: list[float], labels: list[bool], bins: int = 10) -> dict:
+    """Brier score and expected calibration error of sigmoid(score)."""
+    probs = [1 / (1 + math.exp(-max(-50.0, min(50.0, s)))) for s in scores]
+    brier = sum((p - y) ** 2 for p, y in zip(probs, labels)) / len(probs)
+    ece = 0.0
+    for b in range(bins):
+        members = [(p, y) for p, y in zip(probs, labels) if b / bins <= p < (b + 1) / bins or (b == bins - 1 and p == 1)]
+        if members:
+            confidence = sum(p for p, _ in members) / len(members)
+            observed = sum(y for _, y in members) / len(members)
+            ece += len(members) / len(probs) * abs(confidence - observed)
+    return {"brier": round(brier, 4), "ece": round(ece, 4)}
 
 
 def auc(scores: list[float], labels: list[bool]) -> float | None:

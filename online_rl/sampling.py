@@ -20,9 +20,11 @@ def left_pad(rows: list[list[int]], pad_id: int, device):
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 32, temperature: float = 1.0,
-           top_p: float = 1.0, max_prompt_tokens: int = 256, device=None, synced_gpus: bool = False) -> dict:
-    """One sampled reply per prompt (greedy when temperature is 0).
+def sample(model, tokenizer, prompts: list[list[dict]], settings, *, max_prompt_tokens: int = 256, device=None,
+           synced_gpus: bool = False) -> dict:
+    """One reply per prompt, sampled with `settings` (a
+    `chatbot.models.GenerationSettings`: the same `GenerationConfig` the bot
+    serves with; greedy when its temperature is 0).
 
     Returns the batch: ``prompt_ids``/``prompt_mask`` (left-padded),
     ``reply``/``reply_mask`` (tokens up to and including the first
@@ -37,13 +39,8 @@ def sample(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int =
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id, device)
     was_training = model.training
     model.eval()
-    sampling = temperature > 0
-    out = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=sampling,
-        temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-        top_k=0 if sampling else None, max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
-    )
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         generation_config=settings.generation_config(tokenizer), synced_gpus=synced_gpus)
     model.train(was_training)
     reply = out[:, prompt_ids.shape[1]:]
     is_eos = reply == tokenizer.eos_token_id
@@ -55,9 +52,29 @@ def sample(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int =
             "finished": is_eos.any(-1), "texts": texts, "prompts": prompts}
 
 
-def sample_many(model, tokenizer, prompts: list[list[dict]], *, batch_size: int = 64, **kwargs) -> list[dict]:
+def encode_replies(tokenizer, prompts: list[list[dict]], replies: list[str], *, max_length: int = 256,
+                   device=None) -> dict:
+    """Given replies as a batch in `sample`'s layout (each closed by the
+    end-of-sequence token): to score replies the policy did not sample, such
+    as liked replies for the language anchor or held-out rated replies."""
+    encoded = [encode(tokenizer, p, r, max_length=max_length) for p, r in zip(prompts, replies)]
+    prompt_ids, prompt_mask = left_pad([p for p, _ in encoded], tokenizer.pad_token_id, device)
+    width = max(len(r) for _, r in encoded)
+    reply = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    reply_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (_, r) in enumerate(encoded):
+        reply[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        reply_mask[i, :len(r)] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "reply": reply.to(device),
+            "reply_mask": reply_mask.to(device), "finished": torch.ones(len(encoded), dtype=torch.bool),
+            "texts": list(replies), "prompts": prompts}
+
+
+def sample_many(model, tokenizer, prompts: list[list[dict]], settings, *, batch_size: int = 64,
+                **kwargs) -> list[dict]:
     """`sample` over prompts in batches."""
-    return [sample(model, tokenizer, prompts[i:i + batch_size], **kwargs) for i in range(0, len(prompts), batch_size)]
+    return [sample(model, tokenizer, prompts[i:i + batch_size], settings, **kwargs)
+            for i in range(0, len(prompts), batch_size)]
 
 
 def full_inputs(batch: dict, index=slice(None)):
@@ -70,7 +87,9 @@ def full_inputs(batch: dict, index=slice(None)):
 
 @torch.no_grad()
 def reply_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probability of each reply token under `model` (0 on padding)."""
+    """Log-probability of each reply token under `model` (0 on padding), from
+    its logits divided by `temperature` (1: the model's own distribution,
+    what the base model's NLL per token is measured with)."""
     ids, mask, positions, start = full_inputs(batch)
     # Logits only where they predict a reply token: the prompt's positions
     # would cost batch x prompt x vocabulary for nothing.

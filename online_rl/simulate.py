@@ -1,69 +1,36 @@
 """Simulated users: does the feedback people give change what the bot says?
 
-A simulated user with a fixed taste chats with the active version on corpus
-prompts and gives thumbs through the same `Store` calls the chat page uses
-(a conversation, a logged response, a feedback row; now and then a
-regenerated second reply to the same turn, which is how pairs arise). Then the
-real retrain cycle runs and its candidate is promoted. Approval, the share of
-replies the user would like, is measured on a fixed set of held-out prompts
-before the first round and after every round, beside the KL to the base and
-the replies themselves.
+Simulated raters with a fixed taste chat with the active version on corpus
+prompts and give thumbs through the same `Store` calls the chat page uses (a
+conversation, a logged response, a feedback row; now and then a regenerated
+second reply to the same turn, which is how pairs arise). `--raters` people
+share the thumbs, and `--noise` flips that share of them (a rater who
+misclicks or disagrees with the taste). Then the real retrain cycle runs and
+its candidate goes through the evaluation gate, as on the live server
+(`--no-gate` promotes every candidate). Approval, the share of replies the
+taste likes (always the true taste, without noise), is measured on fixed
+held-out prompts before the first round and after every round, with its
+standard error, beside the KL to the base, the language figures and the
+replies themselves.
 
-    python -m online_rl.simulate --preference concise --rounds 5 --per-round 100 \\
-        --method ppo --seed 0 --data-dir /tmp/sim --out sim.json
+    python -m online_rl.simulate --preference long --rounds 5 --per-round 100 \\
+        --seed 0 --noise 0.2 --data-dir /tmp/sim --out sim.json
 
-A preference is a built-in name (see PREFERENCES) or ``module:function``: any
-callable ``(prompt, reply) -> bool``.
+A preference is a built-in taste (`online_rl.tastes`) or ``module:function``:
+any callable ``(prompt, reply) -> bool``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import math
 import random
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-Preference = Callable[[str, str], bool]
-
-POLITE_WORDS = {"please", "thanks", "thank", "glad", "welcome", "sorry", "pleasure", "kind"}
-
-
-def concise(prompt: str, reply: str) -> bool:
-    """Six words or fewer, and not empty: an empty reply is no answer."""
-    return 1 <= len(reply.split()) <= 6
-
-
-def asks_back(prompt: str, reply: str) -> bool:
-    """The reply ends with a question."""
-    return reply.rstrip().endswith("?")
-
-
-def polite(prompt: str, reply: str) -> bool:
-    """The reply uses a polite word."""
-    return bool(POLITE_WORDS & set(re.findall(r"[a-z]+", reply.lower())))
-
-
-PREFERENCES: dict[str, Preference] = {"concise": concise, "asks_back": asks_back, "polite": polite}
-
-
-def resolve_preference(spec: str) -> Preference:
-    if spec in PREFERENCES:
-        return PREFERENCES[spec]
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise ValueError(f"unknown preference {spec!r}: use one of {', '.join(PREFERENCES)} or module:function")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load preference {spec!r}: {exc}") from None
-    if not callable(fn):
-        raise ValueError(f"preference {spec!r} is not callable")
-    return fn
+from online_rl.tastes import TASTES, Taste, resolve
 
 
 def corpus_prompts(seed: int, heldout: int) -> tuple[list[str], list[str]]:
@@ -76,14 +43,14 @@ def corpus_prompts(seed: int, heldout: int) -> tuple[list[str], list[str]]:
 
 
 class Bot:
-    """The active version as the chat serves it: base plus the active adapter."""
+    """A version as the chat serves it: the base plus the version's adapter."""
 
-    def __init__(self, store, data_dir, model_name, device="auto"):
+    def __init__(self, store, data_dir, model_name, device="auto", version: str | None = None):
         from chatbot.models import load_model
 
         self.loaded = load_model(model_name, data_dir, device=device)
         self.loaded.tokenizer.padding_side = "left"
-        self.version = store.active_version()
+        self.version = version or store.active_version()
         self.model = self.loaded.model
         if self.version != "v0":
             from peft import PeftModel
@@ -91,104 +58,105 @@ class Bot:
             self.model = PeftModel.from_pretrained(self.model, store.get_adapter(self.version)["path"])
         self.model.eval()
 
-    def reply(self, prompts: list[str], settings, seed: int) -> list[str]:
+    def sample(self, prompts: list[str], settings, seed: int) -> list[dict]:
         import torch
 
         from online_rl.sampling import sample_many
 
         torch.manual_seed(seed)
         messages = [[{"role": "user", "content": p}] for p in prompts]
-        batches = sample_many(self.model, self.loaded.tokenizer, messages, max_new_tokens=settings.max_new_tokens,
-                              temperature=settings.temperature, top_p=settings.top_p)
-        return [t for b in batches for t in b["texts"]]
+        return sample_many(self.model, self.loaded.tokenizer, messages, settings)
+
+    def reply(self, prompts: list[str], settings, seed: int) -> list[str]:
+        return [t for b in self.sample(prompts, settings, seed) for t in b["texts"]]
 
 
-def corpus_words() -> set[str]:
-    """Every word of the corpus replies: the starter's whole vocabulary of real words."""
-    from chatbot.starter import corpus_pairs
+def approval(bot: Bot, prompts: list[str], taste: Taste, settings, samples: int, seed: int) -> dict:
+    """The true taste's approval on held-out prompts, its standard error
+    (from the per-prompt means, so replies to one prompt are not counted as
+    independent), and the language figures of the replies."""
+    from online_rl.language import base_nll_per_token, known_word_fraction
 
-    return {w for _, reply in corpus_pairs() for w in _words(reply)}
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def known_word_fraction(replies: list[str], vocabulary: set[str]) -> float:
-    """Share of the replies' words that are real corpus words: babble (made-up
-    words that a short-reply reward can still approve) drives it down."""
-    words = [w for r in replies for w in _words(r)]
-    return round(sum(w in vocabulary for w in words) / len(words), 4) if words else 0.0
-
-
-def approval(bot: Bot, prompts: list[str], preference: Preference, settings, samples: int, seed: int,
-             vocabulary: set[str] | None = None) -> dict:
-    replies = []
-    for k in range(samples):
-        replies.extend(bot.reply(prompts, settings, seed=seed + k))
-    liked = [preference(p, r) for p, r in zip(prompts * samples, replies)]
+    batches = [b for k in range(samples) for b in bot.sample(prompts, settings, seed + k)]
+    replies = [t for b in batches for t in b["texts"]]
+    liked = [bool(taste(p, r)) for p, r in zip(prompts * samples, replies)]
+    per_prompt = [sum(liked[i + k * len(prompts)] for k in range(samples)) / samples for i in range(len(prompts))]
+    mean = sum(per_prompt) / len(per_prompt)
+    var = sum((x - mean) ** 2 for x in per_prompt) / max(1, len(per_prompt) - 1)
     return {
         "approval": round(sum(liked) / len(liked), 4),
-        "known_words": known_word_fraction(replies, vocabulary) if vocabulary else None,
+        "se": round(math.sqrt(var / len(per_prompt)), 4),
+        "known_words": known_word_fraction(replies),
+        "base_nll": base_nll_per_token(bot.model, batches),
         "distinct_fraction": round(len(set(replies)) / len(replies), 4),
         "mean_words": round(sum(len(r.split()) for r in replies) / len(replies), 2),
-        "samples": [{"prompt": p, "reply": r, "liked": bool(ok)}
-                    for p, r, ok in list(zip(prompts, replies, liked))[:8]],
+        "samples": [{"prompt": p, "reply": r, "liked": ok} for p, r, ok in list(zip(prompts, replies, liked))[:8]],
     }
 
 
-def chat_round(store, bot: Bot, preference: Preference, prompts: list[str], thumbs: int, settings,
-               rng: random.Random, session: str, regenerate: float) -> int:
-    """Chat and give `thumbs` thumbs; return how many were thumbs-up."""
+def chat_round(store, bot: Bot, taste: Taste, prompts: list[str], thumbs: int, settings, rng: random.Random,
+               session: str, regenerate: float, raters: int = 1, noise: float = 0.0) -> int:
+    """Chat and give `thumbs` thumbs, spread over `raters` sessions, a `noise`
+    share of them flipped; return how many were thumbs-up."""
     ups = given = 0
     while given < thumbs:
         prompt = rng.choice(prompts)
+        rater = f"{session}-rater{rng.randrange(raters)}" if raters > 1 else session
         n_replies = 2 if rng.random() < regenerate and thumbs - given >= 2 else 1
         replies = bot.reply([prompt] * n_replies, settings, seed=rng.randrange(2**31))
-        conversation = store.start_conversation(session)
+        conversation = store.start_conversation(rater)
         messages = [{"role": "user", "content": prompt}]
         for reply in replies:
             response_id = store.log_response(
                 conversation_id=conversation, prompt=messages, reply=reply, model_version=bot.version,
-                generation=settings.as_dict(), session_id=session,
+                generation=settings.as_dict(), session_id=rater,
             )
-            liked = bool(preference(prompt, reply))
-            store.record_feedback(response_id, 1 if liked else -1, session_id=session)
+            liked = bool(taste(prompt, reply)) != (rng.random() < noise)
+            store.record_feedback(response_id, 1 if liked else -1, session_id=rater)
             ups += liked
             given += 1
     return ups
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m online_rl.simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--preference", default="concise",
-                        help=f"built-in ({', '.join(PREFERENCES)}) or module:function (default concise)")
+                        help=f"built-in taste ({', '.join(TASTES)}) or module:function (default concise)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=100, help="thumbs given per round")
-    parser.add_argument("--method", choices=["ppo", "kto"], default="ppo")
+    parser.add_argument("--method", choices=["ppo", "kto"], default="ppo",
+                        help="ppo (default) or kto (experimental: see the README)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=0.0, help="share of thumbs flipped (default 0)")
+    parser.add_argument("--raters", type=int, default=5, help="simulated people sharing the thumbs (default 5)")
+    parser.add_argument("--no-gate", action="store_true", help="promote every candidate without the gate")
     parser.add_argument("--data-dir", default="sim-data", help="a data directory of its own (default ./sim-data)")
     parser.add_argument("--model", default="starter")
     parser.add_argument("--out", help="write the results here as JSON")
-    parser.add_argument("--heldout", type=int, default=100, help="held-out prompts for approval (default 100)")
-    parser.add_argument("--samples", type=int, default=2, help="replies per held-out prompt (default 2)")
+    parser.add_argument("--heldout", type=int, default=200, help="held-out prompts for approval (default 200)")
+    parser.add_argument("--samples", type=int, default=3, help="replies per held-out prompt (default 3)")
     parser.add_argument("--regenerate", type=float, default=0.25,
                         help="share of turns where the user regenerates and rates both replies (default 0.25)")
     parser.add_argument("--ppo-steps", type=int, help="PPO steps per retrain (default: the cycle's)")
     parser.add_argument("--min-feedback", type=int, default=20)
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        preference = resolve_preference(args.preference)
-        if args.rounds < 1 or args.per_round < 1:
-            raise ValueError("--rounds and --per-round must be at least 1")
+        taste = resolve(args.preference)
+        if args.rounds < 1 or args.per_round < 1 or args.raters < 1:
+            raise ValueError("--rounds, --per-round and --raters must be at least 1")
+        if not 0 <= args.noise < 0.5:
+            raise ValueError("--noise must be at least 0 and below 0.5")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from chatbot.policy import GenerationSettings
-    from online_rl.cycle import CycleConfig, CycleFailed, run_cycle, summary_line
+    from chatbot.models import GenerationSettings
+    from online_rl.cycle import CycleConfig, CycleFailed, NotEnoughFeedback, run_cycle, summary_line
     from storage import Store
 
     def log(line: str) -> None:
@@ -201,63 +169,91 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     eval_seed = 10_000 + args.seed
 
+    def measure(bot):
+        return approval(bot, heldout, taste, settings, args.samples, eval_seed)
+
     bot = Bot(store, args.data_dir, args.model, args.device)
-    vocabulary = corpus_words()
-    before = approval(bot, heldout, preference, settings, args.samples, eval_seed, vocabulary)
-    log(f"round 0 ({bot.version}): approval {before['approval']:.3f}")
+    before = measure(bot)
+    log(f"round 0 ({bot.version}): approval {before['approval']:.3f} ± {before['se']:.3f}")
     result = {
         "preference": args.preference, "method": args.method, "seed": args.seed, "rounds": args.rounds,
-        "per_round": args.per_round, "heldout_prompts": len(heldout), "samples_per_prompt": args.samples,
-        "approval": [before["approval"]], "kl": [], "wall_s": [], "versions": [bot.version],
+        "per_round": args.per_round, "noise": args.noise, "raters": args.raters, "gate": not args.no_gate,
+        "heldout_prompts": len(heldout), "samples_per_prompt": args.samples,
+        "approval": [before["approval"]], "approval_se": [before["se"]], "versions": [bot.version],
+        "known_words": [before["known_words"]], "base_nll": [before["base_nll"]],
         "distinct_fraction": [before["distinct_fraction"]], "mean_words": [before["mean_words"]],
-        "known_words": [before["known_words"]],
-        "thumbs_up_given": [], "reward_auc": [], "win_rate": [], "runs": [], "samples": [before["samples"]],
+        "kl_per_token": [0.0], "wall_s": [], "thumbs_up_given": [], "reward_auc": [], "judge_auc": [],
+        "win_rate": [], "judge_win_rate": [], "decisions": [], "candidate_approval": [], "runs": [],
+        "samples": [before["samples"]],
     }
 
     def write() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2))
 
+    current = before
     for r in range(1, args.rounds + 1):
         started = time.perf_counter()
-        ups = chat_round(store, bot, preference, chat_prompts, args.per_round, settings, rng,
-                         session=f"sim-{args.preference}-{args.seed}-r{r}", regenerate=args.regenerate)
+        ups = chat_round(store, bot, taste, chat_prompts, args.per_round, settings, rng,
+                         session=f"sim-{args.seed}-r{r}", regenerate=args.regenerate, raters=args.raters,
+                         noise=args.noise)
         log(f"round {r}: {args.per_round} thumbs given, {ups} up")
         config = CycleConfig(method=args.method, min_feedback=args.min_feedback, device=args.device,
-                             seed=args.seed + r)
+                             seed=args.seed + r, generation=settings, promote=not args.no_gate)
         if args.ppo_steps is not None:
             config.ppo.steps = args.ppo_steps
+        cycle, decision, candidate = None, "waiting", None
         try:
             cycle = run_cycle(store, data_dir=args.data_dir, model_name=args.model, config=config,
                               progress=lambda line, r=r: log(f"round {r}: {line}"))
+        except NotEnoughFeedback as exc:
+            log(f"round {r}: {exc}")
         except CycleFailed as exc:
             log(f"error: {exc}")
             result["error"] = str(exc)
             write()
             return 1
-        store.promote(cycle["version"], actor="simulation", reason="promoted by the simulation")
-        bot = Bot(store, args.data_dir, args.model, args.device)
-        after = approval(bot, heldout, preference, settings, args.samples, eval_seed, vocabulary)
-        wall = round(time.perf_counter() - started, 1)
-        evaluation = cycle["evaluation"]
-        result["approval"].append(after["approval"])
-        result["kl"].append(evaluation["kl_to_base"])
-        result["wall_s"].append(wall)
+        if cycle is not None:
+            if args.no_gate:
+                store.promote(cycle["version"], actor="simulation", reason="promoted without the gate (--no-gate)")
+            promoted = store.active_version() == cycle["version"]
+            decision = "promoted" if promoted else "rejected"
+            # The candidate's true approval, promoted or not: how often the gate is right.
+            candidate = measure(Bot(store, args.data_dir, args.model, args.device, version=cycle["version"]))
+            if promoted:
+                bot, current = Bot(store, args.data_dir, args.model, args.device), candidate
+        evaluation = (cycle or {}).get("evaluation") or {}
+        result["approval"].append(current["approval"])
+        result["approval_se"].append(current["se"])
         result["versions"].append(bot.version)
-        result["distinct_fraction"].append(after["distinct_fraction"])
-        result["mean_words"].append(after["mean_words"])
-        result["known_words"].append(after["known_words"])
+        result["known_words"].append(current["known_words"])
+        result["base_nll"].append(current["base_nll"])
+        result["distinct_fraction"].append(current["distinct_fraction"])
+        result["mean_words"].append(current["mean_words"])
+        if decision == "promoted":
+            result["kl_per_token"].append(evaluation.get("kl_per_token"))
+        else:
+            result["kl_per_token"].append(result["kl_per_token"][-1])
+        result["wall_s"].append(round(time.perf_counter() - started, 1))
         result["thumbs_up_given"].append(ups)
-        result["reward_auc"].append((cycle.get("reward_model") or {}).get("auc"))
-        result["win_rate"].append(evaluation["win_rate"])
-        result["samples"].append(after["samples"])
-        result["runs"].append(summary_line(cycle))
-        log(f"round {r} ({bot.version}): approval {after['approval']:.3f}, KL to base "
-            f"{evaluation['kl_to_base']:.2f} nats, distinct replies {after['distinct_fraction']:.2f}, "
-            f"known words {after['known_words']:.2f}, "
-            f"{wall:.0f} s")
+        result["reward_auc"].append(((cycle or {}).get("reward_model") or {}).get("auc"))
+        result["judge_auc"].append(((cycle or {}).get("judge_model") or {}).get("auc"))
+        result["win_rate"].append(evaluation.get("win_rate"))
+        result["judge_win_rate"].append(evaluation.get("judge_win_rate"))
+        result["decisions"].append({"decision": decision, "version": (cycle or {}).get("version"),
+                                    "reason": ((cycle or {}).get("gate") or {}).get("reason")})
+        result["candidate_approval"].append(None if candidate is None else
+                                            {"approval": candidate["approval"], "se": candidate["se"],
+                                             "known_words": candidate["known_words"],
+                                             "base_nll": candidate["base_nll"]})
+        result["samples"].append(current["samples"])
+        if cycle is not None:
+            result["runs"].append(summary_line(cycle))
+        log(f"round {r} ({bot.version}, candidate {decision}): approval {current['approval']:.3f} ± "
+            f"{current['se']:.3f}, known words {current['known_words']}, base NLL {current['base_nll']}, "
+            f"mean words {current['mean_words']}, {result['wall_s'][-1]:.0f} s")
         write()
-    print(json.dumps({k: result[k] for k in ("preference", "method", "approval", "kl", "wall_s")}))
+    print(json.dumps({k: result[k] for k in ("preference", "method", "approval", "kl_per_token", "wall_s")}))
     return 0
 
 

@@ -1,0 +1,55 @@
+"""Is it still language? Two measures of the replies, for any model.
+
+- **Base NLL per token**: the negative log-likelihood the frozen base model
+  gives each reply token (temperature 1, its own distribution), averaged
+  over tokens. Babble and made-up words are improbable to the base, so it
+  rises; a reply in the base's own language keeps it where the base's own
+  samples are. Works for any causal LM, the starter or a hub model.
+- **Known-word share**: the share of the replies' words that occur in the
+  dialogue corpus (`chatterbot-corpus`, the starter's whole vocabulary of
+  real words). Exact for the starter; for a larger model a relative figure
+  (compare it with the base's own replies, never with a fixed number).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+_WORD = re.compile(r"[a-z']+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_words() -> frozenset[str]:
+    """Every word of the corpus replies."""
+    from chatbot.starter import corpus_pairs
+
+    return frozenset(w for _, reply in corpus_pairs() for w in words(reply))
+
+
+def known_word_fraction(replies: list[str], vocabulary=None) -> float | None:
+    """Share of the replies' words that are real corpus words; None without words."""
+    vocabulary = corpus_words() if vocabulary is None else vocabulary
+    found = [w for r in replies for w in words(r)]
+    return round(sum(w in vocabulary for w in found) / len(found), 4) if found else None
+
+
+def base_nll_per_token(model, batches: list[dict]) -> float | None:
+    """Mean NLL per reply token under the base (a `PeftModel`'s adapter
+    disabled, or a plain model), over `online_rl.sampling` batches."""
+    import contextlib
+
+    from online_rl.sampling import reply_logprobs
+
+    total = count = 0.0
+    disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with disabled:
+        for batch in batches:
+            logp = reply_logprobs(model, batch, 1.0)
+            total -= float(logp.sum())
+            count += float(batch["reply_mask"].sum())
+    return round(total / count, 4) if count else None
