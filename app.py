@@ -134,10 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.8, help="default sampling temperature (0: greedy)")
         p.add_argument("--top-p", type=float, default=0.95, help="default nucleus sampling threshold")
         p.add_argument("--min-win-rate", type=float, default=0.5,
-                       help="gate: the candidate's win rate against the active version, under its own reward "
-                            "model and under the judge, must be at least this (default 0.5)")
-        p.add_argument("--max-kl", type=float, default=0.5,
-                       help="gate: mean KL to the base at most this many nats per reply token (default 0.5)")
+                       help="gate: the candidate's win rate against the active version must be above this "
+                            "under its own reward model and at least this under the judge (default 0.5)")
+        p.add_argument("--max-kl", type=float, default=0.2,
+                       help="gate: mean KL to the base at most this many nats per reply token (default 0.2)")
 
     sub.add_parser("promote", parents=[common], help="make VERSION the active one (v0: the base model)") \
         .add_argument("version", help="v0, v1, v2, ...")

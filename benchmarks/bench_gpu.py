@@ -119,8 +119,10 @@ def main() -> int:
     # -- one PPO cycle of 256 rollouts -------------------------------------------------
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    config = PPOConfig(steps=args.ppo_steps, rollouts=args.rollouts, minibatch=32, max_new_tokens=64)
-    trainer = PPOTrainer(add_lora(model, config), tokenizer, config, progress=log)
+    config = PPOConfig(steps=args.ppo_steps, prompts_per_step=max(1, args.rollouts // 4), samples_per_prompt=4,
+                       minibatch=32)
+    rollout_settings = GenerationSettings(max_new_tokens=64, temperature=0.8, top_p=0.95)
+    trainer = PPOTrainer(add_lora(model, config), tokenizer, config, rollout_settings, progress=log)
     prompts = [[{"role": "user", "content": f"question {i}?"}] for i in range(512)]
     started = time.perf_counter()
     trainer.train(prompts, lambda prompts, replies: [min(len(r), 200) / 200 for r in replies])

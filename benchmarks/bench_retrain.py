@@ -29,8 +29,9 @@ from benchmarks.report import table, write_section  # noqa: E402
 
 
 def fill(data_dir: Path, starter: Path, rows: int, seed: int) -> None:
-    from chatbot.policy import GenerationSettings
-    from online_rl.simulate import Bot, chat_round, concise, corpus_prompts
+    from chatbot.models import GenerationSettings
+    from online_rl.simulate import Bot, chat_round, corpus_prompts
+    from online_rl.tastes import concise
     from storage import Store
 
     store = Store.in_data_dir(data_dir)
@@ -85,12 +86,14 @@ def main():
                          f"{summary['seconds']:.0f} s", f"{peak:.0f} MiB", f"{summary['adapter_mb']:.2f} MB",
                          f"{summary['base_mb']:.2f} MB",
                          (summary.get("reward_model") or {}).get("auc"),
-                         summary["evaluation"]["win_rate"], summary["evaluation"]["kl_to_base"]])
+                         summary["evaluation"]["win_rate"], summary["evaluation"]["kl_per_token"],
+                         (summary.get("train") or {}).get("steps")])
     body = table(["method", "rated replies", "wall (process)", "cycle", "peak RSS", "adapter", "base model",
-                  "reward AUC", "win rate vs v0", "KL to base"], rows)
+                  "reward AUC", "win rate vs v0", "KL to base (nats/token)", "PPO steps"], rows)
     body += (f"\n\n{args.rows} thumbs from the simulated `concise` user on v0 (a quarter of turns regenerated); "
              "`python app.py retrain --method M` as a child process on this CPU with default settings "
-             "(reward model 6 epochs; PPO 30 steps of 32 rollouts; KTO 3 epochs at batch 16). *Wall* includes "
+             "(two reward models, each stopped on held-out loss; PPO up to 30 steps of 8 prompts x 4 replies "
+             "sampled as the bot serves, up to 96 tokens; KTO 3 epochs at batch 16). *Wall* includes "
              "starting Python and importing torch; *cycle* is the run's own time. Peak RSS is the child's "
              "maximum resident memory. The adapter is the LoRA (r=16 on every linear layer) in safetensors; "
              f"the base is the starter model's directory. Cores: {os.cpu_count()}.")

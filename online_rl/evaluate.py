@@ -45,7 +45,7 @@ CANDIDATE, ACTIVE = "default", "active"
 @dataclass
 class EvalConfig:
     max_prompts: int = 64
-    samples: int = 2  # replies per held-out prompt and version
+    samples: int = 4  # replies per held-out prompt and version
     max_heldout_thumbs: int = 400  # rated held-out replies scored for the thumbs margin
     seed: int = 1234
     examples: int = 6  # replies shown side by side in the metrics

@@ -4,8 +4,9 @@ It reads the numbers `online_rl.evaluate.compare` measured on held-out
 prompts and passes a candidate only when every check holds:
 
 - **no NaN** anywhere in its scores, KL or language figures;
-- **it beat its parent under its own reward model** (``win_rate`` at least
-  `min_win_rate`): a candidate that did not climb the reward it was trained
+- **it beat its parent under its own reward model** (``win_rate`` above
+  `min_win_rate`; ties, as when it writes what the active version writes,
+  are no win): a candidate that did not climb the reward it was trained
   on learned nothing worth judging;
 - **and under evidence PPO did not optimize**: the judge, a reward model
   trained on other thumbs, prefers it at least `min_judge_win_rate` of the
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass
 class GateConfig:
     min_win_rate: float = 0.5  # under the reward model PPO optimized
     min_judge_win_rate: float = 0.5  # under the judge, a reward model PPO never saw
-    max_kl: float = 0.5  # nats per reply token, mean over held-out replies
+    max_kl: float = 0.2  # nats per reply token, mean over held-out replies
     max_nll_increase: float = 0.10  # base NLL per token, relative to the base's own replies
     max_known_words_drop: float = 0.04  # known-word share, below the base's own replies
     min_distinct: float = 0.3  # share of distinct replies among the held-out prompts
@@ -78,9 +79,9 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
         reasons.append(f"only {prompts} held-out prompts (at least {config.min_prompts} needed to judge)")
     if evaluation.get("nan"):
         reasons.append("NaN in the candidate's scores, KL or language figures")
-    if win_rate is None or win_rate < config.min_win_rate:
+    if win_rate is None or win_rate <= config.min_win_rate:
         reasons.append(f"it did not beat {active} under its own reward model: win rate {_fmt(win_rate)} "
-                       f"(at least {config.min_win_rate:.2f})")
+                       f"(more than {config.min_win_rate:.2f} needed)")
     if judge_used and judge < config.min_judge_win_rate:
         reasons.append(f"the judge (a reward model PPO never saw) prefers {active}: win rate {_fmt(judge)} "
                        f"(at least {config.min_judge_win_rate:.2f})")

@@ -27,8 +27,9 @@ One step:
      replies people liked (InstructGPT's "pretraining mix" in spirit: the
      KL term cannot tell a short real reply from a short made-up one, a
      supervised term on real replies can).
-   A step's updates stop early when the approximate KL between the policy
-   and the one that sampled the rollouts passes `max_approx_kl`, and the
+   A step's updates stop early (before the minibatch that would go further)
+   when the approximate KL between the policy and the one that sampled the
+   rollouts passes `max_approx_kl`, and the
    learning rate warms up, then decays linearly to a tenth.
 5. **Hard stop.** When the KL to the base measured on a step's rollouts
    passes `max_kl` nats per token, the cycle stops there.
@@ -66,7 +67,7 @@ ProgressFn = Callable[[str], None]
 @dataclass
 class PPOConfig:
     steps: int = 30  # PPO steps per cycle (fewer when the KL to the base passes max_kl)
-    prompts_per_step: int = 8  # distinct prompts per step (over all processes)
+    prompts_per_step: int = 16  # distinct prompts per step (over all processes)
     samples_per_prompt: int = 4  # replies per prompt: each one's baseline is the mean of the others
     minibatch: int = 16  # rollouts per gradient step
     epochs: int = 2  # passes over a step's rollouts, unless approx-KL stops them first
@@ -75,12 +76,28 @@ class PPOConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     cliprange: float = 0.2
-    kl_coef: float = 0.1  # initial coefficient of the KL to the base (per token); a cycle continues the last one's
-    target_kl: float = 0.15  # nats per reply token the adaptive coefficient steers towards
+    # Weight of below-average replies' advantages. Pushing a reply's tokens
+    # down on a peaked distribution hands their probability to whatever else
+    # the vocabulary holds, which is how a small model turns to babble;
+    # pushing the better replies up takes mass only from the model's other
+    # replies.
+    negative_weight: float = 0.3
+    # Weight of language in the reward: each reply's score (the reward
+    # model's logits, standardized over the step's rollouts) loses this many
+    # times the base model's NLL per token of the reply. Made-up words are
+    # improbable to the base, so a babbled reply scores below a real one the
+    # taste likes as much; per token, so length is not charged.
+    language_coef: float = 1.0
+    kl_coef: float = 0.3  # initial coefficient of the KL to the base (per token); a cycle continues the last one's
+    # nats per reply token the adaptive coefficient steers towards. Choosing
+    # one of the base's own replies over the others costs KL at the tokens
+    # where it chooses, without making the reply any less the base's
+    # language; the gate judges language by the base's NLL of the replies.
+    target_kl: float = 0.05
     adaptive_kl: bool = True
-    max_kl: float = 0.6  # nats per reply token: the cycle stops when its rollouts pass it
+    max_kl: float = 0.15  # nats per reply token: the cycle stops when its rollouts pass it
     max_approx_kl: float = 0.03  # nats per token between the policy and its sampler: stop the step's updates
-    anchor_coef: float = 0.2  # weight of the language anchor (NLL per token of liked replies)
+    anchor_coef: float = 0.5  # weight of the language anchor (NLL per token of liked replies)
     anchor_batch: int = 8  # liked replies per minibatch
     max_grad_norm: float = 1.0
     max_prompt_tokens: int = 256
@@ -106,8 +123,8 @@ class PPOConfig:
 class AdaptiveKL:
     """Ziegler et al. (2019): coef *= 1 + clip(kl / target - 1, ±0.2) * n / horizon.
 
-    The horizon is one step's rollouts, so the coefficient can move by up to
-    20% a step; its value is carried from one cycle to the next."""
+    With a horizon of two steps' rollouts the coefficient moves by up to 10%
+    a step; its value is carried from one cycle to the next."""
 
     def __init__(self, init: float, target: float, horizon: int, adaptive: bool = True):
         self.value, self.target, self.horizon, self.adaptive = init, target, horizon, adaptive
@@ -167,7 +184,7 @@ class PPOTrainer:
 
         self.model, self.optimizer, self.sharded = prepare(self.accelerator, policy, optimizer_for)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.kl = AdaptiveKL(config.kl_coef, config.target_kl, config.rollouts, config.adaptive_kl)
+        self.kl = AdaptiveKL(config.kl_coef, config.target_kl, 2 * config.rollouts, config.adaptive_kl)
         self.history: list[dict] = []
         self.stopped: str | None = None
 
@@ -216,15 +233,19 @@ class PPOTrainer:
         mask = batch["reply_mask"].float()
         scores = torch.tensor(reward_fn(batch["prompts"], batch["texts"]), dtype=torch.float32,
                               device=self.device)
-        advantages = leave_one_out(scores, k)
-        advantages = advantages / (advantages.std() + 1e-6)
 
         self.model.eval()
         with torch.no_grad():
             old_logprobs, _ = self._logprobs(batch)
             with self.unwrapped.policy.disable_adapter():
                 ref_logprobs, _ = self._logprobs(batch)
+                base_logprobs, _ = self._logprobs(batch, temperature=1.0)
         kl_tokens = (old_logprobs - ref_logprobs) * mask
+        base_nll = -(base_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        rewards = (scores - scores.mean()) / (scores.std() + 1e-6) - cfg.language_coef * base_nll
+        advantages = leave_one_out(rewards, k)
+        advantages = advantages / (advantages.std() + 1e-6)
+        advantages = torch.where(advantages < 0, cfg.negative_weight * advantages, advantages)
 
         self.model.train()
         stats = {"pg_loss": [], "kl_loss": [], "anchor_loss": [], "clipfrac": [], "approx_kl": [], "entropy": []}
@@ -236,6 +257,11 @@ class PPOTrainer:
                 m = mask[idx]
                 logprobs, all_logp = self._logprobs(batch, idx)
                 log_ratio = logprobs - old_logprobs[idx]
+                with torch.no_grad():
+                    approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, m).item()
+                if updates and approx_kl > cfg.max_approx_kl:
+                    early = True  # the policy has left the region its rollouts can vouch for
+                    break
                 ratio = torch.exp(log_ratio)
                 adv = advantages[idx].unsqueeze(-1)
                 pg1 = -adv * ratio
@@ -254,7 +280,6 @@ class PPOTrainer:
                 self.optimizer.step()
                 updates += 1
                 with torch.no_grad():
-                    approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, m).item()
                     entropy = -(all_logp.exp() * all_logp).sum(-1)
                     stats["pg_loss"].append(pg_loss.item())
                     stats["kl_loss"].append(kl_loss.item())
@@ -262,9 +287,6 @@ class PPOTrainer:
                     stats["clipfrac"].append(masked_mean((pg2 > pg1).float(), m).item())
                     stats["approx_kl"].append(approx_kl)
                     stats["entropy"].append(masked_mean(entropy, m).item())
-                if approx_kl > cfg.max_approx_kl:
-                    early = True
-                    break
             if early:
                 break
         lr = self.schedule.get_last_lr()[0]
@@ -272,12 +294,12 @@ class PPOTrainer:
 
         tokens = mask.sum(-1)
         local = torch.tensor([
-            scores.mean().item(), (kl_tokens.sum() / mask.sum().clamp(min=1)).item(),
+            scores.mean().item(), base_nll.mean().item(), (kl_tokens.sum() / mask.sum().clamp(min=1)).item(),
             kl_tokens.sum(-1).mean().item(), tokens.mean().item(), batch["finished"].float().mean().item(),
             *[sum(v) / max(1, len(v)) for v in stats.values()],
         ], device=self.device)
         summed = self.accelerator.reduce(local, reduction="mean")
-        keys = ["score", "kl_per_token", "kl", "reply_tokens", "eos_fraction", *stats.keys()]
+        keys = ["score", "base_nll", "kl_per_token", "kl", "reply_tokens", "eos_fraction", *stats.keys()]
         record = {key: round(float(v), 5) for key, v in zip(keys, summed.tolist())}
         record.update(kl_coef=round(self.kl.value, 5), lr=round(lr, 7), updates=updates, early_stop=early,
                       seconds=round(time.perf_counter() - started, 2))

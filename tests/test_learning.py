@@ -78,6 +78,32 @@ def test_auc():
     assert auc([0.1, 0.2], [True, True]) is None
 
 
+def test_auc_interval_and_calibration():
+    from online_rl.reward import auc_interval, calibration
+
+    low, high = auc_interval(0.6, 9, 9)
+    assert low < 0.5 < high  # 18 thumbs cannot tell 0.6 from chance
+    low, high = auc_interval(0.6, 200, 200)
+    assert 0.5 < low < 0.6 < high
+    assert auc_interval(0.9, 0, 5) is None
+    assert calibration([10.0, -10.0], [True, False])["brier"] < 0.01
+    assert calibration([10.0, -10.0], [False, True])["ece"] > 0.99
+
+
+def test_reward_model_training_stops_on_held_out_loss_and_keeps_its_best_epoch(tiny_loaded):
+    from online_rl.reward import RewardConfig, train_reward_model
+
+    snap = _synthetic_snapshot(80)
+    # Held-out thumbs that say the opposite: every epoch of training makes their loss worse.
+    flipped = [Example(e.prompt, e.reply, not e.label, e.conversation_id, e.rater, e.response_id, e.feedback_id)
+               for e in snap.heldout]
+    rm, metrics = train_reward_model(tiny_loaded.path, tiny_loaded.tokenizer, snap.train, [], flipped, [],
+                                     RewardConfig(epochs=10, patience=2, lr=5e-3), device=torch.device("cpu"),
+                                     progress=lambda line: None)
+    assert metrics["best_epoch"] == 0 and metrics["epochs_run"] == 2
+    assert metrics["auc"] <= 0.6  # the untrained start kept, not the overfitted epochs
+
+
 def _synthetic_snapshot(n=160):
     """Liked replies say yes, disliked ones say no: separable by their words."""
     snap = Snapshot(watermark=n)
@@ -94,11 +120,12 @@ def test_reward_model_learns_a_separable_preference(tiny_loaded):
     from online_rl.reward import RewardConfig, train_reward_model
 
     snap = _synthetic_snapshot()
-    rm, metrics = train_reward_model(tiny_loaded.path, tiny_loaded.tokenizer, snap,
+    rm, metrics = train_reward_model(tiny_loaded.path, tiny_loaded.tokenizer, snap.train, [], snap.heldout, [],
                                      RewardConfig(epochs=8, lr=5e-3, batch_size=16), device=torch.device("cpu"),
                                      progress=lambda line: None)
     assert metrics["heldout_examples"] == 32
     assert metrics["auc"] >= 0.95 and metrics["accuracy"] >= 0.85
+    assert metrics["auc_low"] > 0.5 and metrics["brier"] is not None and metrics["ece"] is not None
     up, down = rm.score([[{"role": "user", "content": "help?"}]] * 2, ["yes sure, glad to 3", "no, go away now 3"])
     assert up > down
 
@@ -109,30 +136,26 @@ def test_reward_model_continues_from_its_previous_version(tiny_loaded, tmp_path)
     snap = _synthetic_snapshot(60)
     cfg = RewardConfig(epochs=2, lr=5e-3)
     cpu = torch.device("cpu")
-    rm, _ = train_reward_model(tiny_loaded.path, tiny_loaded.tokenizer, snap, cfg, device=cpu,
-                               progress=lambda line: None)
+    rm, _ = train_reward_model(tiny_loaded.path, tiny_loaded.tokenizer, snap.train, [], snap.heldout, [], cfg,
+                               device=cpu, progress=lambda line: None)
     rm.save(tmp_path / "rm1")
     saved = load_reward_model(tiny_loaded.path, tmp_path / "rm1", tiny_loaded.tokenizer, cpu)
     prompts, replies = [e.prompt for e in snap.train[:4]], [e.reply for e in snap.train[:4]]
     assert saved.score(prompts, replies) == pytest.approx(rm.score(prompts, replies), abs=1e-5)
-    _, metrics = train_reward_model(tiny_loaded.path, tiny_loaded.tokenizer, snap, cfg, device=cpu,
-                                    previous=tmp_path / "rm1", progress=lambda line: None)
+    _, metrics = train_reward_model(tiny_loaded.path, tiny_loaded.tokenizer, snap.train, [], snap.heldout, [], cfg,
+                                    device=cpu, previous=tmp_path / "rm1", progress=lambda line: None)
     assert metrics["continued_from"] == str(tmp_path / "rm1")
 
 
 # -- PPO ----------------------------------------------------------------------------
 
 
-def test_gae_matches_a_hand_computation():
-    from online_rl.ppo import gae
+def test_leave_one_out_advantages_match_a_hand_computation():
+    from online_rl.ppo import leave_one_out
 
-    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
-    values = torch.tensor([[0.5, 0.5, 0.5, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
-    # deltas: 0 + .5 - .5 = 0, 0 + .5 - .5 = 0, 1 + 0 - .5 = .5 (the padded step is not a next state)
-    assert adv[0].tolist() == pytest.approx([0.125, 0.25, 0.5, 0.0])
-    assert ret[0].tolist() == pytest.approx([0.625, 0.75, 1.0, 0.0])
+    # Two prompts, three replies each: each score minus the mean of the other two.
+    adv = leave_one_out(torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 6.0]), 3)
+    assert adv.tolist() == pytest.approx([-1.5, 0.0, 1.5, -3.0, -3.0, 6.0])
 
 
 def test_adaptive_kl_moves_toward_its_target():
@@ -164,28 +187,31 @@ def starts_with_i(prompts, replies):
     return [1.0 if r.startswith("I") else 0.0 for r in replies]
 
 
-def _ppo(tiny_trained, **overrides):
-    from chatbot.models import load_tokenizer
+def _ppo(tiny_trained, anchor=None, reward=starts_with_i, **overrides):
+    from chatbot.models import GenerationSettings, load_tokenizer
     from online_rl.ppo import PPOConfig, PPOTrainer
 
-    settings = dict(steps=10, rollouts=16, minibatch=8, epochs=2, lr=3e-3, max_new_tokens=8,
-                    init_kl_coef=0.01, adaptive_kl=False, missing_eos_penalty=0.0, seed=0)
+    settings = dict(steps=10, prompts_per_step=4, samples_per_prompt=4, minibatch=8, epochs=2, lr=3e-3,
+                    warmup_steps=0, kl_coef=0.01, adaptive_kl=False, max_kl=100.0, max_approx_kl=10.0,
+                    anchor_coef=0.0, seed=0)
     config = PPOConfig(**{**settings, **overrides})
     policy = _fresh_policy(tiny_trained, config)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    trainer = PPOTrainer(policy, load_tokenizer(str(tiny_trained)), config, progress=lambda line: None)
-    value_before = trainer.unwrapped.value_head.weight.detach().clone()
-    history = trainer.train(PROMPTS, starts_with_i)
-    return trainer, history, before, value_before
+    trainer = PPOTrainer(policy, load_tokenizer(str(tiny_trained)), config,
+                         GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1.0), progress=lambda line: None)
+    history = trainer.train(PROMPTS, reward, anchor)
+    return trainer, history, before
 
 
-def test_ppo_raises_the_reward_and_moves_only_lora_and_value_head(tiny_trained):
-    trainer, history, before, value_before = _ppo(tiny_trained)
-    first = sum(h["reward"] for h in history[:2]) / 2
-    last = sum(h["reward"] for h in history[-2:]) / 2
-    assert last > first + 0.3, [h["reward"] for h in history]
-    for key in ("reward", "kl", "entropy", "clipfrac", "approx_kl", "value_loss", "kl_coef"):
+def test_ppo_raises_the_score_and_moves_only_lora(tiny_trained):
+    trainer, history, before = _ppo(tiny_trained)
+    first = sum(h["score"] for h in history[:2]) / 2
+    last = sum(h["score"] for h in history[-2:]) / 2
+    assert last > first + 0.3, [h["score"] for h in history]
+    for key in ("score", "kl", "kl_per_token", "entropy", "clipfrac", "approx_kl", "kl_loss", "anchor_loss",
+                "kl_coef", "lr", "updates", "reply_tokens", "eos_fraction"):
         assert key in history[-1]
+    assert max(h["reply_tokens"] for h in history) <= 8  # rollouts stop at the serving cap
     moved_lora = moved_base = 0
     for name, param in trainer.unwrapped.policy.named_parameters():
         changed = not torch.equal(param.detach(), before[name])
@@ -194,24 +220,42 @@ def test_ppo_raises_the_reward_and_moves_only_lora_and_value_head(tiny_trained):
         else:
             moved_base += changed
     assert moved_lora > 0 and moved_base == 0
-    assert not torch.equal(trainer.unwrapped.value_head.weight, value_before)
 
 
 def test_a_large_kl_coefficient_keeps_the_policy_near_the_reference(tiny_trained):
-    _, loose, _, _ = _ppo(tiny_trained, steps=8)
-    _, tight, _, _ = _ppo(tiny_trained, steps=8, init_kl_coef=5.0)
-    loose_kl = sum(h["kl"] for h in loose[-3:]) / 3
-    tight_kl = sum(h["kl"] for h in tight[-3:]) / 3
+    _, loose, _ = _ppo(tiny_trained, steps=8)
+    _, tight, _ = _ppo(tiny_trained, steps=8, kl_coef=20.0)
+    loose_kl = sum(h["kl_per_token"] for h in loose[-3:]) / 3
+    tight_kl = sum(h["kl_per_token"] for h in tight[-3:]) / 3
     assert tight_kl < 0.5 * loose_kl, (tight_kl, loose_kl)
-    assert tight_kl < 1.0
 
 
-def test_replies_cut_off_without_an_end_token_are_penalised(tiny_trained):
-    # Three tokens are too few for most replies to end.
-    _, history, _, _ = _ppo(tiny_trained, steps=1, max_new_tokens=3, missing_eos_penalty=2.0, lr=1e-6)
-    record = history[0]
-    assert record["eos_fraction"] < 0.5
-    assert record["score"] == pytest.approx(record["reward"] - 2.0 * (1 - record["eos_fraction"]), abs=1e-4)
+def test_the_cycle_stops_at_the_kl_cap_and_updates_stop_on_approx_kl(tiny_trained):
+    trainer, history, _ = _ppo(tiny_trained, steps=10, lr=3e-2, max_kl=0.05)
+    assert len(history) < 10 and history[-1]["kl_per_token"] > 0.05
+    assert trainer.stopped and "passed the cap" in trainer.stopped
+    _, history, _ = _ppo(tiny_trained, steps=2, max_approx_kl=1e-9)
+    assert all(h["updates"] == 1 and h["early_stop"] for h in history)
+
+
+def test_the_language_anchor_pulls_towards_liked_replies(tiny_trained):
+    from chatbot.models import load_tokenizer
+    from online_rl.sampling import encode_replies, reply_logprobs
+
+    liked = [(p, "I am fine, thank you.") for p in PROMPTS]
+    tokenizer = load_tokenizer(str(tiny_trained))
+    batch = encode_replies(tokenizer, [p for p, _ in liked], [r for _, r in liked])
+
+    def nll(model):
+        return float(-(reply_logprobs(model, batch).sum() / batch["reply_mask"].sum()))
+
+    flat = lambda prompts, replies: [0.0] * len(replies)  # noqa: E731 - no reward: only the anchor teaches
+    trainer, history, _ = _ppo(tiny_trained, anchor=liked, reward=flat, steps=4, anchor_coef=1.0)
+    policy = trainer.unwrapped.policy
+    with policy.disable_adapter():
+        before = nll(policy)
+    assert nll(policy) < before - 0.1
+    assert history[0]["anchor_loss"] > 0
 
 
 # -- KTO ----------------------------------------------------------------------------

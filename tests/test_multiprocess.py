@@ -53,7 +53,7 @@ fsdp_config:
 
 
 def test_training_engine_from_the_launcher_environment():
-    from online_rl.ppo import training_engine
+    from online_rl.distributed import training_engine
 
     assert training_engine({}) == "ddp"
     assert training_engine({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "fsdp2"
@@ -66,17 +66,18 @@ def test_training_engine_from_the_launcher_environment():
 
 
 def test_a_quantized_base_is_refused_under_fsdp_only(monkeypatch):
-    from online_rl.cycle import CycleConfig, _engine
+    from online_rl.distributed import check_engine
 
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.delenv("FSDP_OFFLOAD_PARAMS", raising=False)
-    assert _engine(CycleConfig(quantize="none")) == "fsdp2"
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    assert check_engine("none") == "fsdp2"
     with pytest.raises(ValueError, match="--quantize 4bit does not combine with FSDP"):
-        _engine(CycleConfig(quantize="4bit"))
+        check_engine("4bit")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    assert _engine(CycleConfig(quantize="4bit")) == "ddp"
+    assert check_engine("4bit") == "ddp"
 
 
 def _scheduled_retrain(store, data_dir, tiny_model_dir, **extra):

@@ -90,7 +90,10 @@ def test_promote_and_rollback_from_the_command_line(store, data_dir, tmp_path):
 def _evaluation(**overrides):
     stats = {"distinct_fraction": 0.9, "top_reply_share": 0.1, "empty_fraction": 0.0,
              "cut_off_fraction": 0.1, "mean_words": 5}
-    evaluation = {"prompts": 20, "win_rate": 0.6, "kl_to_base": 3.0, "nan": False,
+    evaluation = {"prompts": 20, "win_rate": 0.6, "judge_win_rate": 0.55, "judge_informative": True,
+                  "kl_per_token": 0.2, "nan": False, "heldout_thumbs": {"margin": 0.01, "se": 0.02},
+                  "base_nll": {"candidate": 1.5, "active": 1.45, "base": 1.4},
+                  "known_words": {"candidate": 0.95, "active": 0.96, "base": 0.96},
                   "candidate": dict(stats), "active": dict(stats), "active_version": "v0"}
     for key, value in overrides.items():
         if key in stats:
@@ -106,13 +109,18 @@ def test_a_good_candidate_passes_the_gate():
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    ({"win_rate": 0.4}, "win rate 0.40"),
-    ({"kl_to_base": 30.0}, "KL to the base 30.00 nats"),
+    ({"win_rate": 0.4}, "did not beat the active version under its own reward model: win rate 0.40"),
+    ({"win_rate": 0.5}, "did not beat the active version under its own reward model: win rate 0.50"),
+    ({"judge_win_rate": 0.3}, "the judge (a reward model PPO never saw) prefers the active version: win rate 0.30"),
+    ({"heldout_thumbs": {"margin": -0.1, "se": 0.02}}, "moved away from what people liked"),
+    ({"kl_per_token": 0.9}, "KL to the base 0.900 nats per token"),
+    ({"base_nll": {"candidate": 1.6, "base": 1.4}}, "NLL per token of its replies is 1.60"),
+    ({"known_words": {"candidate": 0.85, "base": 0.96}}, "85% of its words are known words"),
     ({"nan": True}, "NaN"),
     ({"distinct_fraction": 0.05}, "only 5% of its replies are distinct"),
     ({"top_reply_share": 0.8}, "one reply is 80%"),
     ({"empty_fraction": 0.5}, "50% empty replies"),
-    ({"cut_off_fraction": 0.9}, "90% of its replies never end"),
+    ({"cut_off_fraction": 0.9}, "90% of its replies are cut off"),
     ({"prompts": 2}, "only 2 held-out prompts"),
 ])
 def test_each_check_of_the_gate_can_reject(overrides, reason):
@@ -122,7 +130,12 @@ def test_each_check_of_the_gate_can_reject(overrides, reason):
 
 def test_gate_thresholds_are_settings():
     assert decide(_evaluation(win_rate=0.45), GateConfig(min_win_rate=0.4)).passed
-    assert not decide(_evaluation(kl_to_base=3.0), GateConfig(max_kl=2.0)).passed
+    assert not decide(_evaluation(kl_per_token=0.3), GateConfig(max_kl=0.25)).passed
+
+
+def test_an_uninformative_judge_is_not_used():
+    verdict = decide(_evaluation(judge_win_rate=0.3, judge_informative=False))
+    assert verdict.passed and verdict.checks["judge_used"] is False
 
 
 def test_gate_records_its_decision_in_the_registry(store, tmp_path):
@@ -145,13 +158,16 @@ def test_gate_leaves_a_candidate_alone_when_the_active_version_changed_meanwhile
     assert store.get_adapter("v2")["status"] == "candidate" and store.active_version() == "v1"
 
 
-def test_gate_rejects_a_deliberately_worse_candidate(tiny_trained, store, tmp_path):
-    """A candidate whose LoRA is large noise babbles: the real evaluation on
-    held-out prompts measures it, and the gate rejects it with the reasons."""
+def test_gate_rejects_a_babbling_candidate_that_wins_on_its_training_reward_model(tiny_trained, store, tmp_path):
+    """A candidate whose LoRA is large noise babbles, and the reward model it
+    was "trained" on loves babble: it wins there, but the real evaluation on
+    held-out prompts measures its language against the base's, and the gate
+    rejects it for that."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from chatbot.models import GenerationSettings
     from online_rl.evaluate import EvalConfig, compare
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_trained)
@@ -167,13 +183,16 @@ def test_gate_rejects_a_deliberately_worse_candidate(tiny_trained, store, tmp_pa
                ("hello", "how are you", "what is your name", "do you like music", "tell me a joke",
                 "good morning", "who are you", "what can you do")]
 
-    def judge(prompts, replies):  # the held-out users: short, finished, word-like replies
-        return [-len(r) - 50 * sum(not w.isalpha() for w in r.split()) for r in replies]
+    def loves_babble(prompts, replies):  # the reward model PPO would have chased
+        return [float(len(set(r))) for r in replies]
 
-    evaluation = compare(model, tokenizer, prompts, judge, EvalConfig(max_new_tokens=16))
+    evaluation = compare(model, tokenizer, prompts, GenerationSettings(max_new_tokens=16, temperature=1.0),
+                         loves_babble, EvalConfig(samples=2))
     evaluation["active_version"] = "v0"
+    assert evaluation["win_rate"] > 0.5  # it did win where it was trained
+    assert evaluation["base_nll"]["candidate"] > 1.1 * evaluation["base_nll"]["base"]
     _register(store, tmp_path, "v1")
     verdict = apply(store, "v1", evaluation)
     assert not verdict.passed
-    assert "KL to the base" in verdict.reason()
+    assert "its language drifted" in verdict.reason() and "KL to the base" in verdict.reason()
     assert store.get_adapter("v1")["status"] == "rejected" and store.active_version() == "v0"

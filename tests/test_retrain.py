@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from online_rl.simulate import asks_back, concise, polite, resolve_preference
+from online_rl.tastes import TASTES, asks_back, concise, long, one_sentence, polite, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +30,14 @@ def _small(method="ppo", **extra):
     from online_rl.cycle import CycleConfig
 
     config = CycleConfig(method=method, min_feedback=10, device="cpu", **extra)
-    config.ppo.steps, config.ppo.rollouts, config.ppo.minibatch, config.ppo.max_new_tokens = 2, 8, 4, 8
+    config.generation.max_new_tokens = 8
+    config.ppo.steps, config.ppo.prompts_per_step, config.ppo.samples_per_prompt, config.ppo.minibatch = 2, 2, 4, 4
     config.reward.epochs = 2
+    # These tests are about the cycle's mechanics, not whether two epochs on a
+    # tiny model make an informative reward model (tested on its own below).
+    config.reward.min_auc_low = -1.0
     config.kto.max_steps, config.kto.batch_size = 2, 4
-    config.eval.max_prompts, config.eval.max_new_tokens = 6, 8
+    config.eval.max_prompts, config.eval.samples = 6, 1
     return config
 
 
@@ -74,12 +78,41 @@ def test_later_cycles_continue_from_the_active_adapter_and_reward_model(store, d
     assert second["version"] == "v2" and second["parent"] == "v1"
     assert second["reward_model"]["continued_from"] == first["reward_model_path"]
     assert second["feedback"]["examples"] == 40  # all past feedback is replayed
-    # KTO trains a fresh adapter on all the thumbs, and reuses the newest
-    # reward model to judge its candidate against the active v1.
+    assert second["judge_model"]["continued_from"] == first["judge_model_path"]
+    # The KL coefficient the first cycle ended with is where the second starts.
+    assert second["train"]["history"][0]["kl_coef"] == pytest.approx(first["kl_coef"], abs=1e-5)
+    assert json.loads((Path(first["path"]) / "adapter.json").read_text())["metrics"]["kl_coef"] == first["kl_coef"]
+    # KTO trains a fresh adapter on all the thumbs; its candidate is judged
+    # by reward models like PPO's.
     third = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small("kto"),
                       progress=lambda line: None)
     assert third["version"] == "v3" and third["parent"] == "v0" and third["train"]["steps"] == 2
-    assert third["reward_model"] is None and third["reward_model_path"] == second["reward_model_path"]
+    assert third["reward_model"]["continued_from"] == second["reward_model_path"]
+
+
+def test_a_reward_model_no_better_than_chance_trains_no_policy(store, data_dir, tiny_model_dir):
+    """Thumbs that say nothing (coin flips on one and the same reply): the
+    cycle waits for more feedback."""
+    import random
+
+    from online_rl.cycle import NotEnoughFeedback, run_cycle
+
+    rng = random.Random(0)
+    for i in range(40):
+        conversation = store.start_conversation("s")
+        messages = [{"role": "user", "content": "hello"}]
+        rid = store.log_response(conversation_id=conversation, prompt=messages, reply="hi there",
+                                 model_version="v0", session_id="s")
+        store.record_feedback(rid, rng.choice([1, -1]), session_id="s")
+    config = _small()
+    config.reward.min_auc_low = 0.5  # the default
+    with pytest.raises(NotEnoughFeedback, match="waiting for more feedback"):
+        run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=config,
+                  progress=lambda line: None)
+    run = store.runs(1)[0]
+    assert run["status"] == "refused" and run["error"].startswith("waiting for more feedback")
+    assert run["metrics"]["reward_model"]["auc_low"] <= 0.5
+    assert store.adapters() == []
 
 
 def test_too_little_feedback_is_refused_and_recorded(store, data_dir, tiny_model_dir):
@@ -132,28 +165,34 @@ def test_retrain_command_prints_progress_then_one_json_line(store, data_dir, tin
     assert "ppo: step 1/1" in done.stderr and "reward model" in done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["status"] == "succeeded" and summary["version"] == "v1"
-    assert summary["evaluation"]["kl_to_base"] is not None and summary["peak_memory_mb"] > 0
+    assert summary["evaluation"]["kl_per_token"] is not None and summary["peak_memory_mb"] > 0
 
 
 # -- simulated users ----------------------------------------------------------------
 
 
-def test_built_in_preferences():
+def test_built_in_tastes():
+    assert len(TASTES) >= 8
     assert concise("hi", "Fine, thanks.") and not concise("hi", "") and not concise("hi", "one two three four five six seven")
+    assert long("hi", "one two three four five six seven eight nine ten") and not long("hi", "Fine.")
     assert asks_back("hi", "And you?") and not asks_back("hi", "Fine.")
     assert polite("hi", "Thanks for asking!") and not polite("hi", "Go away.")
-    assert resolve_preference("os.path:isabs") is not None
-    with pytest.raises(ValueError, match="unknown preference"):
-        resolve_preference("grumpy")
+    assert one_sentence("hi", "I am fine.") and not one_sentence("hi", "I am fine. And you?")
+    assert TASTES["computers"]("hi", "I am a computer program.") and not TASTES["computers"]("hi", "I like tea.")
+    assert TASTES["first_person"]("hi", "I think so.") and TASTES["addresses_you"]("hi", "What do you think?")
+    assert TASTES["cheerful"]("hi", "That is great!") and not TASTES["cheerful"]("hi", "It is Tuesday.")
+    assert resolve("os.path:isabs") is not None
+    with pytest.raises(ValueError, match="unknown taste"):
+        resolve("grumpy")
 
 
 def test_babble_lowers_the_share_of_real_words():
-    from online_rl.simulate import known_word_fraction
+    from online_rl.language import known_word_fraction
 
     vocabulary = {"i", "am", "fine", "thanks"}
     assert known_word_fraction(["I am fine, thanks!"], vocabulary) == 1.0
     assert known_word_fraction(["I am sportscctrih filects"], vocabulary) == 0.5
-    assert known_word_fraction([""], vocabulary) == 0.0
+    assert known_word_fraction([""], vocabulary) is None
 
 
 def test_a_simulated_round_chats_thumbs_retrains_and_promotes(data_dir, tiny_model_dir, tmp_path, store):
@@ -162,14 +201,25 @@ def test_a_simulated_round_chats_thumbs_retrains_and_promotes(data_dir, tiny_mod
     out = tmp_path / "sim.json"
     code = simulate.main(["--preference", "concise", "--rounds", "1", "--per-round", "12", "--data-dir",
                           str(data_dir), "--model", str(tiny_model_dir), "--heldout", "6", "--samples", "1",
-                          "--ppo-steps", "1", "--min-feedback", "5", "--device", "cpu", "--out", str(out)])
+                          "--ppo-steps", "1", "--min-feedback", "5", "--device", "cpu", "--out", str(out),
+                          "--noise", "0.2", "--raters", "3"])
     assert code == 0
     result = json.loads(out.read_text())
-    assert len(result["approval"]) == 2 and len(result["kl"]) == 1 and len(result["wall_s"]) == 1
-    assert result["versions"] == ["v0", "v1"]
-    # The thumbs went through the store like the chat page's, and v1 was promoted.
+    assert len(result["approval"]) == 2 and len(result["approval_se"]) == 2 and len(result["wall_s"]) == 1
+    # The thumbs went through the store like the chat page's, from three raters.
     assert store.counts()["feedback"] == 12
-    assert store.active_version() == "v1"
+    assert len({row["session_id"] for row in store.rated_responses(store.latest_feedback_id())}) <= 3
+    # The round's candidate went through the gate, as on the live server: the
+    # run row holds the verdict, and the bot serves v1 exactly when it passed.
+    decision = result["decisions"][0]
+    run = store.runs(1)[0]
+    if decision["decision"] == "waiting":
+        assert run["status"] == "refused" and run["error"].startswith("waiting for more feedback")
+        assert store.active_version() == "v0"
+    else:
+        verdict = run["metrics"]["gate"]
+        assert (store.active_version() == "v1") == verdict["passed"] == (decision["decision"] == "promoted")
+        assert result["candidate_approval"][0]["approval"] is not None
 
 
 def test_running_out_of_memory_is_a_failed_run_with_that_error(store, data_dir, tiny_model_dir, monkeypatch):
@@ -178,7 +228,7 @@ def test_running_out_of_memory_is_a_failed_run_with_that_error(store, data_dir, 
     import online_rl.ppo
     from online_rl.cycle import CycleFailed, run_cycle
 
-    def out_of_memory(self, prompts, reward_fn):
+    def out_of_memory(self, *args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(online_rl.ppo.PPOTrainer, "step", out_of_memory)
