@@ -37,8 +37,8 @@ RUNS_SHOWN = 20
 ERROR_CHARS = 200  # a run's error in the table; the full text is in `app.py status`
 PREVIOUS = ""  # the rollback target meaning "what was active before"
 
-RUN_COLUMNS = ["run", "method", "status", "started", "seconds", "version", "gate", "win rate", "KL",
-               "reward AUC", "error"]
+RUN_COLUMNS = ["run", "method", "status", "started", "seconds", "version", "gate", "win rate", "judge",
+               "KL/token", "base NLL (base's)", "reward AUC", "error"]
 ADAPTER_COLUMNS = ["version", "status", "reason", "run", "created"]
 VERSION_COLUMNS = ["version", "replies", "up", "down", "approval"]
 # Gradio Markdown is not only HTML: these would format text that should be shown as is.
@@ -192,6 +192,12 @@ def _round(value, digits: int = 3):
     return None if value is None else round(float(value), digits)
 
 
+def _nll(run: dict) -> str:
+    """The base model's NLL per token of the candidate's replies, beside that of the base's own."""
+    nll, base = run.get("base_nll"), run.get("base_nll_of_base")
+    return "" if nll is None else f"{nll:.3f} ({base:.3f})" if base is not None else f"{nll:.3f}"
+
+
 def gate_text(gate: dict | None) -> str:
     if not gate:
         return ""
@@ -203,7 +209,8 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
     rows = [[
         r["id"], r.get("kind"), r.get("status"), short_time(r.get("started_at")), _round(r.get("seconds"), 1),
         r.get("version") or "", clip(gate_text(r.get("gate")), 120), _round(r.get("win_rate")),
-        _round(r.get("kl_to_base")), _round(r.get("reward_auc")), clip(r.get("error")),
+        _round(r.get("judge_win_rate")), _round(r.get("kl_per_token")), _nll(r), _round(r.get("reward_auc")),
+        clip(r.get("error")),
     ] for r in runs]
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 

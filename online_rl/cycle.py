@@ -349,8 +349,8 @@ def train_reward_models(job: Job, snap: Snapshot, base_path: str, tokenizer, dev
     job.report(f"reward model: held-out AUC {metrics['auc']} (95% interval {metrics['auc_low']}-"
                f"{metrics['auc_high']}) on {metrics['heldout_examples']} thumbs, Brier {metrics['brier']}, "
                f"pair accuracy {metrics['pair_accuracy']}")
-    low = metrics["auc_low"]
-    if low is None or low <= config.reward.min_auc_low:
+    low, bar = metrics["auc_low"], config.reward.min_auc_low
+    if bar >= 0 and (low is None or low <= bar):
         message = (f"waiting for more feedback: the reward model is no better than chance on held-out thumbs "
                    f"(AUC {metrics['auc']}, 95% interval {metrics['auc_low']}-{metrics['auc_high']}, "
                    f"{metrics['heldout_examples']} held-out thumbs); no policy is trained on it")

@@ -41,8 +41,9 @@ class RewardConfig:
     pair_weight: float = 1.0  # weight of the Bradley-Terry term beside the BCE term
     max_length: int = 256
     # A reward model trains a policy only when the lower end of its held-out
-    # AUC's 95% interval is above this: at 0.5, one no better than chance
-    # never steers the bot.
+    # AUC's 95% interval is above this (with no held-out thumbs of both kinds
+    # there is no interval, and it waits too): at 0.5, one no better than
+    # chance never steers the bot. Below 0: no such requirement.
     min_auc_low: float = 0.5
     seed: int = 0
 

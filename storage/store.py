@@ -757,7 +757,10 @@ def run_summary(run: dict) -> dict:
         "finished_at": run["finished_at"], "watermark": run["watermark"], "error": run["error"],
         "version": metrics.get("version"), "gate": metrics.get("gate"),
         "seconds": metrics.get("seconds"), "win_rate": evaluation.get("win_rate"),
-        "kl_to_base": evaluation.get("kl_to_base"), "reward_auc": reward.get("auc"),
+        "judge_win_rate": evaluation.get("judge_win_rate"), "kl_to_base": evaluation.get("kl_to_base"),
+        "kl_per_token": evaluation.get("kl_per_token"),
+        "base_nll": (evaluation.get("base_nll") or {}).get("candidate"),
+        "base_nll_of_base": (evaluation.get("base_nll") or {}).get("base"), "reward_auc": reward.get("auc"),
         "progress": run.get("progress") if run["status"] == "running" else None,
     }
 
