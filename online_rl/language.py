@@ -2,9 +2,13 @@
 
 - **Base NLL per token**: the negative log-likelihood the frozen base model
   gives each reply token (temperature 1, its own distribution), averaged
-  over tokens. Babble and made-up words are improbable to the base, so it
-  rises; a reply in the base's own language keeps it where the base's own
-  samples are. Works for any causal LM, the starter or a hub model.
+  over each reply's tokens, then over the replies. Babble and made-up words
+  are improbable to the base, so it rises; a reply in the base's own
+  language keeps it where the base's own samples are. Works for any causal
+  LM, the starter or a hub model. Every reply counts once: averaged over all
+  tokens instead, the few 96-token replies to prompts the base cannot answer
+  (the starter babbles on requests for code) decide the figure, and it
+  swings from 0.17 to 0.28 between two samplings of one unchanged model.
 - **Known-word share**: the share of the replies' words that occur in the
   dialogue corpus (`chatterbot-corpus`, the starter's whole vocabulary of
   real words). Exact for the starter; for a larger model a relative figure
@@ -39,17 +43,17 @@ def known_word_fraction(replies: list[str], vocabulary=None) -> float | None:
 
 
 def base_nll_per_token(model, batches: list[dict]) -> float | None:
-    """Mean NLL per reply token under the base (a `PeftModel`'s adapter
-    disabled, or a plain model), over `online_rl.sampling` batches."""
+    """NLL per token under the base (a `PeftModel`'s adapter disabled, or a
+    plain model) of each reply in `online_rl.sampling` batches, averaged
+    over the replies."""
     import contextlib
 
     from online_rl.sampling import reply_logprobs
 
-    total = count = 0.0
+    per_reply: list[float] = []
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with disabled:
         for batch in batches:
             logp = reply_logprobs(model, batch, 1.0)
-            total -= float(logp.sum())
-            count += float(batch["reply_mask"].sum())
-    return round(total / count, 4) if count else None
+            per_reply.extend((-logp.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)).tolist())
+    return round(sum(per_reply) / len(per_reply), 4) if per_reply else None
