@@ -1,15 +1,22 @@
-"""Learning from simulated thumbs: approval, KL and the replies, per round.
+"""The taste suite: does the whole loop, gate included, learn every taste?
 
-Runs `python -m online_rl.simulate` for each preference and method (by
-default `concise` and `asks_back`, PPO and KTO, 5 rounds of 100 thumbs) on
-the starter model, each in a fresh data directory, and writes:
+Runs `python -m online_rl.simulate` for each taste (default: every built-in
+one, `online_rl/tastes.py`) at each seed and noise level, each in a fresh
+data directory, and writes into docs/benchmarks.md (section "learning"):
 
-- the approval curve, KL to the base, share of real words, distinct replies
-  and wall time per round into docs/benchmarks.md (section "learning"),
-  beside held-out reward-model AUC and a few replies before and after;
+- per run: approval on the true taste before and after each round, with its
+  standard error; the gate's decision each round; the KL to the base per
+  token; the base model's NLL per token and the known-word share of the
+  served replies, beside the base's own; the gain and the goals it is held
+  to (+0.15 or ending at 0.90; never below the start; language kept);
+- how many promoted candidates were truly worse than the version they
+  replaced (their approval, measured on the true taste, below it by more
+  than two standard errors), and how many were lower at all;
+- replies before and after, to be read;
 - the curves as docs/learning.png.
 
-    python benchmarks/bench_learning.py [--rounds 5] [--per-round 100] [--seed 0]
+    python benchmarks/bench_learning.py [--tastes all] [--rounds 5] [--per-round 100] \\
+        [--seeds 0] [--noise 0] [--extra "long,computers,one_sentence:1:0.2"]
 """
 
 from __future__ import annotations
@@ -28,19 +35,21 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import table, write_section  # noqa: E402
 
 
-def run_one(preference, method, args, starter: Path, out_dir: Path) -> dict:
-    out = out_dir / f"{preference}-{method}.json"
-    with tempfile.TemporaryDirectory(prefix=f"sim-{preference}-{method}-") as data_dir:
-        cmd = [sys.executable, "-m", "online_rl.simulate", "--preference", preference, "--method", method,
-               "--rounds", str(args.rounds), "--per-round", str(args.per_round), "--seed", str(args.seed),
+def run_one(taste: str, seed: int, noise: float, args, starter: Path, out_dir: Path) -> dict:
+    name = f"{taste}-s{seed}-n{noise:g}"
+    out = out_dir / f"{name}.json"
+    if args.reuse and out.exists():
+        return json.loads(out.read_text())
+    with tempfile.TemporaryDirectory(prefix=f"sim-{name}-") as data_dir:
+        cmd = [sys.executable, "-m", "online_rl.simulate", "--preference", taste, "--rounds", str(args.rounds),
+               "--per-round", str(args.per_round), "--seed", str(seed), "--noise", str(noise),
                "--data-dir", data_dir, "--model", str(starter), "--out", str(out)]
         print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
         started = time.perf_counter()
-        log = out_dir / f"{preference}-{method}.log"
-        with open(log, "w") as fp:
+        with open(out_dir / f"{name}.log", "w") as fp:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=fp, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            raise RuntimeError(f"simulation {preference}/{method} failed, see {log}")
+            raise RuntimeError(f"simulation {name} failed, see {out_dir / (name + '.log')}")
         print(f"  done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return json.loads(out.read_text())
 
@@ -51,80 +60,115 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     for r in results:
-        label = f"{r['preference']} / {r['method']}"
-        style = "-" if r["method"] == "ppo" else "--"
+        label = f"{r['preference']} s{r['seed']}" + (f" noise {r['noise']:g}" if r["noise"] else "")
         rounds = list(range(len(r["approval"])))
-        axes[0].plot(rounds, r["approval"], style, marker="o", label=label)
-        axes[1].plot(rounds[1:], r["kl"], style, marker="o", label=label)
-        axes[2].plot(rounds, r["known_words"], style, marker="o", label=label)
-    axes[0].set(title="approval on held-out prompts", xlabel="round", ylabel="share of replies liked", ylim=(0, 1))
-    axes[1].set(title="KL to the base (nats per reply)", xlabel="round")
-    axes[2].set(title="share of real words in replies", xlabel="round", ylim=(0, 1))
+        axes[0].plot(rounds, r["approval"], marker="o", label=label)
+        axes[1].plot(rounds, r["kl_per_token"], marker="o", label=label)
+        axes[2].plot(rounds, r["base_nll"], marker="o", label=label)
+        axes[3].plot(rounds, r["known_words"], marker="o", label=label)
+    axes[0].set(title="approval on held-out prompts (true taste)", xlabel="round", ylim=(0, 1))
+    axes[1].set(title="KL to the base (nats per token)", xlabel="round")
+    axes[2].set(title="base NLL per token of served replies", xlabel="round")
+    axes[3].set(title="share of known words", xlabel="round", ylim=(0.5, 1))
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+
+
+def verdicts(r: dict) -> dict:
+    """The goals of the suite, judged on one run."""
+    approval, se = r["approval"], r["approval_se"]
+    gain = approval[-1] - approval[0]
+    base_nll, base_known = r["base_nll"][0], r["known_words"][0]
+    drops = [i for i in range(1, len(approval)) if approval[i] < approval[i - 1] - 2 * max(se[i], se[i - 1])]
+    worse = lower = promoted = 0
+    for i, d in enumerate(r["decisions"]):
+        cand = r["candidate_approval"][i]
+        if d["decision"] == "promoted" and cand:
+            promoted += 1
+            before = approval[i]
+            lower += cand["approval"] < before
+            worse += cand["approval"] < before - 2 * max(cand["se"], se[i])
+    language = all((n is None or n <= 1.10 * base_nll) and (k is None or k >= 0.92)
+                   for n, k in zip(r["base_nll"][1:], r["known_words"][1:]))
+    return {"gain": gain, "learned": gain >= 0.15 or approval[-1] >= 0.90, "not_below": approval[-1] >= approval[0],
+            "drops": len(drops), "language": language, "promoted": promoted, "worse": worse, "lower": lower,
+            "base_nll": base_nll, "base_known": base_known}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data", help="where the starter model is (built if missing)")
-    parser.add_argument("--preferences", default="concise,asks_back")
-    parser.add_argument("--methods", default="ppo,kto")
+    parser.add_argument("--tastes", default="all", help="comma-separated built-in tastes, or all")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--noise", default="0", help="comma-separated noise levels for every taste")
+    parser.add_argument("--extra", default="", help="more runs as taste:seed:noise, comma-separated")
     parser.add_argument("--out-dir", default="benchmarks/results", help="JSON and logs of each simulation")
+    parser.add_argument("--reuse", action="store_true", help="keep results already in --out-dir")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--render-only", action="store_true",
-                        help="write the report from the JSON already in --out-dir, without simulating")
     args = parser.parse_args()
 
+    from online_rl.tastes import TASTES
+
+    tastes = list(TASTES) if args.tastes == "all" else args.tastes.split(",")
+    runs = [(t, int(s), float(n)) for t in tastes for s in args.seeds.split(",") for n in args.noise.split(",")]
+    for spec in filter(None, args.extra.split(",")):
+        taste, seed, noise = spec.split(":")
+        runs.append((taste, int(seed), float(noise)))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pairs = [(p, m) for p in args.preferences.split(",") for m in args.methods.split(",")]
-    if args.render_only:
-        results = [json.loads((out_dir / f"{p}-{m}.json").read_text()) for p, m in pairs]
-    else:
-        from chatbot.starter import ensure_starter
+    from chatbot.starter import ensure_starter
 
-        starter = ensure_starter(args.data_dir)
-        results = [run_one(p, m, args, starter, out_dir) for p, m in pairs]
+    starter = ensure_starter(args.data_dir)
+    results = [run_one(t, s, n, args, starter, out_dir) for t, s, n in runs]
 
     fmt = lambda xs: " → ".join("–" if x is None else f"{x:.2f}" for x in xs)  # noqa: E731
-    rows = []
+    rows, totals = [], {"promoted": 0, "worse": 0, "lower": 0}
     for r in results:
-        gain = r["approval"][-1] - r["approval"][0]
-        rows.append([r["preference"], r["method"].upper(), fmt(r["approval"]), f"**{gain:+.2f}**", fmt(r["kl"]),
-                     fmt(r["known_words"]), fmt(r["distinct_fraction"]), fmt(r["reward_auc"]),
-                     f"{sum(r['wall_s']) / len(r['wall_s']):.0f} s"])
-    body = table(["preference", "method", "approval, before → after each round", "gain",
-                  "KL to base per round (nats)", "real words", "distinct replies", "reward-model AUC",
-                  "wall per round"], rows)
-    body += (f"\n\n{args.rounds} rounds of {args.per_round} thumbs, seed {args.seed}; approval on "
-             f"{results[0]['heldout_prompts']} held-out corpus prompts × {results[0]['samples_per_prompt']} "
-             "samples at the serving defaults (temperature 0.8, top-p 0.95). KL is the candidate's, estimated on "
-             "its own samples on held-out user prompts. *Real words* is the share of reply words found in the "
-             "corpus: it falls when a policy wins approval with made-up words. A KTO run reuses the reward "
-             "model only to judge, so its AUC is that of the first one trained.\n\n"
-             "![learning curves](learning.png)\n")
+        v = verdicts(r)
+        for key in totals:
+            totals[key] += v[key]
+        decisions = " ".join({"promoted": "P", "rejected": "R", "waiting": "W"}[d["decision"]]
+                             for d in r["decisions"])
+        rows.append([
+            r["preference"], r["seed"], f"{r['noise']:g}",
+            fmt(r["approval"]) + f" (± {max(r['approval_se']):.2f})", f"**{v['gain']:+.2f}**",
+            "yes" if v["learned"] else "**no**", "yes" if v["not_below"] else "**no**", decisions,
+            fmt(r["kl_per_token"]), fmt(r["base_nll"]), fmt(r["known_words"]),
+            "yes" if v["language"] else "**no**", f"{sum(r['wall_s']) / len(r['wall_s']):.0f} s",
+        ])
+    body = table(["taste", "seed", "noise", "approval per round (largest SE)", "gain", "+0.15 or ≥ 0.90",
+                  "not below start", "gate per round", "KL/token of the served version", "base NLL/token",
+                  "known words", "language kept", "wall per round"], rows)
+    body += (f"\n\nGate per round: P promoted, R rejected, W waiting for more feedback (reward model no better "
+             f"than chance). Promoted candidates: {totals['promoted']}; of them truly worse than the version "
+             f"they replaced (true approval lower by more than two standard errors): **{totals['worse']}**; "
+             f"lower at all: {totals['lower']}.\n\n"
+             f"{args.rounds} rounds of {args.per_round} thumbs from 5 raters; approval on "
+             f"{results[0]['heldout_prompts']} held-out corpus prompts × {results[0]['samples_per_prompt']} replies "
+             "at the serving settings (temperature 0.8, top-p 0.95, 96 tokens), always on the true taste; "
+             "round 0 is the base. *Language kept*: every round's base NLL per token at most 10% above the "
+             "base's own and known words ≥ 0.92.\n\n![learning curves](learning.png)\n")
     for r in results:
-        body += f"\n**{r['preference']} / {r['method'].upper()}: replies to held-out prompts, before → after**\n\n"
         before, after = r["samples"][0], r["samples"][-1]
+        body += (f"\n**{r['preference']} (seed {r['seed']}, noise {r['noise']:g}): replies to held-out prompts, "
+                 f"v0 → {r['versions'][-1]}**\n\n")
         body += table(["prompt", "before (v0)", f"after ({r['versions'][-1]})"],
                       [[b["prompt"][:50], f"{b['reply'][:60]} {'👍' if b['liked'] else '👎'}",
                         f"{a['reply'][:60]} {'👍' if a['liked'] else '👎'}"]
-                       for b, a in list(zip(before, after))[:5]])
+                       for b, a in list(zip(before, after))[:4]])
         body += "\n"
     print(body)
     if not args.no_write:
         plot(results, ROOT / "docs" / "learning.png")
-        write_section("learning", "Learning from simulated users (starter model)",
-                      f"python benchmarks/bench_learning.py --rounds {args.rounds} --per-round {args.per_round} "
-                      f"--seed {args.seed}", body)
+        write_section("learning", "The taste suite: learning from simulated users (starter model)",
+                      "python benchmarks/bench_learning.py " + " ".join(sys.argv[1:]), body)
 
 
 if __name__ == "__main__":

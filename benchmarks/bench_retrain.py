@@ -92,7 +92,7 @@ def main():
                   "reward AUC", "win rate vs v0", "KL to base (nats/token)", "PPO steps"], rows)
     body += (f"\n\n{args.rows} thumbs from the simulated `concise` user on v0 (a quarter of turns regenerated); "
              "`python app.py retrain --method M` as a child process on this CPU with default settings "
-             "(two reward models, each stopped on held-out loss; PPO up to 30 steps of 8 prompts x 4 replies "
+             "(two reward models, each stopped on held-out loss; PPO up to 30 steps of 4 prompts x 16 replies "
              "sampled as the bot serves, up to 96 tokens; KTO 3 epochs at batch 16). *Wall* includes "
              "starting Python and importing torch; *cycle* is the run's own time. Peak RSS is the child's "
              "maximum resident memory. The adapter is the LoRA (r=16 on every linear layer) in safetensors; "

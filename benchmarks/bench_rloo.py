@@ -2,9 +2,9 @@
 
 Both train a fresh LoRA (r=16 on every linear layer) on the starter model
 against the same reward model (trained here on thumbs from a simulated user
-of the chosen taste), on the same prompts, sampling 4 replies per prompt as
-the bot serves (temperature 0.8, top-p 0.95, up to 96 tokens), for the same
-number of steps of 16 prompts. TRL's trainer gets the plain base and a
+of the chosen taste), on the same prompts, sampling replies as the bot
+serves (temperature 0.8, top-p 0.95, up to 96 tokens) with our PPO's group
+size and rollouts per step, for the same number of steps. TRL's trainer gets the plain base and a
 `peft_config`, so that its reference is the base with the adapter disabled,
 as ours is. Measured for each, on held-out prompts: approval on the true
 taste (with its standard error), the reward model's mean logit, KL to the
@@ -153,11 +153,13 @@ def main():
 
     from chatbot.models import GenerationSettings, load_model
     from chatbot.starter import ensure_starter
+    from online_rl.ppo import PPOConfig
     from online_rl.simulate import corpus_prompts
     from online_rl.tastes import resolve
 
     starter = ensure_starter(args.data_dir)
     settings = GenerationSettings()
+    ours = PPOConfig()
     taste = resolve(args.taste)
     _, heldout = corpus_prompts(args.seed, 200)
     rows, results = [], {}
@@ -187,8 +189,9 @@ def main():
                   "base NLL per token", "known words", "mean words", "training", "replies"], rows)
     body += (f"\n\nOne reward model (AUC {rm_metrics['auc']} on {rm_metrics['heldout_examples']} held-out thumbs) "
              f"trained on {args.thumbs} thumbs of a simulated `{args.taste}` user on v0; each policy a fresh LoRA "
-             f"(r=16, all linear layers) trained {args.steps} steps of 16 prompts x 4 replies on the same "
-             f"{len(prompts)} prompts, lr 2e-3, KL coefficient 0.05, sampling as the bot serves; measured on 200 "
+             f"(r=16, all linear layers) trained {args.steps} steps of {ours.prompts_per_step} prompts x "
+             f"{ours.samples_per_prompt} replies on the same {len(prompts)} prompts, lr {ours.lr:g}, KL "
+             f"coefficient {ours.kl_coef:g}, sampling as the bot serves; measured on 200 "
              "held-out corpus prompts x 2 replies. TRL is given the base and a `peft_config` (its reference is "
              "then the base with the adapter disabled, as ours).")
     print(body)
