@@ -67,7 +67,8 @@ def bench_store(path, ids, n_threads, per_thread):
                                   session_id=f"s{n}", comment=None)
 
     seconds, errors = run_threads(n_threads, work)
-    count = store.db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+    with store.connection() as db:
+        count = db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
     store.close()
     return seconds, errors, count
 

@@ -351,9 +351,14 @@ def train_reward_models(job: Job, snap: Snapshot, base_path: str, tokenizer, dev
                f"pair accuracy {metrics['pair_accuracy']}")
     low, bar = metrics["auc_low"], config.reward.min_auc_low
     if bar >= 0 and (low is None or low <= bar):
-        message = (f"waiting for more feedback: the reward model is no better than chance on held-out thumbs "
-                   f"(AUC {metrics['auc']}, 95% interval {metrics['auc_low']}-{metrics['auc_high']}, "
-                   f"{metrics['heldout_examples']} held-out thumbs); no policy is trained on it")
+        if low is None:
+            why = (f"there are no held-out thumbs of both kinds to judge the reward model on "
+                   f"({metrics['heldout_examples']} held out)")
+        else:
+            why = (f"the reward model is no better than chance on held-out thumbs (AUC {metrics['auc']}, "
+                   f"95% interval {metrics['auc_low']}-{metrics['auc_high']}, {metrics['heldout_examples']} "
+                   "held-out thumbs)")
+        message = f"waiting for more feedback: {why}; no policy is trained on it"
         if job.dist is not None:
             broadcast(None)
         raise NotEnoughFeedback(message, {"reward_model": metrics, "feedback": snap.counts()})

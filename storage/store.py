@@ -1,9 +1,10 @@
 """The domain-level store: every reply, thumb, run and adapter goes through here.
 
-Threading model: one SQLite file in WAL mode, one connection per thread (made
-lazily, closed by `close()`), short write transactions started with
-``BEGIN IMMEDIATE`` so that concurrent writers queue on the busy timeout instead
-of failing on a lock upgrade.
+Threading model: one SQLite file in WAL mode, a bounded pool of connections
+(`storage.connections`) that every thread borrows from for the length of one
+store call, short write transactions started with ``BEGIN IMMEDIATE`` so that
+concurrent writers queue on the busy timeout instead of failing on a lock
+upgrade.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import socket
 import sqlite3
-import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
+from storage.connections import ConnectionPool
 from storage.migrations import migrations
 
 DB_FILENAME = "chatbot.db"
@@ -75,12 +76,10 @@ class Store:
     The schema is migrated when the store is built.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, connections: int = 8):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
+        self._pool = ConnectionPool(self.path, size=connections, busy_timeout_s=BUSY_TIMEOUT_S)
         self.migrate()
 
     @classmethod
@@ -89,53 +88,38 @@ class Store:
 
     # -- connections -----------------------------------------------------
 
-    @property
-    def db(self) -> sqlite_utils.Database:
-        """This thread's database handle (made on first use)."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            # check_same_thread=False only so that close() may close every
-            # thread's connection at shutdown; each is used by its own thread.
-            conn = sqlite3.connect(
-                str(self.path), timeout=BUSY_TIMEOUT_S, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a committed row survives a crash of the
-            # process (the case we design for); only a power cut can lose the
-            # last commits. FULL would fsync on every thumb.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            db = sqlite_utils.Database(conn, execute_plugins=False)
-            self._local.db = db
-            with self._connections_lock:
-                self._connections.append(conn)
-        return db
+    def connection(self) -> contextlib.AbstractContextManager[sqlite_utils.Database]:
+        """A borrowed connection (a `sqlite_utils.Database`) for the length of
+        a ``with`` block: for a few reads together, or a look from outside."""
+        return self._pool.connection()
+
+    def _query(self, sql: str, params=None) -> list[dict]:
+        """The rows of one query, read whole before the connection goes back."""
+        with self._pool.connection() as db:
+            return list(db.query(sql, params or []))
+
+    def open_connections(self) -> int:
+        return self._pool.open_count()
 
     def close(self) -> None:
-        with self._connections_lock:
-            for conn in self._connections:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._pool.close()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite_utils.Database]:
         """A short write transaction. Nested calls become savepoints."""
-        db = self.db
-        if db.conn.in_transaction:
-            with db.atomic():
+        with self._pool.connection() as db:
+            if db.conn.in_transaction:
+                with db.atomic():
+                    yield db
+                return
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
                 yield db
-            return
-        db.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.conn.rollback()
-            raise
-        else:
-            db.conn.commit()
+            except BaseException:
+                db.conn.rollback()
+                raise
+            else:
+                db.conn.commit()
 
     def transaction(self) -> contextlib.AbstractContextManager:
         """Group several store calls into one commit: all of them or none.
@@ -146,11 +130,10 @@ class Store:
         return self._write()
 
     def migrate(self) -> None:
-        db = self.db
         # Two processes may start on a blank data dir at once: hold the write
         # lock while migrating so that the second one waits, then finds
         # nothing pending.
-        with self._write():
+        with self._write() as db:
             migrations.apply(db)
 
     # -- conversations and responses --------------------------------------
@@ -212,7 +195,7 @@ class Store:
         return response_id
 
     def get_response(self, response_id: str) -> dict | None:
-        rows = list(self.db.query("SELECT * FROM responses WHERE id = ?", [response_id]))
+        rows = (self._query("SELECT * FROM responses WHERE id = ?", [response_id]))
         if not rows:
             return None
         row = rows[0]
@@ -259,10 +242,10 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return list(self.db.query(sql, params))
+        return (self._query(sql, params))
 
     def latest_feedback_id(self) -> int:
-        row = next(self.db.query("SELECT COALESCE(MAX(id), 0) AS m FROM feedback"))
+        row = self._query("SELECT COALESCE(MAX(id), 0) AS m FROM feedback")[0]
         return row["m"]
 
     def votes_for(self, response_ids: Iterable[str], *, session_id=None, user=None) -> dict:
@@ -272,7 +255,7 @@ class Store:
             return {}
         rater_sql, rater = _rater_clause(session_id, user)
         placeholders = ",".join("?" for _ in ids)
-        rows = self.db.query(
+        rows = self._query(
             f"SELECT response_id, value FROM feedback WHERE id IN ("
             f" SELECT MAX(id) FROM feedback WHERE response_id IN ({placeholders})"
             f" AND {rater_sql} GROUP BY response_id)",
@@ -301,7 +284,7 @@ class Store:
             WHERE f.value != 0
             ORDER BY f.id
         """
-        rows = list(self.db.query(sql, {"watermark": watermark}))
+        rows = (self._query(sql, {"watermark": watermark}))
         for row in rows:
             row["prompt"] = json.loads(row["prompt"])
         return rows
@@ -312,7 +295,7 @@ class Store:
         Each is ``{prompt, prompt_hash, conversation_id}``: the messages up to
         the user's turn, as the model saw them. The pool PPO samples rollouts from.
         """
-        rows = self.db.query(
+        rows = self._query(
             "SELECT prompt, prompt_hash, conversation_id, MAX(created_at) AS last"
             " FROM responses GROUP BY prompt_hash ORDER BY last DESC LIMIT ?",
             [limit],
@@ -422,7 +405,7 @@ class Store:
     def running_run(self) -> dict | None:
         """The run in progress, if any (after marking dead ones failed)."""
         self.fail_stale_runs()
-        rows = list(self.db.query("SELECT * FROM runs WHERE status = 'running' ORDER BY id DESC LIMIT 1"))
+        rows = (self._query("SELECT * FROM runs WHERE status = 'running' ORDER BY id DESC LIMIT 1"))
         return _decode_run(rows[0]) if rows else None
 
     def fail_stale_runs(self) -> list[int]:
@@ -433,7 +416,7 @@ class Store:
         """
         # Called on every status read and scheduler check: take the write
         # lock only when some run is marked running at all.
-        if not list(self.db.query("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1")):
+        if not (self._query("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1")):
             return []
         with self._write() as db:
             return self._fail_stale_runs(db)
@@ -476,18 +459,18 @@ class Store:
             )
 
     def get_run(self, run_id: int) -> dict | None:
-        rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+        rows = (self._query("SELECT * FROM runs WHERE id = ?", [run_id]))
         return _decode_run(rows[0]) if rows else None
 
     def runs(self, limit: int = 20) -> list[dict]:
-        rows = self.db.query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit])
+        rows = self._query("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit])
         return [_decode_run(r) for r in rows]
 
     # -- adapters -------------------------------------------------------------
 
     def allocate_version(self) -> str:
         """The next adapter version name. Never reused: numbers only grow."""
-        row = next(self.db.query("SELECT COALESCE(MAX(number), 0) AS n FROM adapters"))
+        row = self._query("SELECT COALESCE(MAX(number), 0) AS n FROM adapters")[0]
         return f"v{row['n'] + 1}"
 
     def register_adapter(
@@ -605,7 +588,7 @@ class Store:
         return result
 
     def activations(self, limit: int = 50) -> list[dict]:
-        return list(self.db.query("SELECT * FROM activations ORDER BY id DESC LIMIT ?", [limit]))
+        return (self._query("SELECT * FROM activations ORDER BY id DESC LIMIT ?", [limit]))
 
     @staticmethod
     def _active(db) -> str:
@@ -613,18 +596,18 @@ class Store:
         return rows[0]["version"] if rows else BASE_VERSION
 
     def active_version(self) -> str:
-        rows = list(self.db.query("SELECT version FROM adapters WHERE status = 'active'"))
+        rows = (self._query("SELECT version FROM adapters WHERE status = 'active'"))
         return rows[0]["version"] if rows else BASE_VERSION
 
     def get_adapter(self, version: str) -> dict | None:
-        rows = list(self.db.query("SELECT * FROM adapters WHERE version = ?", [version]))
+        rows = (self._query("SELECT * FROM adapters WHERE version = ?", [version]))
         if not rows:
             return None
         rows[0]["metrics"] = _loads(rows[0]["metrics"])
         return rows[0]
 
     def adapters(self) -> list[dict]:
-        rows = list(self.db.query("SELECT * FROM adapters ORDER BY number"))
+        rows = (self._query("SELECT * FROM adapters ORDER BY number"))
         for row in rows:
             row["metrics"] = _loads(row["metrics"])
         return rows
@@ -632,7 +615,11 @@ class Store:
     # -- summary --------------------------------------------------------------
 
     def counts(self) -> dict:
-        db = self.db
+        with self.connection() as db:
+            return self._counts(db)
+
+    @staticmethod
+    def _counts(db) -> dict:
         one = lambda sql: next(db.query(sql))["n"]  # noqa: E731
         runs_by_status = {
             r["status"]: r["n"]
@@ -653,7 +640,7 @@ class Store:
         }
 
     def get_setting(self, key: str, default: Any = None) -> Any:
-        rows = list(self.db.query("SELECT value FROM settings WHERE key = ?", [key]))
+        rows = (self._query("SELECT value FROM settings WHERE key = ?", [key]))
         return json.loads(rows[0]["value"]) if rows else default
 
     def set_setting(self, key: str, value: Any) -> None:
@@ -666,7 +653,7 @@ class Store:
 
     def last_finished_run(self) -> dict | None:
         """The newest run that ended: its status and wall time in seconds."""
-        rows = list(self.db.query(
+        rows = (self._query(
             "SELECT status, started_at, finished_at FROM runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1"))
         if not rows:
             return None
@@ -676,7 +663,7 @@ class Store:
 
     def last_run_watermark(self) -> int:
         """The watermark of the newest run that got as far as taking one."""
-        rows = list(self.db.query(
+        rows = (self._query(
             "SELECT watermark FROM runs WHERE watermark IS NOT NULL ORDER BY id DESC LIMIT 1"))
         return rows[0]["watermark"] if rows else 0
 
@@ -688,7 +675,7 @@ class Store:
         width = {"minute": 16, "hour": 13, "day": 10}.get(bucket)
         if width is None:
             raise StoreError("bucket is one of minute, hour, day")
-        rows = self.db.query(
+        rows = self._query(
             f"""
             WITH latest AS (
                 SELECT MAX(id) AS id FROM feedback
@@ -704,7 +691,7 @@ class Store:
 
     def approval_by_version(self) -> list[dict]:
         """Per model version: replies written, thumbs up and down, approval."""
-        rows = self.db.query(
+        rows = self._query(
             """
             WITH latest AS (
                 SELECT MAX(id) AS id FROM feedback

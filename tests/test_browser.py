@@ -43,7 +43,7 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
             bot.wait_for(timeout=60_000)
             wait_for(lambda: "model v0" in bot.inner_text(), what="the finished reply with its version label")
             response = wait_for(lambda: store.counts()["responses"] == 1 and
-                                list(store.db.query("SELECT * FROM responses"))[0], what="the response row")
+                                _first_response(store), what="the response row")
             assert response["reply"].split()[0] in bot.inner_text()
             # What the person typed is shown as text, not run as HTML.
             user_text = page.locator("#chat .message.user, #chat [data-testid='user']").last.inner_text()
@@ -60,3 +60,8 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
             assert errors == []
         finally:
             browser.close()
+
+
+def _first_response(store) -> dict:
+    with store.connection() as db:
+        return list(db.query("SELECT * FROM responses"))[0]

@@ -177,7 +177,8 @@ def test_swaps_under_concurrent_chat_fail_no_request_and_label_every_reply_right
     assert wrong == []
     assert follower.state()["swaps"] == 8
     # The reply rows in the database carry the same labels.
-    rows = list(store.db.query("SELECT model_version, COUNT(*) AS n FROM responses GROUP BY model_version"))
+    with store.connection() as db:
+        rows = list(db.query("SELECT model_version, COUNT(*) AS n FROM responses GROUP BY model_version"))
     assert {r["model_version"] for r in rows} == {"v0", "v1", "v2"}
 
 

@@ -28,23 +28,25 @@ EXPECTED_COLUMNS = {
 
 def test_blank_database_gets_every_table_and_column(tmp_path):
     store = Store(tmp_path / "blank.db")
-    db = store.db
-    for table, columns in EXPECTED_COLUMNS.items():
-        assert table in db.table_names()
-        assert set(db[table].columns_dict) == columns, table
-    assert migrations.pending(db) == []
+    with store.connection() as db:
+        for table, columns in EXPECTED_COLUMNS.items():
+            assert table in db.table_names()
+            assert set(db[table].columns_dict) == columns, table
+        assert migrations.pending(db) == []
 
 
 def test_database_is_in_wal_mode_with_foreign_keys(tmp_path):
     store = Store(tmp_path / "x.db")
-    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    with store.connection() as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
 def test_migrating_twice_is_a_no_op(tmp_path):
     Store(tmp_path / "x.db").close()
     store = Store(tmp_path / "x.db")
-    names = [m.name for m in migrations.applied(store.db)]
+    with store.connection() as db:
+        names = [m.name for m in migrations.applied(db)]
     assert names == sorted(set(names))
     assert len(names) == len(migrations._migrations)
 

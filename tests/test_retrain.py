@@ -15,10 +15,22 @@ from online_rl.tastes import TASTES, asks_back, concise, long, one_sentence, pol
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _thumbs(store, n, session="s"):
-    """n rated replies: short ones liked, long ones disliked, some regenerated."""
-    for i in range(n // 2):
+def _conversation(store, session, heldout: bool) -> str:
+    """A new conversation on the chosen side of the held-out split (the split
+    hashes the random conversation id, so a few are made until one lands there)."""
+    from online_rl.data import DataConfig, is_heldout
+
+    while True:
         conversation = store.start_conversation(session)
+        if is_heldout(conversation, DataConfig().heldout_fraction) == heldout:
+            return conversation
+
+
+def _thumbs(store, n, session="s"):
+    """n rated replies: short ones liked, long ones disliked, each a turn
+    regenerated once; every fifth conversation on the held-out side."""
+    for i in range(n // 2):
+        conversation = _conversation(store, session, heldout=i % 5 == 0)
         messages = [{"role": "user", "content": f"hello number {i}"}]
         for reply, vote in ((f"hi {i}", 1), (f"well that is a rather long answer number {i}", -1)):
             rid = store.log_response(conversation_id=conversation, prompt=messages, reply=reply,

@@ -122,8 +122,9 @@ def test_a_run_left_running_by_a_dead_process_is_failed_on_the_next_start(store,
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     run_id = store.start_run("ppo", watermark=0)
-    store.db.execute("UPDATE runs SET pid = ? WHERE id = ?", [dead.pid, run_id])
-    store.db.conn.commit()
+    with store.connection() as db:
+        db.execute("UPDATE runs SET pid = ? WHERE id = ?", [dead.pid, run_id])
+        db.conn.commit()
     _scheduler(store, data_dir, lambda m, t: []).start().shutdown()
     run = store.get_run(run_id)
     assert run["status"] == "failed" and f"pid {dead.pid}" in run["error"]

@@ -162,3 +162,40 @@ def test_a_transaction_commits_all_of_its_calls_or_none(store):
             _reply(store, "lost")  # a conversation and a response
             raise RuntimeError("crash between the writes")
     assert store.counts() == before
+
+
+def test_a_thousand_short_lived_threads_leave_open_files_where_they_were(store):
+    """Every thread that writes through the Store borrows a pooled connection
+    and gives it back: open files and connections do not grow with threads."""
+    import os
+    import threading
+
+    conversation = store.start_conversation("s")
+    response = store.log_response(conversation_id=conversation, prompt=[{"role": "user", "content": "hi"}],
+                                  reply="hello", model_version="v0", session_id="s")
+    store.record_feedback(response, 1, session_id="s")  # warm-up: the pool's first connection
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_files()
+    errors = []
+
+    def thumb(i: int) -> None:
+        try:
+            store.record_feedback(response, 1 if i % 2 else -1, session_id=f"t{i}")
+            store.counts()
+        except Exception as exc:  # noqa: BLE001 - counted below
+            errors.append(exc)
+
+    for start in range(0, 1000, 50):  # 50 at a time, 1,000 threads in all
+        threads = [threading.Thread(target=thumb, args=(i,)) for i in range(start, start + 50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert store.counts()["feedback"] == 1001
+    assert store.open_connections() <= 8
+    # SQLite's WAL files are shared by the connections: at most a few more descriptors.
+    assert open_files() <= before + 2 * 8

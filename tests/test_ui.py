@@ -149,7 +149,8 @@ def test_page_end_to_end_with_gradio_client(server, store):
     box, chat = client.predict("How are you?", 8, 1.0, "", api_name="/chat")
     assert len(chat["value"]) == 4
     assert client.predict("too short", api_name="/comment") == ""
-    rows = list(store.db.query("SELECT * FROM responses ORDER BY created_at"))
+    with store.connection() as db:
+        rows = list(db.query("SELECT * FROM responses ORDER BY created_at"))
     assert len(rows) == 2 and len({r["conversation_id"] for r in rows}) == 1
     (fb,) = store.feedback_since(0)
     assert (fb["response_id"], fb["value"], fb["comment"]) == (rows[1]["id"], 0, "too short")
