@@ -51,12 +51,17 @@ class EvalConfig:
     examples: int = 6  # replies shown side by side in the metrics
 
 
-def reply_stats(texts: list[str], finished: list[bool]) -> dict:
+def reply_stats(texts: list[str], finished: list[bool], samples: int = 1) -> dict:
+    """Signs of degenerate replies. `texts` holds `samples` consecutive replies
+    to each prompt; distinct and top-reply shares are taken over one reply
+    per prompt (a small model may well write the same reply every time it is
+    asked one thing: that is not one reply for every prompt)."""
     n = max(1, len(texts))
-    counts = Counter(texts)
+    firsts = texts[::samples]
+    counts = Counter(firsts)
     return {
-        "distinct_fraction": round(len(counts) / n, 4),
-        "top_reply_share": round(counts.most_common(1)[0][1] / n, 4) if texts else 0.0,
+        "distinct_fraction": round(len(counts) / max(1, len(firsts)), 4),
+        "top_reply_share": round(counts.most_common(1)[0][1] / max(1, len(firsts)), 4) if texts else 0.0,
         "empty_fraction": round(sum(not t.strip() for t in texts) / n, 4),
         "cut_off_fraction": round(sum(not f for f in finished) / n, 4),
         "mean_words": round(sum(len(t.split()) for t in texts) / n, 2),
@@ -91,7 +96,7 @@ def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, ad
         "kl_per_token": round(sum(kls) / max(tokens, 1), 4) if adapter else 0.0,
         "base_nll": base_nll_per_token(model, batches),
         "known_words": known_word_fraction(texts),
-        "stats": reply_stats(texts, finished),
+        "stats": reply_stats(texts, finished, config.samples),
     }
 
 

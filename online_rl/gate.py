@@ -18,10 +18,12 @@ prompts and passes a candidate only when every check holds:
   (a taste for longer replies does not pay KL for its length);
 - **still language, judged against the base** (so drift cannot build up
   round after round): the base model's NLL per token of its replies at most
-  `max_nll_increase` above that of the base's own replies, and its
+  `max_nll_increase` (+ `nll_slack` nats) above that of the base's own
+  replies, and its
   known-word share at most `max_known_words_drop` below theirs;
-- **not degenerate**: enough distinct replies (one reply for every prompt is
-  reward hacking, not learning), no single reply taking over, few empty
+- **not degenerate**: enough distinct replies across the prompts (one reply
+  for every prompt is reward hacking, not learning), no single reply taking
+  over, few empty
   replies, and not many more replies cut off at the reply cap than the
   active version has.
 
@@ -39,7 +41,10 @@ class GateConfig:
     min_win_rate: float = 0.5  # under the reward model PPO optimized
     min_judge_win_rate: float = 0.5  # under the judge, a reward model PPO never saw
     max_kl: float = 0.2  # nats per reply token, mean over held-out replies
-    max_nll_increase: float = 0.10  # base NLL per token, relative to the base's own replies
+    max_nll_increase: float = 0.10  # base NLL per token, relative to the base's own replies ...
+    # ... plus this many nats: on prompts the base knows by heart its own
+    # replies cost it about 0.01 nats per token, where 10% is noise
+    nll_slack: float = 0.02
     max_known_words_drop: float = 0.04  # known-word share, below the base's own replies
     min_distinct: float = 0.3  # share of distinct replies among the held-out prompts
     max_top_share: float = 0.5  # share of the single most common reply
@@ -92,9 +97,11 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     if kl is None or kl > config.max_kl:
         reasons.append(f"KL to the base {_fmt(kl, 3)} nats per token is above the bound of {config.max_kl:g}")
     cand_nll, base_nll = nll.get("candidate"), nll.get("base")
-    if cand_nll is not None and base_nll and cand_nll > base_nll * (1 + config.max_nll_increase):
-        reasons.append(f"its language drifted: the base model's NLL per token of its replies is {cand_nll:.2f}, "
-                       f"more than {config.max_nll_increase:.0%} above the base's own {base_nll:.2f}")
+    if cand_nll is not None and base_nll is not None and \
+            cand_nll > base_nll * (1 + config.max_nll_increase) + config.nll_slack:
+        reasons.append(f"its language drifted: the base model's NLL per token of its replies is {cand_nll:.3f}, "
+                       f"more than {config.max_nll_increase:.0%} (+{config.nll_slack:g}) above the base's own "
+                       f"{base_nll:.3f}")
     cand_known, base_known = known.get("candidate"), known.get("base")
     if cand_known is not None and base_known is not None and cand_known < base_known - config.max_known_words_drop:
         reasons.append(f"its language drifted: {cand_known:.0%} of its words are known words, against "

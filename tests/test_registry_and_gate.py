@@ -114,7 +114,7 @@ def test_a_good_candidate_passes_the_gate():
     ({"judge_win_rate": 0.3}, "the judge (a reward model PPO never saw) prefers the active version: win rate 0.30"),
     ({"heldout_thumbs": {"margin": -0.1, "se": 0.02}}, "moved away from what people liked"),
     ({"kl_per_token": 0.9}, "KL to the base 0.900 nats per token"),
-    ({"base_nll": {"candidate": 1.6, "base": 1.4}}, "NLL per token of its replies is 1.60"),
+    ({"base_nll": {"candidate": 1.6, "base": 1.4}}, "NLL per token of its replies is 1.600"),
     ({"known_words": {"candidate": 0.85, "base": 0.96}}, "85% of its words are known words"),
     ({"nan": True}, "NaN"),
     ({"distinct_fraction": 0.05}, "only 5% of its replies are distinct"),
@@ -131,6 +131,22 @@ def test_each_check_of_the_gate_can_reject(overrides, reason):
 def test_gate_thresholds_are_settings():
     assert decide(_evaluation(win_rate=0.45), GateConfig(min_win_rate=0.4)).passed
     assert not decide(_evaluation(kl_per_token=0.3), GateConfig(max_kl=0.25)).passed
+
+
+def test_language_is_judged_against_the_base_with_a_small_absolute_slack():
+    # On prompts the base knows by heart its own replies cost it ~0.01 nats a token: 10% of that is noise.
+    assert decide(_evaluation(base_nll={"candidate": 0.03, "base": 0.012})).passed
+    assert not decide(_evaluation(base_nll={"candidate": 0.05, "base": 0.012})).passed
+
+
+def test_degenerate_shares_take_one_reply_per_prompt():
+    from online_rl.evaluate import reply_stats
+
+    # Four samples of each of three prompts: the same reply every time it is asked one thing is fine ...
+    stats = reply_stats(["a"] * 4 + ["b"] * 4 + ["c"] * 4, [True] * 12, samples=4)
+    assert stats["distinct_fraction"] == 1.0 and stats["top_reply_share"] == pytest.approx(1 / 3, abs=1e-3)
+    # ... one reply for every prompt is not.
+    assert reply_stats(["a"] * 12, [True] * 12, samples=4)["distinct_fraction"] == pytest.approx(1 / 3, abs=1e-3)
 
 
 def test_an_uninformative_judge_is_not_used():
