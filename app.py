@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--min-new-feedback", type=int, default=50,
                      help="feedback rows since the last run needed to start one (default 50)")
     ops.add_argument("--retrain-method", choices=["ppo", "kto"], default="ppo",
-                     help="method of scheduled retrains (default ppo)")
+                     help="method of scheduled retrains (default ppo; kto is experimental, see the README)")
     ops.add_argument("--train-device",
                      help="device of the training process (default: the same as --device), e.g. cuda:1")
     ops.add_argument("--train-launcher", choices=["python", "accelerate"], default="python",
