@@ -5,10 +5,9 @@ It reads top to bottom as its phases, each a function of its own:
 1. **snapshot**: the store up to a watermark (the newest feedback id now),
    split by conversation, capped per rater. Too little feedback: the run is
    recorded as refused and `NotEnoughFeedback` is raised (the CLI exits 2).
-2. **reward models**: the *policy's* reward model on the training side,
-   stopped on the held-out side's loss, and the *judge* on the held-out
-   side, stopped on the training side's loss (each warm-started from its
-   previous run's). A policy reward model no better than chance on held-out
+2. **reward models** (`online_rl.reward_models`): the *policy's* reward
+   model on the training side, and the *judge*, which PPO never sees, on the
+   held-out side. A policy reward model no better than chance on held-out
    thumbs (its AUC's 95% interval includes 0.5) trains no policy: the run is
    refused as "waiting for more feedback" and `NotEnoughFeedback` is raised.
 3. **policy**: PPO against the policy's reward model (its logits), from the
@@ -16,11 +15,8 @@ It reads top to bottom as its phases, each a function of its own:
    the thumbs on a fresh adapter.
 4. **evaluation** of the candidate against the active version and the base on
    held-out prompts (`online_rl.evaluate`).
-5. **registration**: the adapter is written to a scratch directory, described
-   by ``adapter.json`` (base model, method, watermark, config, metrics, the
-   KL coefficient the next cycle continues from), and renamed to
-   ``adapters/vN`` with a never-reused version; the `adapters` row gets
-   status candidate.
+5. **registration** (`online_rl.registration`): ``adapters/vN``, described
+   by its ``adapter.json``, registered as a candidate.
 6. **gate** (when `promote` is set, as the scheduler, ``app.py retrain`` and
    the simulation do): the candidate becomes active if it passes
    `online_rl.gate`, else it is rejected with the reasons. A running server
@@ -37,9 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
-import shutil
 import sys
 import time
 import traceback
@@ -54,13 +48,13 @@ from online_rl.evaluate import EvalConfig
 from online_rl.gate import GateConfig
 from online_rl.kto import KTOSettings
 from online_rl.ppo import PPOConfig
+from online_rl.registration import register
 from online_rl.reward import RewardConfig
+from online_rl.reward_models import NotInformative, Rewards, scorer, train_reward_models
 from storage import Store
 
 ProgressFn = Callable[[str], None]
 METHODS = ("ppo", "kto")
-ADAPTERS_DIR = "adapters"
-REWARD_DIR = "reward_models"
 
 
 class NotEnoughFeedback(Exception):
@@ -138,28 +132,12 @@ def peak_memory_mb() -> float:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def dir_size_mb(path: str | Path) -> float:
-    path = Path(path)
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return round(sum(p.stat().st_size for p in files) / 2**20, 3)
-
-
 def summary_line(result: dict) -> dict:
     """The run's summary without the per-step history and the sample replies."""
     evaluation = {k: v for k, v in (result.get("evaluation") or {}).items() if k != "examples"}
     train = {k: v for k, v in (result.get("train") or {}).items() if k not in ("history", "first", "last")}
     return {**{k: v for k, v in result.items() if k not in ("train", "evaluation")},
             "train": train, "evaluation": evaluation}
-
-
-def latest_reward_model(store: Store, key: str = "reward_model_path") -> str | None:
-    """The newest reward model (or judge, with key ``judge_model_path``) a
-    succeeded run left on disk."""
-    for run in store.runs(limit=200):
-        path = (run.get("metrics") or {}).get(key)
-        if run["status"] == "succeeded" and path and Path(path).exists():
-            return path
-    return None
 
 
 # -- the run --------------------------------------------------------------------
@@ -298,92 +276,15 @@ def train_and_register(job: Job, snap: Snapshot) -> dict | None:
     if active_row and not active_path:
         raise FileNotFoundError(f"the active adapter {job.active} is missing from {active_row['path']}")
 
-    rewards = train_reward_models(job, snap, base_path, tokenizer, device)
+    try:
+        rewards = train_reward_models(job, snap, base_path, tokenizer, device)
+    except NotInformative as exc:
+        raise NotEnoughFeedback(str(exc), exc.metrics) from None
     policy, parent, train_metrics = update_policy(job, snap, tokenizer, device, rewards, active_path)
     if policy is None:  # a process other than the main one: its part is done
         return None
     evaluation = evaluate_candidate(job, snap, policy, tokenizer, rewards, active_path)
     return register(job, snap, policy, parent, rewards, train_metrics, evaluation, base_path)
-
-
-# -- 2. reward models -----------------------------------------------------------------
-
-
-@dataclass
-class Rewards:
-    policy: object  # RewardModel PPO optimizes
-    judge: object | None  # RewardModel PPO never sees (main process only)
-    metrics: dict | None
-    judge_metrics: dict | None
-    path: Path | None
-    judge_path: Path | None
-
-    @property
-    def judge_informative(self) -> bool:
-        low = (self.judge_metrics or {}).get("auc_low")
-        return low is not None and low > 0.5
-
-
-def train_reward_models(job: Job, snap: Snapshot, base_path: str, tokenizer, device) -> Rewards:
-    """The policy's reward model (trained on the training side, stopped on the
-    held-out side) and the judge (the other way round); the other processes
-    load the policy's reward model the main process saved."""
-    from chatbot.models import load_tokenizer, resolve_model_path
-    from online_rl.reward import load_reward_model, train_reward_model
-
-    config = job.config
-    rm_base = resolve_model_path(config.reward_model, job.data_dir) if config.reward_model else base_path
-    rm_tokenizer = tokenizer if rm_base == base_path else load_tokenizer(rm_base)
-    if not job.main:
-        path = broadcast(None)
-        if path is None:
-            raise NotEnoughFeedback("waiting for more feedback")
-        return Rewards(load_reward_model(rm_base, path, rm_tokenizer, device), None, None, None, Path(path), None)
-
-    directory = job.data_dir / REWARD_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    job.report("reward model: training on the training side", stage="reward_model")
-    rm, metrics = train_reward_model(rm_base, rm_tokenizer, snap.train, snap.train_pairs, snap.heldout,
-                                     snap.heldout_pairs, config.reward, device=device,
-                                     previous=latest_reward_model(job.store), progress=lambda line: job.report(line))
-    job.report(f"reward model: held-out AUC {metrics['auc']} (95% interval {metrics['auc_low']}-"
-               f"{metrics['auc_high']}) on {metrics['heldout_examples']} thumbs, Brier {metrics['brier']}, "
-               f"pair accuracy {metrics['pair_accuracy']}")
-    low, bar = metrics["auc_low"], config.reward.min_auc_low
-    if bar >= 0 and (low is None or low <= bar):
-        if low is None:
-            why = (f"there are no held-out thumbs of both kinds to judge the reward model on "
-                   f"({metrics['heldout_examples']} held out)")
-        else:
-            why = (f"the reward model is no better than chance on held-out thumbs (AUC {metrics['auc']}, "
-                   f"95% interval {metrics['auc_low']}-{metrics['auc_high']}, {metrics['heldout_examples']} "
-                   "held-out thumbs)")
-        message = f"waiting for more feedback: {why}; no policy is trained on it"
-        if job.dist is not None:
-            broadcast(None)
-        raise NotEnoughFeedback(message, {"reward_model": metrics, "feedback": snap.counts()})
-    path = directory / f"run-{job.run_id}"
-    rm.save(path, metrics)
-    if job.dist is not None:
-        broadcast(str(path))
-
-    job.report("judge: training a reward model on the held-out side", stage="reward_model")
-    judge, judge_metrics = train_reward_model(rm_base, rm_tokenizer, snap.heldout, snap.heldout_pairs, snap.train,
-                                              snap.train_pairs, config.reward, device=device,
-                                              previous=latest_reward_model(job.store, "judge_model_path"),
-                                              progress=lambda line: job.report(line.replace("reward model",
-                                                                                            "judge")),
-                                              name="judge")
-    judge_path = directory / f"run-{job.run_id}-judge"
-    judge.save(judge_path, judge_metrics)
-    job.report(f"judge: AUC {judge_metrics['auc']} (95% interval {judge_metrics['auc_low']}-"
-               f"{judge_metrics['auc_high']}) on the {judge_metrics['heldout_examples']} training-side thumbs")
-    return Rewards(rm, judge, metrics, judge_metrics, path, judge_path)
-
-
-def scorer(rm):
-    """A reward function: the reward model's logits, as they are."""
-    return lambda prompts, replies: rm.score(prompts, replies)
 
 
 # -- 3. policy ----------------------------------------------------------------------
@@ -482,50 +383,3 @@ def evaluate_candidate(job: Job, snap: Snapshot, policy, tokenizer, rewards: Rew
                f"{job.active}, KL to base {evaluation['kl_per_token']} nats per token, base NLL per token "
                f"{evaluation['base_nll']}, known words {evaluation['known_words']}")
     return evaluation
-
-
-# -- 5. registration ------------------------------------------------------------------
-
-
-def register(job: Job, snap: Snapshot, policy, parent: str, rewards: Rewards, train_metrics: dict,
-             evaluation: dict, base_path: str) -> dict:
-    config = job.config
-    job.report("saving the adapter", stage="register")
-    adapters = job.data_dir / ADAPTERS_DIR
-    adapters.mkdir(parents=True, exist_ok=True)
-    scratch = adapters / f".run-{job.run_id}.partial"
-    # This is the only run going (start_run is exclusive): any other scratch
-    # directory is what a killed run left behind. None of them is ever loaded.
-    for leftover in adapters.glob(".run-*.partial"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    policy.save_pretrained(str(scratch))
-    version = job.store.allocate_version()
-    final = adapters / version
-    metrics = {
-        "method": config.method,
-        "processes": job.dist.num_processes if job.dist is not None else 1,
-        "parent": parent,
-        "reward_model": rewards.metrics,
-        "reward_model_path": str(rewards.path) if rewards.path else None,
-        "judge_model": rewards.judge_metrics,
-        "judge_model_path": str(rewards.judge_path) if rewards.judge_path else None,
-        "kl_coef": train_metrics.get("kl_coef"),
-        "train": train_metrics,
-        "evaluation": evaluation,
-        "adapter_mb": dir_size_mb(scratch),
-        "base_mb": dir_size_mb(base_path) if Path(base_path).exists() else None,
-    }
-    description = {
-        "version": version, "base_model": job.model_name, "base_path": base_path, "method": config.method,
-        "parent": parent, "run_id": job.run_id, "watermark": snap.watermark,
-        "config": dataclasses.asdict(config), "metrics": {k: v for k, v in metrics.items() if k != "train"},
-    }
-    # adapter.json is written last, then the directory is renamed into place:
-    # a crash leaves only a .partial directory, which is never loaded.
-    (scratch / "adapter.json").write_text(json.dumps(description, indent=2, default=str))
-    os.replace(scratch, final)
-    compact = {k: v for k, v in metrics.items() if k != "train"}
-    compact["train"] = {k: v for k, v in train_metrics.items() if k != "history"}
-    job.store.register_adapter(version, path=str(final), base_model=job.model_name, run_id=job.run_id,
-                               status="candidate", metrics=compact, watermark=snap.watermark)
-    return {"version": version, "path": str(final), **metrics}

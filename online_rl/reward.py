@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from online_rl.data import Example, Pair, Snapshot, encode
+from online_rl.data import Example, Pair, encode
 
 ProgressFn = Callable[[str], None]
 
