@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import uuid
@@ -785,13 +786,16 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
-def _is_version(version: str) -> bool:
-    return version.startswith("v") and version[1:].isdigit()
+_VERSION = re.compile(r"v[0-9]+")  # ASCII digits only: str.isdigit() takes "v²" too
+
+
+def _is_version(version) -> bool:
+    return isinstance(version, str) and _VERSION.fullmatch(version) is not None
 
 
 def _version_number(version: str) -> int:
-    if not (version.startswith("v") and version[1:].isdigit()):
-        raise StoreError(f"a version looks like v1, v2, ...; got {version!r}")
+    if not _is_version(version):
+        raise StoreError(f"a version looks like v0, v1, v2, ...; got {version!r}")
     return int(version[1:])
 
 

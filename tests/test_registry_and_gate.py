@@ -53,6 +53,9 @@ def test_promote_refuses_unknown_or_missing_versions(store, tmp_path):
         store.promote("v7")
     with pytest.raises(StoreError, match="v1, v2"):
         store.promote("latest")
+    for odd in ("v²", "v١", "v-1", "V1", "v"):  # superscript and Arabic-Indic digits pass str.isdigit()
+        with pytest.raises(StoreError, match="v1, v2"):
+            store.promote(odd)
     path.rmdir()
     with pytest.raises(StoreError, match="files are missing"):
         store.promote("v1")
