@@ -33,10 +33,25 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.headers = status, message, code, headers
 
 
+def _encodable(value):
+    """Text that is valid Unicode: JSON can carry a lone surrogate ("\\ud800"),
+    which no UTF-8 encoder (the tokenizer, SQLite) accepts."""
+    texts = [value] if isinstance(value, str) else [
+        v for part in value or [] if isinstance(part, dict) for v in part.values() if isinstance(v, str)]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = ""
+
+    _valid_text = field_validator("content")(classmethod(lambda cls, v: _encodable(v)))
 
     def text(self) -> str:
         """Text content; OpenAI's list of parts is joined (text parts only)."""
@@ -56,6 +71,8 @@ class ChatRequest(BaseModel):
     stream: bool = False
     user: str | None = Field(default=None, max_length=200)
 
+    _valid_text = field_validator("user", "model")(classmethod(lambda cls, v: _encodable(v)))
+
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -63,6 +80,8 @@ class FeedbackRequest(BaseModel):
     value: StrictInt
     comment: str | None = Field(default=None, max_length=8000)
     user: str | None = Field(default=None, max_length=200)
+
+    _valid_text = field_validator("response_id", "comment", "user")(classmethod(lambda cls, v: _encodable(v)))
 
     @field_validator("value")
     @classmethod

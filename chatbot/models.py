@@ -28,6 +28,9 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
+MIN_TEMPERATURE = 0.01  # below it, a reply is greedy
+
+
 @dataclass
 class GenerationSettings:
     """How the bot samples a reply. Serving and the training rollouts build
@@ -51,6 +54,19 @@ class GenerationSettings:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def sampling(self) -> bool:
+        """Whether replies are sampled; below `MIN_TEMPERATURE` they are greedy,
+        the limit of sampling as the temperature goes to 0 (dividing the
+        logits by 1e-300 would overflow them)."""
+        return float(self.temperature) >= MIN_TEMPERATURE
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature log-probabilities of sampled replies are taken at
+        (1 for greedy replies)."""
+        return float(self.temperature) if self.sampling else 1.0
+
     def generation_config(self, tokenizer):
         """The one `GenerationConfig` a reply is sampled with, every field set.
 
@@ -62,7 +78,7 @@ class GenerationSettings:
         """
         from transformers import GenerationConfig
 
-        sampling = float(self.temperature) > 0
+        sampling = self.sampling
         return GenerationConfig(
             max_new_tokens=int(self.max_new_tokens), min_new_tokens=0,
             do_sample=sampling, num_beams=1, num_return_sequences=1,

@@ -102,7 +102,7 @@ class CycleConfig:
         answers greedily still learns from samples at temperature 1: greedy
         rollouts would all be the same reply, and there would be nothing to
         compare."""
-        if self.generation.temperature > 0:
+        if self.generation.sampling:
             return self.generation
         return dataclasses.replace(self.generation, temperature=1.0, top_p=1.0)
 

@@ -83,9 +83,9 @@ def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, ad
     torch.manual_seed(config.seed)
     with _use(model, adapter):
         batches = sample_many(model, tokenizer, prompts, settings)
-        own = [reply_logprobs(model, b, settings.temperature or 1.0) for b in batches]
+        own = [reply_logprobs(model, b, settings.logprob_temperature) for b in batches]
     with model.disable_adapter():
-        ref = [reply_logprobs(model, b, settings.temperature or 1.0) for b in batches]
+        ref = [reply_logprobs(model, b, settings.logprob_temperature) for b in batches]
     kls = [x for o, r in zip(own, ref) for x in (o - r).sum(-1).tolist()]
     tokens = sum(float(b["reply_mask"].sum()) for b in batches)
     texts = [t for b in batches for t in b["texts"]]

@@ -238,8 +238,8 @@ class PPOTrainer:
         ids, mask, positions, start = full_inputs(batch, index)
         keep = ids.shape[1] - start + 1
         logits = self.model(ids, mask, positions, logits_to_keep=keep)[:, -keep:-1]
-        t = self.settings.temperature if temperature is None else temperature
-        return token_logprobs(logits, batch["reply"][index], t if t > 0 else 1.0)
+        t = self.settings.logprob_temperature if temperature is None else temperature
+        return token_logprobs(logits, batch["reply"][index], t)
 
     # -- one step --------------------------------------------------------------
 

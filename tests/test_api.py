@@ -141,3 +141,20 @@ def test_openai_client_works_against_the_server(server, store):
         for chunk in client.chat.completions.create(model="v0", messages=HELLO, max_tokens=6, stream=True)
     )
     assert isinstance(streamed, str)
+
+
+def test_a_lone_surrogate_is_a_400_and_stores_nothing(client, store):
+    body = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "lone surrogate" in r.json()["error"]["message"]
+    rid = chat(client, max_tokens=3)["id"]
+    body = ('{"response_id": "%s", "value": 1, "comment": "\\udfff"}' % rid).encode()
+    r = client.post("/v1/feedback", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("comment:")
+    assert store.counts()["feedback"] == 0 and store.counts()["responses"] == 1
+
+
+def test_a_vanishing_temperature_answers_greedily(client):
+    tiny = chat(client, max_tokens=6, temperature=1e-300)
+    greedy = chat(client, max_tokens=6, temperature=0.0)
+    assert tiny["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]

@@ -119,3 +119,29 @@ def test_serve_on_a_missing_gpu_is_one_clear_line(data_dir):
                           env=no_gpu)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == "error: device 'cuda:0' asked for, but no CUDA GPU is visible"
+
+
+def test_a_checkpoints_own_generation_config_does_not_change_what_is_served(tiny_model_dir):
+    """Serving and rollouts sample through one GenerationConfig with every
+    sampling field set: a checkpoint's generation_config.json (here a huge
+    repetition penalty, top-k 1, a 2-token cap, min-p) changes nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.models import GenerationSettings, load_tokenizer
+    from online_rl.sampling import sample
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.padding_side = "left"
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    odd = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    odd.generation_config.update(repetition_penalty=50.0, top_k=1, max_new_tokens=2, min_p=0.9,
+                                 no_repeat_ngram_size=1)
+    prompts = [[{"role": "user", "content": p}] for p in ("hello", "how are you", "what is AI")]
+    for settings in (GenerationSettings(max_new_tokens=12, temperature=0), GenerationSettings(max_new_tokens=12)):
+        torch.manual_seed(0)
+        a = sample(plain, tokenizer, prompts, settings)
+        torch.manual_seed(0)
+        b = sample(odd, tokenizer, prompts, settings)
+        assert a["texts"] == b["texts"] and torch.equal(a["reply"], b["reply"])
+        assert a["reply"].shape[1] > 2  # the 2-token cap of the checkpoint did not apply
