@@ -7,37 +7,42 @@ One step:
    sampled exactly as the bot serves (`chatbot.models.GenerationSettings`:
    the same temperature, top-p and reply cap, through the same
    `GenerationConfig`).
-2. **Scores.** The reward function scores each reply: in a retrain cycle,
+2. **Rewards.** The reward function scores each reply: in a retrain cycle,
    the reward model's logit (its log-odds of a thumbs-up), never squashed
    into [0, 1], so that the users' taste is not drowned by the KL term.
+   Scores are standardized over the step's rollouts, and each reply loses
+   `language_coef` times the base model's NLL per token of it: a babbled
+   reply scores below a real one the taste likes as much (per token, so
+   length is not charged).
 3. **Advantages, critic-free** (RLOO, Ahmadian et al. 2024): each reply's
-   score minus the mean score of the other replies to the same prompt, then
-   divided by the batch's standard deviation. No value head to warm up,
-   nothing that starts random each cycle, and the reward model's scale
-   drops out.
+   reward minus the mean reward of the other replies to the same prompt,
+   divided by the batch's standard deviation; below-average replies count
+   `negative_weight` times. No value head to warm up, nothing that starts
+   random each cycle, and the reward model's scale drops out.
 4. **Updates.** Up to `epochs` passes over shuffled minibatches of the
    clipped policy-ratio loss (token-level mean), plus
-   - the **KL to the base** per reply token (the k3 estimator, Schulman
-     2020, in the loss as GRPO does rather than in the reward: a KL summed
-     into a reply's reward charges every extra token, which by itself
-     pushes replies shorter whatever the users like), its coefficient
-     adapted towards `target_kl` nats per token and carried from cycle to
-     cycle in the adapter's description;
-   - a **language anchor**: the negative log-likelihood per token of
-     replies people liked (InstructGPT's "pretraining mix" in spirit: the
-     KL term cannot tell a short real reply from a short made-up one, a
-     supervised term on real replies can).
+   - the **KL to the base**, over the whole vocabulary at every reply
+     position (not estimated from the sampled token), in the loss as GRPO
+     does rather than in the reward: a KL summed into a reply's reward
+     charges every extra token, which by itself pushes replies shorter
+     whatever the users like. Its coefficient is adapted towards
+     `target_kl` nats per token and carried from cycle to cycle in the
+     adapter's description;
+   - the **language anchor**: KL(base || policy) along the base's own
+     replies to prompts of the pool (InstructGPT's "pretraining mix", as
+     distillation), which holds the language on prompts the rollouts do not
+     visit; and, off by default, a supervised term on liked replies.
    A step's updates stop early (before the minibatch that would go further)
    when the approximate KL between the policy and the one that sampled the
-   rollouts passes `max_approx_kl`, and the
-   learning rate warms up, then decays linearly to a tenth.
+   rollouts passes `max_approx_kl`; the learning rate warms up, then decays
+   linearly to a tenth.
 5. **Hard stop.** When the KL to the base measured on a step's rollouts
    passes `max_kl` nats per token, the cycle stops there.
 
 Logged every step: the raw reward-model score of the rollouts (it should
-rise within a cycle), KL to the base per token and per reply, reply
-length, the share of replies that ended, the policy loss, anchor loss,
-clip fraction, approximate KL, entropy, KL coefficient, learning rate and
+rise within a cycle), their base NLL per token, KL to the base per token and
+per reply, reply length, the share of replies that ended, the policy, KL and
+anchor losses, clip fraction, approximate KL, entropy, KL coefficient, learning rate and
 how many minibatch updates ran before the early stop.
 
 The reference policy is the base with the adapter disabled (`peft`'s
@@ -335,14 +340,18 @@ class PPOTrainer:
         self.kl.update(record["kl_per_token"], cfg.rollouts)
         return record
 
+    def _anchor_batch(self, pairs, rng: random.Random) -> dict:
+        """A few of the (prompt, reply) `pairs`, drawn at random, as a batch."""
+        chosen = [pairs[rng.randrange(len(pairs))] for _ in range(self.config.anchor_batch)]
+        return encode_replies(self.tokenizer, [p for p, _ in chosen], [r for _, r in chosen],
+                              max_length=self.config.max_prompt_tokens, device=self.device)
+
     def _anchor_loss(self, anchor, rng: random.Random, weight: float):
         """NLL per token (temperature 1) of a few of the (prompt, reply)
         pairs in `anchor`; None without any, or at weight 0."""
         if not anchor or not weight:
             return None
-        chosen = [anchor[rng.randrange(len(anchor))] for _ in range(self.config.anchor_batch)]
-        batch = encode_replies(self.tokenizer, [p for p, _ in chosen], [r for _, r in chosen],
-                               max_length=self.config.max_prompt_tokens, device=self.device)
+        batch = self._anchor_batch(anchor, rng)
         logprobs, _ = self._logprobs(batch, temperature=1.0)
         return -masked_mean(logprobs, batch["reply_mask"].float())
 
@@ -353,9 +362,7 @@ class PPOTrainer:
         being taught anything, without memorizing the sampled tokens."""
         if not pairs or not weight:
             return None
-        chosen = [pairs[rng.randrange(len(pairs))] for _ in range(self.config.anchor_batch)]
-        batch = encode_replies(self.tokenizer, [p for p, _ in chosen], [r for _, r in chosen],
-                               max_length=self.config.max_prompt_tokens, device=self.device)
+        batch = self._anchor_batch(pairs, rng)
         _, student = self._logprobs(batch, temperature=1.0)
         with torch.no_grad(), self.unwrapped.policy.disable_adapter():
             _, teacher = self._logprobs(batch, temperature=1.0)
