@@ -130,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         # The bot's sampling settings: serving uses them as its defaults, and a
         # retrain's rollouts sample with the same ones (what is trained is
         # what is served); the scheduler passes the server's on.
-        p.add_argument("--max-new-tokens", type=int, default=96, help="default reply length cap (tokens)")
-        p.add_argument("--temperature", type=float, default=0.8, help="default sampling temperature (0: greedy)")
-        p.add_argument("--top-p", type=float, default=0.95, help="default nucleus sampling threshold")
+        p.add_argument("--max-new-tokens", type=int, default=96,
+                       help="reply length cap in tokens the bot serves with, and retrains sample with (default 96)")
+        p.add_argument("--temperature", type=float, default=0.8,
+                       help="sampling temperature, served and trained (default 0.8; below 0.01: greedy)")
+        p.add_argument("--top-p", type=float, default=0.95,
+                       help="nucleus sampling threshold, served and trained (default 0.95)")
         p.add_argument("--min-win-rate", type=float, default=0.5,
                        help="gate: the candidate's win rate against the active version must be above this "
                             "under its own reward model and at least this under the judge (default 0.5)")
