@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from online_rl.language import base_nll_per_token, known_word_fraction
-from online_rl.sampling import encode_replies, reply_logprobs, sample_many
+from online_rl.language import known_word_fraction, mean_nll_per_token
+from online_rl.sampling import encode_replies, reply_logprobs, reply_logprobs_at, sample_many
 
 CANDIDATE, ACTIVE = "default", "active"
 
@@ -83,10 +83,10 @@ def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, ad
     torch.manual_seed(config.seed)
     with _use(model, adapter):
         batches = sample_many(model, tokenizer, prompts, settings)
-        own = [reply_logprobs(model, b, settings.logprob_temperature) for b in batches]
-    with model.disable_adapter():
-        ref = [reply_logprobs(model, b, settings.logprob_temperature) for b in batches]
-    kls = [x for o, r in zip(own, ref) for x in (o - r).sum(-1).tolist()]
+        own = [reply_logprobs(model, b, settings.logprob_temperature) for b in batches] if adapter else None
+    with model.disable_adapter():  # the base, once: at the serving temperature for KL, at 1 for language
+        ref, base = zip(*[reply_logprobs_at(model, b, (settings.logprob_temperature, 1.0)) for b in batches])
+    kls = [x for o, r in zip(own or ref, ref) for x in (o - r).sum(-1).tolist()]
     tokens = sum(float(b["reply_mask"].sum()) for b in batches)
     texts = [t for b in batches for t in b["texts"]]
     finished = [bool(f) for b in batches for f in b["finished"].tolist()]
@@ -94,7 +94,7 @@ def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, ad
         "texts": texts,
         "kl_to_base": round(sum(kls) / len(kls), 4) if adapter else 0.0,
         "kl_per_token": round(sum(kls) / max(tokens, 1), 4) if adapter else 0.0,
-        "base_nll": base_nll_per_token(model, batches),
+        "base_nll": mean_nll_per_token(list(base), batches),
         "known_words": known_word_fraction(texts),
         "stats": reply_stats(texts, finished, config.samples),
     }

@@ -50,10 +50,14 @@ def base_nll_per_token(model, batches: list[dict]) -> float | None:
 
     from online_rl.sampling import reply_logprobs
 
-    per_reply: list[float] = []
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with disabled:
-        for batch in batches:
-            logp = reply_logprobs(model, batch, 1.0)
-            per_reply.extend((-logp.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)).tolist())
+        return mean_nll_per_token([reply_logprobs(model, batch, 1.0) for batch in batches], batches)
+
+
+def mean_nll_per_token(logprobs: list, batches: list[dict]) -> float | None:
+    """From each batch's reply-token log-probabilities (temperature 1): the
+    NLL per token of each reply, averaged over the replies."""
+    per_reply = [x for logp, batch in zip(logprobs, batches)
+                 for x in (-logp.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)).tolist()]
     return round(sum(per_reply) / len(per_reply), 4) if per_reply else None

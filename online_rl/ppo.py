@@ -235,16 +235,19 @@ class PPOTrainer:
         return sample(model, self.tokenizer, prompts, self.settings, max_prompt_tokens=self.config.max_prompt_tokens,
                       device=self.device, synced_gpus=self.sharded)
 
+    def _reply_logits(self, batch, index=slice(None)):
+        """The logits that predict each reply token."""
+        ids, mask, positions, start = full_inputs(batch, index)
+        keep = ids.shape[1] - start + 1
+        return self.model(ids, mask, positions, logits_to_keep=keep)[:, -keep:-1]
+
     def _logprobs(self, batch, index=slice(None), temperature: float | None = None):
         """Log-probs of the reply tokens and the full log-softmax, at the
         serving temperature (top-p is left out: a token the sampler's nucleus
         held can fall outside the updated policy's, and its ratio would be
         infinite; TRL and OpenRLHF make the same choice)."""
-        ids, mask, positions, start = full_inputs(batch, index)
-        keep = ids.shape[1] - start + 1
-        logits = self.model(ids, mask, positions, logits_to_keep=keep)[:, -keep:-1]
         t = self.settings.logprob_temperature if temperature is None else temperature
-        return token_logprobs(logits, batch["reply"][index], t)
+        return token_logprobs(self._reply_logits(batch, index), batch["reply"][index], t)
 
     # -- one step --------------------------------------------------------------
 
@@ -262,8 +265,9 @@ class PPOTrainer:
         with torch.no_grad():
             old_logprobs, _ = self._logprobs(batch)
             with self.unwrapped.policy.disable_adapter():
-                ref_logprobs, _ = self._logprobs(batch)
-                base_logprobs, _ = self._logprobs(batch, temperature=1.0)
+                base_logits = self._reply_logits(batch)  # one forward, two temperatures
+            ref_logprobs, _ = token_logprobs(base_logits, batch["reply"], self.settings.logprob_temperature)
+            base_logprobs, _ = token_logprobs(base_logits, batch["reply"], 1.0)
         kl_tokens = (old_logprobs - ref_logprobs) * mask
         base_nll = -(base_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         rewards = (scores - scores.mean()) / (scores.std() + 1e-6) - cfg.language_coef * base_nll

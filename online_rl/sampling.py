@@ -90,11 +90,20 @@ def reply_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor
     """Log-probability of each reply token under `model` (0 on padding), from
     its logits divided by `temperature` (1: the model's own distribution,
     what the base model's NLL per token is measured with)."""
+    return reply_logprobs_at(model, batch, (temperature,))[0]
+
+
+@torch.no_grad()
+def reply_logprobs_at(model, batch: dict, temperatures) -> list[torch.Tensor]:
+    """`reply_logprobs` at each of `temperatures`, from one forward pass."""
     ids, mask, positions, start = full_inputs(batch)
     # Logits only where they predict a reply token: the prompt's positions
     # would cost batch x prompt x vocabulary for nothing.
     keep = ids.shape[1] - start + 1
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                    logits_to_keep=keep).logits[:, -keep:-1].float()
-    logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
-    return logp.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1) * batch["reply_mask"]
+    out = []
+    for temperature in temperatures:
+        logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
+        out.append(logp.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1) * batch["reply_mask"])
+    return out
