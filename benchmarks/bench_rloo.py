@@ -17,7 +17,6 @@ known-word share, and wall time.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import sys
 import tempfile
@@ -39,15 +38,14 @@ def measure(model, tokenizer, prompts, taste, rm, settings, seed=7, samples=2) -
 
     from online_rl.language import base_nll_per_token, known_word_fraction
     from online_rl.sampling import reply_logprobs, sample_many
+    from online_rl.simulate import approval_and_se
 
     torch.manual_seed(seed)
     messages = [[{"role": "user", "content": p}] for p in prompts] * samples
     batches = sample_many(model, tokenizer, messages, settings)
     texts = [t for b in batches for t in b["texts"]]
     liked = [bool(taste(m[-1]["content"], t)) for m, t in zip(messages, texts)]
-    per_prompt = [sum(liked[i::len(prompts)]) / samples for i in range(len(prompts))]
-    mean = sum(per_prompt) / len(per_prompt)
-    se = math.sqrt(sum((x - mean) ** 2 for x in per_prompt) / max(1, len(per_prompt) - 1) / len(per_prompt))
+    share, se = approval_and_se(liked, len(prompts))
     kl = tokens = 0.0
     if hasattr(model, "disable_adapter"):
         for b in batches:
@@ -57,7 +55,7 @@ def measure(model, tokenizer, prompts, taste, rm, settings, seed=7, samples=2) -
             kl += float((own - ref).sum())
             tokens += float(b["reply_mask"].sum())
     scores = rm.score(messages, texts)
-    return {"approval": round(sum(liked) / len(liked), 3), "se": round(se, 3),
+    return {"approval": round(share, 3), "se": round(se, 3),
             "rm": round(sum(scores) / len(scores), 3), "kl_per_token": round(kl / max(tokens, 1), 4),
             "base_nll": base_nll_per_token(model, batches), "known_words": known_word_fraction(texts),
             "mean_words": round(sum(len(t.split()) for t in texts) / len(texts), 2), "examples": texts[:3]}

@@ -71,6 +71,17 @@ class Bot:
         return [t for b in self.sample(prompts, settings, seed) for t in b["texts"]]
 
 
+def approval_and_se(liked: list[bool], n_prompts: int) -> tuple[float, float]:
+    """The share liked, and its standard error from the per-prompt means
+    (replies to one prompt are not independent). `liked` holds one pass over
+    the prompts after another."""
+    samples = len(liked) // n_prompts
+    per_prompt = [sum(liked[i::n_prompts]) / samples for i in range(n_prompts)]
+    mean = sum(per_prompt) / n_prompts
+    var = sum((x - mean) ** 2 for x in per_prompt) / max(1, n_prompts - 1)
+    return round(sum(liked) / len(liked), 4), round(math.sqrt(var / n_prompts), 4)
+
+
 def approval(bot: Bot, prompts: list[str], taste: Taste, settings, samples: int, seed: int) -> dict:
     """The true taste's approval on held-out prompts, its standard error
     (from the per-prompt means, so replies to one prompt are not counted as
@@ -80,12 +91,10 @@ def approval(bot: Bot, prompts: list[str], taste: Taste, settings, samples: int,
     batches = [b for k in range(samples) for b in bot.sample(prompts, settings, seed + k)]
     replies = [t for b in batches for t in b["texts"]]
     liked = [bool(taste(p, r)) for p, r in zip(prompts * samples, replies)]
-    per_prompt = [sum(liked[i + k * len(prompts)] for k in range(samples)) / samples for i in range(len(prompts))]
-    mean = sum(per_prompt) / len(per_prompt)
-    var = sum((x - mean) ** 2 for x in per_prompt) / max(1, len(per_prompt) - 1)
+    share, se = approval_and_se(liked, len(prompts))
     return {
-        "approval": round(sum(liked) / len(liked), 4),
-        "se": round(math.sqrt(var / len(per_prompt)), 4),
+        "approval": share,
+        "se": se,
         "known_words": known_word_fraction(replies),
         "base_nll": base_nll_per_token(bot.model, batches),
         "distinct_fraction": round(len(set(replies)) / len(replies), 4),
