@@ -41,6 +41,12 @@ def latest_reward_model(store, key: str = "reward_model_path") -> str | None:
     return None
 
 
+def better_than_chance(metrics: dict | None, bar: float = 0.5) -> bool:
+    """The lower end of the reward model's AUC interval lies above `bar`."""
+    low = (metrics or {}).get("auc_low")
+    return low is not None and low > bar
+
+
 @dataclass
 class Rewards:
     policy: object  # RewardModel PPO optimizes
@@ -52,8 +58,7 @@ class Rewards:
 
     @property
     def judge_informative(self) -> bool:
-        low = (self.judge_metrics or {}).get("auc_low")
-        return low is not None and low > 0.5
+        return better_than_chance(self.judge_metrics)
 
 
 def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) -> Rewards:
@@ -82,7 +87,7 @@ def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) 
                f"{metrics['auc_high']}) on {metrics['heldout_examples']} thumbs, Brier {metrics['brier']}, "
                f"pair accuracy {metrics['pair_accuracy']}")
     low, bar = metrics["auc_low"], config.reward.min_auc_low
-    if bar >= 0 and (low is None or low <= bar):
+    if bar >= 0 and not better_than_chance(metrics, bar):
         if low is None:
             why = (f"there are no held-out thumbs of both kinds to judge the reward model on "
                    f"({metrics['heldout_examples']} held out)")
