@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-file", help="require a login: a file with one user:password a line")
     serve.add_argument("--system-prompt", default="", help="default system prompt")
     serve.add_argument("--max-message-chars", type=int, default=8000,
-                       help="longer messages are refused (default 8000)")
+                       help="longer messages and system prompts are refused (default 8000)")
+    serve.add_argument("--max-messages", type=int, default=64,
+                       help="API requests with more messages are refused; the page sends its newest (default 64)")
+    serve.add_argument("--max-total-chars", type=int, default=32000,
+                       help="API requests with more characters in all are refused; the page sends its "
+                            "newest turns within it (default 32000)")
     ops = serve.add_argument_group("operations")
     ops.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV),
                      help=f"turns on the operator API (/v1/admin) and console (/admin); at least 16 "

@@ -3,7 +3,10 @@
 Routes are plain (sync) FastAPI handlers: FastAPI runs them in its thread
 pool, and the `Policy` takes care of sharing the model. Every error is a 4xx
 (or 503 when the model is busy) with an OpenAI-style JSON body
-``{"error": {"message", "type", "code"}}``, never a 500 for bad input.
+(`chatbot.errors`), never a 500 for bad input. A chat request over a size
+limit (`chatbot.limits`) is refused before its prompt is tokenized; one
+whose history does not fit the model's context loses its oldest turns, and
+the answer says how many (`X-Truncated-Messages`, `usage.truncated_messages`).
 """
 
 from __future__ import annotations
@@ -15,22 +18,17 @@ import time
 from typing import Any, Literal
 
 import anyio
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from chatbot.errors import ApiError, ErrorResponse, error_body, install_error_handlers  # noqa: F401 - served from here too
 from chatbot.policy import Busy, GenerationSettings, Policy
 from storage import ResponseNotFound, Store, StoreError
 from storage.store import new_response_id
 
 API_SESSION = "api"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str = "invalid_request_error", headers=None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers
+TRUNCATED_HEADER = "X-Truncated-Messages"
 
 
 def _encodable(value):
@@ -91,25 +89,6 @@ class FeedbackRequest(BaseModel):
         return value
 
 
-def _error_body(message: str, code: str) -> dict:
-    return {"error": {"message": message, "type": code, "code": code}}
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return JSONResponse(_error_body(exc.message, exc.code), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-            problems.append(f"{where}: {err.get('msg', 'invalid')}")
-        return JSONResponse(_error_body("; ".join(problems) or "invalid request", "invalid_request_error"),
-                            status_code=400)
-
-
 def api_router(policy: Policy, store: Store, options) -> APIRouter:
     """`options` is the `ChatOptions` shared with the chat page."""
     router = APIRouter(prefix="/v1")
@@ -127,14 +106,9 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
         ).validate()
 
     def prompt_for(req: ChatRequest) -> list[dict]:
-        messages = []
-        for i, m in enumerate(req.messages):
-            text = m.text()
-            if len(text) > options.max_message_chars:
-                raise ApiError(400, f"messages.{i}.content: {len(text):,} characters, the limit is "
-                                    f"{options.max_message_chars:,}", code="message_too_long")
-            role = "system" if m.role == "developer" else m.role
-            messages.append({"role": role, "content": text})
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        options.limits.check(messages)
         if messages[-1]["role"] != "user":
             raise ApiError(400, "messages: the last message must be from the user")
         if not messages[-1]["content"].strip():
@@ -156,7 +130,13 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
                 session_id=API_SESSION, user=user, response_id=response_id,
             )
 
-    @router.post("/chat/completions")
+    def busy(exc: Busy | None = None) -> ApiError:
+        message = str(exc) if exc else "the model is busy: too many requests are waiting, try again shortly"
+        return ApiError(503, message, code="server_busy", headers={"Retry-After": "2"})
+
+    @router.post("/chat/completions", responses={
+        413: {"model": ErrorResponse, "description": "Over a size limit: too many messages or characters"},
+        503: {"model": ErrorResponse, "description": "Too many requests are waiting for the model"}})
     def chat_completions(req: ChatRequest):
         settings, prompt = settings_for(req), prompt_for(req)
         response_id, created = new_response_id(), int(time.time())
@@ -164,9 +144,9 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
             try:
                 result = policy.generate(prompt, settings)
             except Busy as exc:
-                raise ApiError(503, str(exc), code="server_busy", headers={"Retry-After": "2"}) from None
+                raise busy(exc) from None
             log(prompt, result, settings, response_id, req.user)
-            return {
+            return JSONResponse({
                 "id": response_id,
                 "object": "chat.completion",
                 "created": created,
@@ -180,13 +160,13 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
                     "prompt_tokens": result.prompt_tokens,
                     "completion_tokens": result.completion_tokens,
                     "total_tokens": result.prompt_tokens + result.completion_tokens,
+                    "truncated_messages": result.truncated_messages,
                 },
-            }
+            }, headers={TRUNCATED_HEADER: str(result.truncated_messages)})
 
-        stream = policy.stream(prompt, settings)
         if policy.busy():
-            raise ApiError(503, "the model is busy: too many requests are waiting, try again shortly",
-                           code="server_busy", headers={"Retry-After": "2"})
+            raise busy()
+        stream = policy.stream(prompt, settings)  # tokenized here, before it waits for the model
         # Generation runs on one thread of its own, which also logs the reply;
         # the response reads its pieces from a queue. A client that goes away
         # sets the stop event, and the reply is logged as stopped.
@@ -236,15 +216,16 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
                         return
                     else:
                         message = str(value) if isinstance(value, Busy) else f"generation failed: {value}"
-                        yield f"data: {json.dumps(_error_body(message, 'generation_error'))}\n\n"
+                        yield f"data: {json.dumps(error_body(message, 'generation_error', status=500))}\n\n"
                         return
             finally:
                 stream.stop.set()  # a no-op once generation has finished
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                          TRUNCATED_HEADER: str(stream.prompt.dropped)})
 
-    @router.post("/feedback")
+    @router.post("/feedback", responses={404: {"model": ErrorResponse, "description": "No response with that id"}})
     def feedback(req: FeedbackRequest):
         try:
             feedback_id = store.record_feedback(req.response_id, req.value, session_id=API_SESSION,

@@ -3,9 +3,11 @@
 One model instance serves the chat page and the HTTP API. Generation holds a
 lock for its whole length, so requests take turns on the model (on a 2-core
 CPU they would only slow each other down if they ran at once) and the
-version a request starts on is the one it finishes on. Waiting requests are
-bounded: past `max_waiting`, a request is refused with `Busy` instead of
-queueing forever.
+version a request starts on is the one it finishes on. A request's prompt is
+built and tokenized before it takes the lock (`build_prompt`), so a long
+conversation being tokenized never holds up the reply being generated.
+Waiting requests are bounded: past `max_waiting`, a request is refused with
+`Busy` instead of queueing forever.
 
 **Hot-swap.** `swap_to` changes the version that serves without a restart.
 The adapter's files are read and checked outside the lock; then, between
@@ -42,12 +44,24 @@ BASE_VERSION = "v0"
 
 
 @dataclass
+class Prompt:
+    """A conversation made ready for the model: the messages sent, their token
+    ids, and how many of the conversation's messages were left out to fit the
+    model's context."""
+
+    messages: list[dict]
+    ids: list[int]
+    dropped: int = 0
+
+
+@dataclass
 class Generation:
     """What one reply was: its text, the version that wrote it, and its cost."""
 
     text: str = ""
     version: str = "v0"
     prompt: list[dict] = field(default_factory=list)
+    truncated_messages: int = 0  # messages of the conversation left out to fit the context
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"  # stop | length | stopped
@@ -165,28 +179,46 @@ class Policy:
 
     # -- prompts ------------------------------------------------------------
 
-    def build_prompt(self, messages: list[dict], settings: GenerationSettings) -> tuple[list[dict], list[int]]:
+    def build_prompt(self, messages: list[dict], settings: GenerationSettings) -> Prompt:
         """The messages actually sent and their token ids, cut to fit the context.
 
-        The oldest turns go first; a system prompt is kept. If the last
-        message alone is too long, its beginning is cut.
+        Called outside the generation lock. Every system message is kept (the
+        settings' system prompt is added when the messages have none); of the
+        others, the newest that fit beside the reply, starting on a user's.
+        If the last message alone is too long, its beginning is cut.
         """
-        system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
-        turns = [m for m in messages if m["role"] != "system"]
-        budget = self.max_context - int(settings.max_new_tokens)
-        while True:
-            sent = system + turns
-            ids = self._encode(sent)
-            if len(ids) <= budget or len(turns) <= 1:
-                break
-            turns = turns[1:]
-            while turns and turns[0]["role"] != "user":
-                turns = turns[1:]
+        if settings.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": settings.system_prompt}, *messages]
+        budget = max(self.max_context - int(settings.max_new_tokens), 1)
+        turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
+        # Where the kept turns may begin: the first turn, or any user's turn.
+        starts = sorted({0} | {k for k, i in enumerate(turns) if messages[i]["role"] == "user"})
+        encoded: dict[int, tuple[list[dict], list[int]]] = {}
+
+        def from_turn(k: int) -> tuple[list[dict], list[int]]:
+            if k not in encoded:
+                cut = turns[k] if k < len(turns) else len(messages)
+                sent = [m for j, m in enumerate(messages) if j >= cut or m["role"] == "system"]
+                encoded[k] = sent, self._encode(sent)
+            return encoded[k]
+
+        # Fewer turns never take more tokens: the earliest start that fits is
+        # found in a few encodings however long the conversation.
+        lo, hi = 0, len(starts) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(from_turn(starts[mid])[1]) <= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        sent, ids = from_turn(starts[lo])
         if len(ids) > budget:
-            ids = ids[-max(budget, 1):]
-        return sent, ids
+            ids = ids[-budget:]
+        return Prompt(sent, ids, dropped=starts[lo])
 
     def _encode(self, messages: list[dict]) -> list[int]:
+        # Several threads may encode at once: a fast tokenizer only reads its
+        # settings here (no truncation or padding is ever switched on).
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -227,18 +259,20 @@ class Policy:
             return "stop"
         return "length" if len(new_tokens) >= settings.max_new_tokens else "stop"
 
-    def generate(self, messages: list[dict], settings: GenerationSettings | None = None) -> Generation:
+    def generate(self, messages: list[dict] | Prompt, settings: GenerationSettings | None = None) -> Generation:
         """The whole reply at once, on the calling thread: no streamer, no
-        per-token decoding (the API's non-streaming path)."""
+        per-token decoding (the API's non-streaming path). `messages` may be
+        a `Prompt` already built."""
         import torch
 
         settings = (settings or GenerationSettings()).validate()
         started = time.perf_counter()
         self._enter()
         try:
+            prompt = messages if isinstance(messages, Prompt) else self.build_prompt(messages, settings)
+            ids = prompt.ids
+            input_ids = torch.tensor([ids], device=self.loaded.device)
             with self._lock:
-                sent, ids = self.build_prompt(messages, settings)
-                input_ids = torch.tensor([ids], device=self.loaded.device)
                 with torch.inference_mode():
                     output = self.model.generate(**self.generation_kwargs(input_ids, settings))
                 version = self.version
@@ -251,7 +285,8 @@ class Policy:
         result = Generation(
             text=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
             version=version,
-            prompt=sent,
+            prompt=prompt.messages,
+            truncated_messages=prompt.dropped,
             prompt_tokens=len(ids),
             completion_tokens=len(new_tokens),
             finish_reason=self.finish_reason(new_tokens, settings, stopped=False),
@@ -260,10 +295,14 @@ class Policy:
         self._notify("ok", result)
         return result
 
-    def stream(self, messages: list[dict], settings: GenerationSettings | None = None,
+    def stream(self, messages: list[dict] | Prompt, settings: GenerationSettings | None = None,
                stop: threading.Event | None = None) -> "ReplyStream":
+        """A reply to iterate over; its prompt is built here, on the calling
+        thread, so `prompt` (what is sent, what was left out) is known before
+        the first piece."""
         settings = (settings or GenerationSettings()).validate()
-        return ReplyStream(self, messages, settings, stop or threading.Event())
+        prompt = messages if isinstance(messages, Prompt) else self.build_prompt(messages, settings)
+        return ReplyStream(self, prompt, settings, stop or threading.Event())
 
 
 class ReplyStream:
@@ -272,10 +311,10 @@ class ReplyStream:
     Closing the iterator early (a client went away) stops the generation.
     """
 
-    def __init__(self, policy: Policy, messages, settings: GenerationSettings, stop: threading.Event):
-        self.policy, self.settings, self.stop = policy, settings, stop
-        self.result = Generation()
-        self._messages = messages
+    def __init__(self, policy: Policy, prompt: Prompt, settings: GenerationSettings, stop: threading.Event):
+        self.policy, self.prompt, self.settings, self.stop = policy, prompt, settings, stop
+        self.result = Generation(prompt=prompt.messages, truncated_messages=prompt.dropped,
+                                 prompt_tokens=len(prompt.ids))
         self._started = time.perf_counter()
 
     def __iter__(self) -> Iterator[str]:
@@ -286,18 +325,16 @@ class ReplyStream:
         policy._enter()
         outcome = "error"
         try:
+            result, stop = self.result, self.stop
+
+            class _StopWhenAsked(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):
+                    return stop.is_set()
+
+            input_ids = torch.tensor([self.prompt.ids], device=policy.loaded.device)
             with policy._lock:
-                sent, ids = policy.build_prompt(self._messages, settings)
-                result = self.result
-                result.prompt, result.version, result.prompt_tokens = sent, policy.version, len(ids)
-                stop = self.stop
-
-                class _StopWhenAsked(StoppingCriteria):
-                    def __call__(self, input_ids, scores, **kwargs):
-                        return stop.is_set()
-
+                result.version = policy.version
                 streamer = TextIteratorStreamer(policy.tokenizer, skip_prompt=True, skip_special_tokens=True)
-                input_ids = torch.tensor([ids], device=policy.loaded.device)
                 kwargs = policy.generation_kwargs(input_ids, settings)
                 kwargs.update(streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenAsked()]))
                 output: dict = {}

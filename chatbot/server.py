@@ -20,7 +20,9 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, Response
 
 from chatbot.admin import Operations, admin_router, token_matches
-from chatbot.api import api_router, install_error_handlers
+from chatbot.api import api_router
+from chatbot.errors import add_api_not_found, document_errors, install_error_handlers
+from chatbot.limits import BodyLimit
 from chatbot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatbot.metrics import Metrics
 from chatbot.policy import Policy
@@ -53,6 +55,8 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
     `ops` but no `admin_token` it is there and answers that it is off."""
     app = FastAPI(title="Learning chatbot", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     install_error_handlers(app)
+    document_errors(app)
+    app.add_middleware(BodyLimit, limits=options.limits)
     app.include_router(api_router(policy, store, options))
     metrics = Metrics(store, lambda: policy.version)
     policy.listeners.append(metrics.observe)
@@ -85,6 +89,7 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
             def console_off():
                 return HTMLResponse("<p>The operator console is off: start the server with --admin-token.</p>",
                                     status_code=403)
+    add_api_not_found(app)  # after every router under /v1
     demo = ChatUI(policy, store, options).build()
     # Requests queue in Gradio (people see their place in line); the policy
     # serialises the model itself, shared with the HTTP routes.
@@ -139,9 +144,18 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> 
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log = logging.getLogger("chatbot")
     options = ChatOptions(defaults=defaults, max_message_chars=args.max_message_chars,
-                          max_new_tokens_limit=max(args.max_new_tokens, 1024))
+                          max_new_tokens_limit=max(args.max_new_tokens, 1024), max_messages=args.max_messages,
+                          max_total_chars=args.max_total_chars)
+    try:
+        options.limits.validate()
+        if len(defaults.system_prompt) > options.max_message_chars:
+            raise ValueError(f"--system-prompt is {len(defaults.system_prompt):,} characters, over "
+                             f"--max-message-chars {options.max_message_chars:,}")
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log = logging.getLogger("chatbot")
     policy = Policy(loaded)
     follower = VersionFollower(policy, store, interval_s=args.follow_every)
     follower.sync()  # come up on the version the registry says is active

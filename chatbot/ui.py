@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
+from chatbot.limits import Limits, TooLarge
 from chatbot.policy import Busy, GenerationSettings, Policy
 from storage import Store, StoreError
 
@@ -24,11 +25,18 @@ FEEDBACK_LABEL = {1: "Like", -1: "Dislike"}
 
 @dataclass
 class ChatOptions:
-    """The operator's defaults for the chat page and the API."""
+    """The operator's defaults and limits for the chat page and the API."""
 
     defaults: GenerationSettings
-    max_message_chars: int = 8000  # longer messages are refused with a visible message
+    max_message_chars: int = 8000  # one message or system prompt; longer ones are refused
     max_new_tokens_limit: int = 1024  # the most a user (or API client) may ask for
+    max_messages: int = 64  # in one request; the page sends the newest turns within these two
+    max_total_chars: int = 32000
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_message_chars=self.max_message_chars, max_messages=self.max_messages,
+                      max_total_chars=self.max_total_chars)
 
 
 def new_state() -> dict:
@@ -104,11 +112,9 @@ class ChatUI:
         if not message:  # an empty message is ignored
             yield gr.update(), gr.update(), state
             return
-        if len(message) > self.options.max_message_chars:
-            gr.Warning(
-                f"Your message is {len(message):,} characters; the limit is "
-                f"{self.options.max_message_chars:,}. Please shorten it."
-            )
+        problem = self._too_long(message, "Your message") or self._too_long(system_prompt, "The system prompt")
+        if problem:
+            gr.Warning(problem)
             yield gr.update(value=message), gr.update(), state
             return
         turns = state["turns"] + [{"user": message, "replies": [], "shown": 0}]
@@ -119,7 +125,10 @@ class ChatUI:
                    request: gr.Request):
         """Another reply to the same turn; the earlier ones stay stored as alternatives."""
         turn_index = min(retry.index // 2, len(state["turns"]) - 1)
-        if turn_index < 0:
+        problem = self._too_long(system_prompt, "The system prompt")
+        if turn_index < 0 or problem:
+            if problem:
+                gr.Warning(problem)
             yield gr.update(), gr.update(), state
             return
         state = {**state, "turns": state["turns"][: turn_index + 1]}
@@ -140,6 +149,10 @@ class ChatUI:
         prompt = messages_for(state["turns"][:turn_index]) + [{"role": "user", "content": turn["user"]}]
         if settings.system_prompt:
             prompt = [{"role": "system", "content": settings.system_prompt}] + prompt
+        try:  # a long chat sends its newest turns
+            prompt, _ = self.options.limits.newest_within(prompt)
+        except TooLarge as exc:
+            raise gr.Error(exc.message) from None
 
         stop = threading.Event()
         with self._stops_lock:
@@ -225,6 +238,14 @@ class ChatUI:
         return [], fresh
 
     # -- helpers ----------------------------------------------------------------
+
+    def _too_long(self, text: str | None, what: str) -> str | None:
+        """Why `text` (a message, a system prompt) cannot be sent, if it cannot."""
+        limit = self.options.max_message_chars
+        chars = len((text or "").strip())
+        if chars <= limit:
+            return None
+        return f"{what} is {chars:,} characters; the limit is {limit:,}. Please shorten it."
 
     @staticmethod
     def _response_at(state: dict, index) -> str | None:

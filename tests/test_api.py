@@ -103,6 +103,7 @@ def test_bad_chat_requests_get_a_4xx_with_a_message(client, store, name, payload
         r = client.post("/v1/chat/completions", json=payload)
     assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
     assert needle.lower() in r.json()["error"]["message"].lower(), r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert store.counts()["responses"] == 0
     chat(client)  # and the server keeps serving
 
@@ -158,3 +159,37 @@ def test_a_vanishing_temperature_answers_greedily(client):
     tiny = chat(client, max_tokens=6, temperature=1e-300)
     greedy = chat(client, max_tokens=6, temperature=0.0)
     assert tiny["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/feedback"])
+def test_a_body_that_is_not_utf8_gets_an_openai_error(client, store, path):
+    body = b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert "not valid UTF-8" in error["message"]
+    assert store.counts()["responses"] == 0
+
+
+def test_the_schema_documents_the_errors_the_server_sends(client):
+    schema = client.get("/v1/openapi.json").json()
+    operations = [op for ops in schema["paths"].values() for op in ops.values()]
+    assert operations and all("422" not in op["responses"] for op in operations)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    error = schema["components"]["schemas"]["ErrorDetail"]
+    assert set(error["properties"]) == {"message", "type", "param", "code"}
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    for status in ("400", "413", "503"):
+        assert chat[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    # and the server sends what the schema says
+    r = client.post("/v1/chat/completions", json={"messages": HELLO, "temperature": "hot"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_an_unknown_route_under_v1_is_an_openai_404(client):
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
