@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, Response
 
 from chatbot.admin import Operations, admin_router, token_matches
 from chatbot.api import api_router
+from chatbot.browser_secret import browser_secret
 from chatbot.errors import add_api_not_found, document_errors, install_error_handlers
 from chatbot.limits import BodyLimit
 from chatbot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -50,9 +51,11 @@ def parse_auth(spec: str | None, auth_file: str | None) -> list[tuple[str, str]]
 
 def create_app(policy: Policy, store: Store, options: ChatOptions, *,
                auth: list[tuple[str, str]] | None = None, ops: Operations | None = None,
-               admin_token: str | None = None) -> FastAPI:
+               admin_token: str | None = None, page_secret: str | None = None) -> FastAPI:
     """The whole app. Without `ops` there is no operator surface at all; with
-    `ops` but no `admin_token` it is there and answers that it is off."""
+    `ops` but no `admin_token` it is there and answers that it is off.
+    `page_secret` encrypts what the chat page saves in the browser (default:
+    the store's data directory's, `chatbot.browser_secret`)."""
     app = FastAPI(title="Learning chatbot", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     install_error_handlers(app)
     document_errors(app)
@@ -72,6 +75,7 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
     def prometheus():
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    pages = {}
     if ops is not None:
         app.include_router(admin_router(ops, admin_token))
         if admin_token:
@@ -80,7 +84,8 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
             # Mounted before the chat page, whose mount at the root would
             # otherwise answer /admin too. Log in with any user name and the
             # admin token as the password.
-            app = gr.mount_gradio_app(app, build_console(ops), path="/admin",
+            pages["/admin"] = build_console(ops)
+            app = gr.mount_gradio_app(app, pages["/admin"], path="/admin",
                                       auth=lambda _user, password: token_matches(password, admin_token),
                                       auth_message="Operator console: the password is the admin token.",
                                       show_error=True)
@@ -90,11 +95,12 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
                 return HTMLResponse("<p>The operator console is off: start the server with --admin-token.</p>",
                                     status_code=403)
     add_api_not_found(app)  # after every router under /v1
-    demo = ChatUI(policy, store, options).build()
+    page_secret = page_secret or browser_secret(store.path.parent)
+    pages[""] = ChatUI(policy, store, options, browser_secret=page_secret).build()
     # Requests queue in Gradio (people see their place in line); the policy
     # serialises the model itself, shared with the HTTP routes.
-    demo.queue(default_concurrency_limit=4, max_size=64)
-    return gr.mount_gradio_app(app, demo, path="", auth=auth, show_error=True)
+    pages[""].queue(default_concurrency_limit=4, max_size=64)
+    return gr.mount_gradio_app(app, pages[""], path="", auth=auth, show_error=True)
 
 
 class BackgroundServer:
@@ -152,6 +158,7 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> 
         if len(defaults.system_prompt) > options.max_message_chars:
             raise ValueError(f"--system-prompt is {len(defaults.system_prompt):,} characters, over "
                              f"--max-message-chars {options.max_message_chars:,}")
+        secret = browser_secret(args.data_dir)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -163,7 +170,7 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> 
         log.warning("%s; serving %s", follower.error["error"], policy.version)
     log.info("serving version %s", policy.version)
     ops = Operations(store, follower, scheduler)
-    app = create_app(policy, store, options, auth=auth, ops=ops, admin_token=args.admin_token)
+    app = create_app(policy, store, options, auth=auth, ops=ops, admin_token=args.admin_token, page_secret=secret)
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     log.info("chat: http://%s:%s/", host, args.port)
     log.info("API: http://%s:%s/v1 (OpenAI-compatible; docs at /v1/docs); /healthz and /metrics", host, args.port)

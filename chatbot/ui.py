@@ -3,7 +3,8 @@ regenerate, every reply and thumb recorded through the `Store`.
 
 Per-user data lives in `gr.State` (the working conversation) and
 `gr.BrowserState` (the browser's session id and a snapshot of the
-conversation, so that a reload shows it again with the votes already given).
+conversation, so that a reload shows it again with the votes already given;
+encrypted with a key that outlives a restart, `chatbot.browser_secret`).
 Handlers are plain functions of the `ChatUI` object; the wiring is at the end,
 one line per event.
 """
@@ -76,10 +77,13 @@ def messages_for(turns: list[dict]) -> list[dict]:
 
 
 class ChatUI:
-    def __init__(self, policy: Policy, store: Store, options: ChatOptions):
+    def __init__(self, policy: Policy, store: Store, options: ChatOptions, *, browser_secret: str | None = None):
         self.policy = policy
         self.store = store
         self.options = options
+        # The key of the conversations saved in the browser (chatbot.browser_secret);
+        # without one, Gradio makes one for this process only.
+        self.browser_secret = browser_secret
         # Stop buttons: one event per browser session that is generating.
         self._stops: dict[str, threading.Event] = {}
         self._stops_lock = threading.Lock()
@@ -272,7 +276,7 @@ class ChatUI:
         d = self.options.defaults
         with gr.Blocks(title="Learning chatbot", analytics_enabled=False) as demo:
             gr.Markdown("### Chat, and rate the replies with thumbs-up or thumbs-down: the bot learns from them.")
-            saved = gr.BrowserState(new_state(), storage_key="learning-chatbot")
+            saved = gr.BrowserState(new_state(), storage_key="learning-chatbot", secret=self.browser_secret)
             state = gr.State(new_state())
             chat = gr.Chatbot(
                 label="Chat", height=480, feedback_options=("Like", "Dislike"),

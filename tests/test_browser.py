@@ -28,15 +28,19 @@ def wait_for(condition, timeout=30.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
-def test_chat_in_a_real_browser(server, store, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def need_a_browser() -> None:
     if not Path(CHROMIUM).exists():
         install = "apt-get install chromium chromium-driver"
         if os.environ.get("CI"):
             pytest.fail(f"no browser at {CHROMIUM}: .ci/run installs one ({install})")
         pytest.skip(f"no browser installed: `{install}` (Debian's Chromium) to run this test")
+
+
+@pytest.mark.slow
+def test_chat_in_a_real_browser(server, store, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    need_a_browser()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
@@ -76,3 +80,45 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
 def _first_response(store) -> dict:
     with store.connection() as db:
         return list(db.query("SELECT * FROM responses"))[0]
+
+
+@pytest.mark.slow
+def test_a_saved_conversation_survives_a_restart(tiny_loaded, chat_options, data_dir):
+    """The page saves its conversation in the browser, encrypted with the
+    data directory's key: a restarted server on the same data directory
+    reads it back on reload."""
+    from playwright.sync_api import sync_playwright
+
+    from chatbot.policy import Policy
+    from chatbot.server import BackgroundServer, create_app
+    from storage import Store
+
+    need_a_browser()
+
+    def start(port=0):
+        return BackgroundServer(create_app(Policy(tiny_loaded), Store.in_data_dir(data_dir), chat_options),
+                                port=port).__enter__()
+
+    server = start()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            box = page.locator("#message textarea")
+            box.wait_for(timeout=60_000)
+            box.fill("Remember me")
+            box.press("Enter")
+            bot = page.locator("#chat .message.bot, #chat [data-testid='bot']").last
+            wait_for(lambda: "model v0" in bot.inner_text(), what="the reply")
+            time.sleep(1)  # the browser saves the state after the reply
+            server.__exit__(None, None, None)
+            server = start(int(server.url.rsplit(":", 1)[1]))  # same address: same browser storage
+            page.reload()
+            page.locator("#message textarea").wait_for(timeout=60_000)
+            user = page.locator("#chat .message.user, #chat [data-testid='user']")
+            wait_for(lambda: user.count() and "Remember me" in user.first.inner_text(),
+                     what="the conversation restored after the restart")
+        finally:
+            browser.close()
+            server.__exit__(None, None, None)
