@@ -17,12 +17,13 @@ import time
 import gradio as gr
 from fastapi import FastAPI
 
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from chatbot.admin import Operations, admin_router, token_matches
 from chatbot.api import api_router
 from chatbot.browser_secret import browser_secret
 from chatbot.errors import add_api_not_found, document_errors, install_error_handlers
+from chatbot.gradio_routes import UnknownEndpoints
 from chatbot.limits import BodyLimit
 from chatbot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatbot.metrics import Metrics
@@ -81,6 +82,10 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
         if admin_token:
             from chatbot.console import build_console
 
+            @app.get("/admin", include_in_schema=False)
+            def console():
+                return RedirectResponse("admin/")
+
             # Mounted before the chat page, whose mount at the root would
             # otherwise answer /admin too. Log in with any user name and the
             # admin token as the password.
@@ -91,6 +96,7 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
                                       show_error=True)
         else:
             @app.get("/admin", include_in_schema=False)
+            @app.get("/admin/{rest:path}", include_in_schema=False)
             def console_off():
                 return HTMLResponse("<p>The operator console is off: start the server with --admin-token.</p>",
                                     status_code=403)
@@ -100,6 +106,7 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
     # Requests queue in Gradio (people see their place in line); the policy
     # serialises the model itself, shared with the HTTP routes.
     pages[""].queue(default_concurrency_limit=4, max_size=64)
+    app.add_middleware(UnknownEndpoints, pages=pages)
     return gr.mount_gradio_app(app, pages[""], path="", auth=auth, show_error=True)
 
 
