@@ -22,8 +22,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from chatbot.errors import ApiError, ErrorResponse, error_body, install_error_handlers  # noqa: F401 - served from here too
-from chatbot.policy import Busy, GenerationSettings, Policy
+from chatbot.errors import ApiError, ErrorResponse, error_body
+from chatbot.policy import Busy, GenerationSettings, Policy, PromptError
 from storage import ResponseNotFound, Store, StoreError
 from storage.store import new_response_id
 
@@ -145,6 +145,8 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
                 result = policy.generate(prompt, settings)
             except Busy as exc:
                 raise busy(exc) from None
+            except PromptError as exc:
+                raise ApiError(400, str(exc), param="messages") from None
             log(prompt, result, settings, response_id, req.user)
             return JSONResponse({
                 "id": response_id,
@@ -166,7 +168,10 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
 
         if policy.busy():
             raise busy()
-        stream = policy.stream(prompt, settings)  # tokenized here, before it waits for the model
+        try:
+            stream = policy.stream(prompt, settings)  # tokenized here, before it waits for the model
+        except PromptError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
         # Generation runs on one thread of its own, which also logs the reply;
         # the response reads its pieces from a queue. A client that goes away
         # sets the stop event, and the reply is logged as stopped.

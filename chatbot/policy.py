@@ -36,6 +36,11 @@ class Busy(RuntimeError):
     """Too many requests are already waiting for the model."""
 
 
+class PromptError(ValueError):
+    """The model's chat template refuses these messages (some insist that
+    roles alternate, or that the system prompt comes first)."""
+
+
 class AdapterLoadError(RuntimeError):
     """An adapter could not be loaded; the version that serves is unchanged."""
 
@@ -219,7 +224,12 @@ class Policy:
     def _encode(self, messages: list[dict]) -> list[int]:
         # Several threads may encode at once: a fast tokenizer only reads its
         # settings here (no truncation or padding is ever switched on).
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:
+            raise PromptError(f"the model's chat template refuses these messages: {exc}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # -- generation -----------------------------------------------------------
@@ -267,10 +277,10 @@ class Policy:
 
         settings = (settings or GenerationSettings()).validate()
         started = time.perf_counter()
+        prompt = messages if isinstance(messages, Prompt) else self.build_prompt(messages, settings)
+        ids = prompt.ids
         self._enter()
         try:
-            prompt = messages if isinstance(messages, Prompt) else self.build_prompt(messages, settings)
-            ids = prompt.ids
             input_ids = torch.tensor([ids], device=self.loaded.device)
             with self._lock:
                 with torch.inference_mode():

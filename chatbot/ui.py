@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import gradio as gr
 
 from chatbot.limits import Limits, TooLarge
-from chatbot.policy import Busy, GenerationSettings, Policy
+from chatbot.policy import Busy, GenerationSettings, Policy, PromptError
 from storage import Store, StoreError
 
 VALUE_OF = {True: 1, False: -1}
@@ -177,7 +177,7 @@ class ChatUI:
             for piece in stream:
                 text += piece
                 yield "", display(state, pending_reply=text), state
-        except Busy as exc:
+        except (Busy, PromptError) as exc:
             raise gr.Error(str(exc)) from None
         finally:
             with self._stops_lock:

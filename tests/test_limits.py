@@ -266,3 +266,27 @@ def test_newest_within_keeps_the_system_prompt_and_starts_on_a_user_turn():
     with pytest.raises(TooLarge):
         Limits(max_message_chars=100, max_messages=4, max_total_chars=120).newest_within(
             [{"role": "system", "content": "s" * 100}, {"role": "user", "content": "u" * 30}])
+
+
+def test_messages_the_chat_template_refuses_are_a_400(tiny_loaded, store, chat_options):
+    """Some models' templates insist that roles alternate: that is the
+    client's to fix, answered as such, not a 500."""
+    import copy
+
+    from chatbot.models import LoadedModel
+    from chatbot.server import BackgroundServer, create_app
+
+    tokenizer = copy.deepcopy(tiny_loaded.tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                               "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                               "{{ m['content'] }}{% endfor %}")
+    loaded = LoadedModel(tiny_loaded.model, tokenizer, tiny_loaded.name, tiny_loaded.path, tiny_loaded.device,
+                         tiny_loaded.dtype)
+    twice = [{"role": "user", "content": "Hi"}, *HELLO]
+    with BackgroundServer(create_app(Policy(loaded), store, chat_options)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        for stream in (False, True):
+            r = client.post("/v1/chat/completions", json={"messages": twice, "stream": stream})
+            assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"], r.text
+        assert client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2}).status_code == 200
+    assert store.counts()["responses"] == 1
