@@ -80,9 +80,8 @@ class Limits:
             if turns[i]["role"] == "user" or i == 0:
                 start = i
         if start == len(turns) and turns:
-            chars = len(turns[-1]["content"]) + sum(len(m["content"]) for m in system)
-            raise TooLarge(f"the system prompt and the message are {chars:,} characters together, the limit "
-                           f"is {self.max_total_chars:,}", "messages")
+            raise TooLarge(f"the system prompt and the message do not fit together within {self.max_messages:,} "
+                           f"messages and {self.max_total_chars:,} characters", "messages")
         return [*system, *turns[start:]], start
 
 
