@@ -30,15 +30,11 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
+from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa: F401 - PromptError is served from here too
 
 
 class Busy(RuntimeError):
     """Too many requests are already waiting for the model."""
-
-
-class PromptError(ValueError):
-    """The model's chat template refuses these messages (some insist that
-    roles alternate, or that the system prompt comes first)."""
 
 
 class AdapterLoadError(RuntimeError):
@@ -46,17 +42,6 @@ class AdapterLoadError(RuntimeError):
 
 
 BASE_VERSION = "v0"
-
-
-@dataclass
-class Prompt:
-    """A conversation made ready for the model: the messages sent, their token
-    ids, and how many of the conversation's messages were left out to fit the
-    model's context."""
-
-    messages: list[dict]
-    ids: list[int]
-    dropped: int = 0
 
 
 @dataclass
@@ -93,7 +78,7 @@ class Policy:
         self.max_waiting = max_waiting
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
-        self.max_context = _max_context(loaded)
+        self.max_context = max_context(loaded.model, loaded.tokenizer)
 
     # -- hot-swap -------------------------------------------------------------
 
@@ -185,52 +170,16 @@ class Policy:
     # -- prompts ------------------------------------------------------------
 
     def build_prompt(self, messages: list[dict], settings: GenerationSettings) -> Prompt:
-        """The messages actually sent and their token ids, cut to fit the context.
-
-        Called outside the generation lock. Every system message is kept (the
-        settings' system prompt is added when the messages have none); of the
-        others, the newest that fit beside the reply, starting on a user's.
-        If the last message alone is too long, its beginning is cut.
-        """
+        """The messages actually sent and their token ids, cut to fit the
+        context beside the reply (`chatbot.prompt`); the settings' system
+        prompt is added when the messages have none. Called outside the
+        generation lock."""
         if settings.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": settings.system_prompt}, *messages]
-        budget = max(self.max_context - int(settings.max_new_tokens), 1)
-        turns = [i for i, m in enumerate(messages) if m["role"] != "system"]
-        # Where the kept turns may begin: the first turn, or any user's turn.
-        starts = sorted({0} | {k for k, i in enumerate(turns) if messages[i]["role"] == "user"})
-        encoded: dict[int, tuple[list[dict], list[int]]] = {}
-
-        def from_turn(k: int) -> tuple[list[dict], list[int]]:
-            if k not in encoded:
-                cut = turns[k] if k < len(turns) else len(messages)
-                sent = [m for j, m in enumerate(messages) if j >= cut or m["role"] == "system"]
-                encoded[k] = sent, self._encode(sent)
-            return encoded[k]
-
-        # Fewer turns never take more tokens: the earliest start that fits is
-        # found in a few encodings however long the conversation.
-        lo, hi = 0, len(starts) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if len(from_turn(starts[mid])[1]) <= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        sent, ids = from_turn(starts[lo])
-        if len(ids) > budget:
-            ids = ids[-budget:]
-        return Prompt(sent, ids, dropped=starts[lo])
+        return fit(messages, self.max_context - int(settings.max_new_tokens), self._encode)
 
     def _encode(self, messages: list[dict]) -> list[int]:
-        # Several threads may encode at once: a fast tokenizer only reads its
-        # settings here (no truncation or padding is ever switched on).
-        from jinja2.exceptions import TemplateError
-
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except TemplateError as exc:
-            raise PromptError(f"the model's chat template refuses these messages: {exc}") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode(self.tokenizer, messages)
 
     # -- generation -----------------------------------------------------------
 
@@ -400,10 +349,3 @@ def _unwrap(peft_model):
     if hasattr(base, "peft_config"):  # left behind by peft; a later wrap would warn about it
         del base.peft_config
     return base
-
-
-def _max_context(loaded: LoadedModel) -> int:
-    limits = [getattr(loaded.model.config, "max_position_embeddings", None),
-              getattr(loaded.tokenizer, "model_max_length", None)]
-    limits = [x for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
-    return min(limits) if limits else 2048
