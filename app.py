@@ -178,24 +178,29 @@ def cmd_export(args) -> int:
 
 
 def cmd_promote(args) -> int:
+    from chatbot import promotion
+    from chatbot.adapters import AdapterLoadError
     from storage import StoreError
 
     store = open_store(args.data_dir)
     try:
-        result = store.promote(args.version, actor="command line", reason="promoted from the command line")
-    except StoreError as exc:
+        result = promotion.promote(store, args.version, promotion.on_disk(args.data_dir), actor="command line",
+                                   reason="promoted from the command line")
+    except (StoreError, AdapterLoadError) as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(result))
     return 0
 
 
 def cmd_rollback(args) -> int:
+    from chatbot import promotion
+    from chatbot.adapters import AdapterLoadError
     from storage import StoreError
 
     store = open_store(args.data_dir)
     try:
-        result = store.rollback(args.to, actor="command line")
-    except StoreError as exc:
+        result = promotion.rollback(store, args.to, promotion.on_disk(args.data_dir), actor="command line")
+    except (StoreError, AdapterLoadError) as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(result))
     return 0

@@ -73,8 +73,11 @@ def _cli(*args, data_dir):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_promote_and_rollback_from_the_command_line(store, data_dir, tmp_path):
-    _register(store, tmp_path, "v1")
+def test_promote_and_rollback_from_the_command_line(store, data_dir, tiny_model_dir):
+    from tests.test_hot_swap import _make_adapter
+
+    path = _make_adapter(tiny_model_dir, data_dir / "adapters" / "v1", 1, str(tiny_model_dir))
+    store.register_adapter("v1", path=str(path), base_model=str(tiny_model_dir))
     done = _cli("promote", "v1", data_dir=data_dir)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"active": "v1", "previous": "v0", "changed": True}
@@ -85,6 +88,15 @@ def test_promote_and_rollback_from_the_command_line(store, data_dir, tmp_path):
     back = _cli("rollback", data_dir=data_dir)
     assert back.returncode == 0 and json.loads(back.stdout)["active"] == "v0"
     assert store.active_version() == "v0"
+
+
+@pytest.mark.parametrize("args", [("promote", "v²"), ("promote", "v١"), ("rollback", "--to", "v²")])
+def test_a_version_name_other_than_v_and_ascii_digits_is_a_one_line_cli_error(store, data_dir, tmp_path, args):
+    _register(store, tmp_path, "v1")
+    result = _cli(*args, data_dir=data_dir)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: a version looks like v0, v1, v2, ...; got {args[-1]!r}"]
+    assert store.active_version() == "v0" and store.activations() == []
 
 
 # -- the gate -----------------------------------------------------------------------
