@@ -174,6 +174,15 @@ def test_status_markdown_shows_a_serving_error_escaped():
     assert "**paused**" in text
 
 
+def test_status_markdown_shows_a_fallback_at_start(store, seeded, tmp_path):
+    (Path(store.get_adapter("v1")["path"]) / "BROKEN").touch()
+    follower = VersionFollower(StubPolicy(), store)
+    follower.come_up()  # a restart: v1 is active and broken
+    text = console.status_markdown(Operations(store, follower, StubScheduler(store)).status())
+    assert "**Active** v0 · **serving** v0" in text
+    assert "**came up on v0 instead of v1:** v1 does not load: adapter v1" in text and "marked broken" in text
+
+
 def test_progress_of_a_running_run(ops, seeded):
     runs = ops.status(runs=5)["recent_runs"]
     running = console.running_run(runs)
