@@ -188,6 +188,9 @@ def _expected_shapes(peft_config, base_config, base_class, broken) -> dict[str, 
         wanted.init_lora_weights = True
     try:
         # A device context is per thread: generation on other threads is untouched.
+        # `from_config` sets torch's default dtype for the whole process while it
+        # builds, so a serving process passes its model class, whose constructor
+        # does not; the command line has no other thread.
         with torch.device("meta"):
             if base_class is None:
                 from transformers import AutoModelForCausalLM

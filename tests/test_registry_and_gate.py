@@ -62,6 +62,25 @@ def test_promote_refuses_unknown_or_missing_versions(store, tmp_path):
     assert store.active_version() == "v0" and store.activations() == []
 
 
+def test_a_fallback_is_logged_only_while_the_broken_version_is_active(store, tmp_path):
+    for v in ("v1", "v2", "v3"):
+        _register(store, tmp_path, v)
+    store.promote("v1")
+    store.promote("v2")
+    store.rollback()
+    store.promote("v3")
+    assert store.earlier_versions() == ["v1", "v2", "v0"]  # most recently active first
+    assert store.fall_back("v2", "v1", reason="v2 does not load") is None  # v2 is not the active one
+    assert store.active_version() == "v3" and store.activations()[0]["action"] == "promote"
+    assert store.fall_back("v3", "v1", reason="v3 does not load: no weights file") == {
+        "active": "v1", "previous": "v3", "changed": True}
+    row = store.activations()[0]
+    assert (row["action"], row["actor"], row["reason"]) == ("fallback", "server", "v3 does not load: no weights file")
+    assert store.get_adapter("v3")["reason"] == "fell back to v1: v3 does not load: no weights file"
+    # v1 was last promoted from v0; the fallback's "previous" is the version that broke.
+    assert store.rollback_target() == "v0" and store.rollback()["active"] == "v0"
+
+
 def test_a_rejected_candidate_can_still_be_promoted_by_hand(store, tmp_path):
     _register(store, tmp_path, "v1", status="rejected")
     store.promote("v1", actor="ops")

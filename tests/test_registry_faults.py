@@ -62,6 +62,26 @@ BREAKS = {
 }
 
 
+def test_the_check_names_what_is_wrong(good, tmp_path, tiny_trained):
+    import shutil
+
+    from chatbot.adapters import AdapterLoadError, check_on_disk
+
+    check = lambda path: check_on_disk("v9", path, base_model=str(tiny_trained), data_dir=tmp_path)  # noqa: E731
+    assert check(good["v1"]).weights  # a sound adapter passes
+    listed = shutil.copytree(good["v1"], tmp_path / "listed")
+    (listed / "adapter.json").write_text("[]")
+    with pytest.raises(AdapterLoadError, match="adapter.json holds list, not a JSON object"):
+        check(listed)
+    elsewhere = shutil.copytree(good["v1"], tmp_path / "elsewhere")
+    config = json.loads((elsewhere / "adapter_config.json").read_text())
+    (elsewhere / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
+    with pytest.raises(AdapterLoadError, match="its config does not fit the base"):
+        check(elsewhere)
+    with pytest.raises(AdapterLoadError, match="directory .* does not exist"):
+        check(tmp_path / "nowhere")
+
+
 @pytest.fixture(scope="module")
 def good(tiny_trained, tmp_path_factory):
     """Sound adapters v1-v3, copied into each test's data directory."""
