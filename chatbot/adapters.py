@@ -222,7 +222,9 @@ def _check_finite(weights: dict, broken) -> None:
 
     for name in sorted(weights):
         tensor = weights[name]
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # A NaN or inf anywhere makes the sum NaN or inf; summed in float64, finite
+        # values cannot overflow. One reduction, against a mask the tensor's size.
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
             bad = int((~torch.isfinite(tensor)).sum())
             raise broken(f"weights are not all finite: {name} holds {bad} NaN or inf values")
 
