@@ -63,12 +63,7 @@ def check_adapter(version: str, path: str | os.PathLike | None, *, base_config, 
     adapter.json naming another base is refused. Raises `AdapterLoadError`
     with one line saying what is wrong.
     """
-    def broken(reason: str) -> AdapterLoadError:
-        return AdapterLoadError(f"adapter {version} ({path}): {reason}")
-
-    if not path or not Path(path).is_dir():
-        raise AdapterLoadError(f"adapter {version}: directory {path} does not exist")
-    directory = Path(path)
+    directory, broken = _located(version, path)
     description = read_description(directory, broken)
     bases = {name for key in ("base_model", "base_path") if isinstance(name := description.get(key), str)}
     known = [str(name) for name in served if name]
@@ -104,9 +99,7 @@ def check_on_disk(version: str, path: str | os.PathLike | None, *, base_model: s
                   data_dir: str | os.PathLike) -> CheckedAdapter:
     """`check_adapter` where no model is loaded (the command line): against
     the config of the base the adapter was trained on."""
-    if not path or not Path(path).is_dir():
-        raise AdapterLoadError(f"adapter {version}: directory {path} does not exist")
-    description = read_description(Path(path), lambda reason: AdapterLoadError(f"adapter {version} ({path}): {reason}"))
+    description = read_description(*_located(version, path))
     return check_adapter(version, path, base_config=base_config_for(version, description, base_model, data_dir))
 
 
@@ -144,6 +137,17 @@ def fingerprint(path: str | os.PathLike | None) -> tuple:
 
 
 # -- the parts ----------------------------------------------------------------
+
+
+def _located(version: str, path) -> tuple[Path, Any]:
+    """The adapter's directory, and how to say what is wrong with it."""
+    if not path or not Path(path).is_dir():
+        raise AdapterLoadError(f"adapter {version}: directory {path} does not exist")
+
+    def broken(reason: str) -> AdapterLoadError:
+        return AdapterLoadError(f"adapter {version} ({path}): {reason}")
+
+    return Path(path), broken
 
 
 def _read_peft_config(directory: Path, broken):
