@@ -142,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-kl", type=float, default=0.2,
                        help="gate: mean KL to the base at most this many nats per reply token (default 0.2)")
 
-    sub.add_parser("promote", parents=[common], help="make VERSION the active one (v0: the base model)") \
+    sub.add_parser("promote", parents=[common],
+                   help="make VERSION the active one (v0: the base model) once its adapter passes its check") \
         .add_argument("version", help="v0, v1, v2, ...")
     rollback = sub.add_parser("rollback", parents=[common],
-                              help="go back to the version active before the current one")
+                              help="go back to the version active before the current one (checked the same way)")
     rollback.add_argument("--to", help="go back to this version instead")
     return parser
 

@@ -537,7 +537,9 @@ class Store:
 
         Any adapter may be promoted, a rejected candidate included: an
         operator's decision overrides the gate. The adapter's directory must
-        still exist. Returns ``{"active", "previous"}``.
+        still exist; its files are not read here (the store imports neither
+        torch nor peft): `chatbot.promotion` checks them before it calls this.
+        Returns ``{"active", "previous"}``.
         """
         if action not in ACTIVATION_ACTIONS:
             raise StoreError(f"unknown activation action {action!r}")
