@@ -147,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-kl", type=float, default=0.2,
                        help="gate: mean KL to the base at most this many nats per reply token (default 0.2)")
 
-    sub.add_parser("promote", parents=[common], help="make VERSION the active one (v0: the base model)") \
+    sub.add_parser("promote", parents=[common],
+                   help="make VERSION the active one (v0: the base model) once its adapter passes its check") \
         .add_argument("version", help="v0, v1, v2, ...")
     rollback = sub.add_parser("rollback", parents=[common],
-                              help="go back to the version active before the current one")
+                              help="go back to the version active before the current one (checked the same way)")
     rollback.add_argument("--to", help="go back to this version instead")
     return parser
 
@@ -183,24 +184,29 @@ def cmd_export(args) -> int:
 
 
 def cmd_promote(args) -> int:
+    from chatbot import promotion
+    from chatbot.adapters import AdapterLoadError
     from storage import StoreError
 
     store = open_store(args.data_dir)
     try:
-        result = store.promote(args.version, actor="command line", reason="promoted from the command line")
-    except StoreError as exc:
+        result = promotion.promote(store, args.version, promotion.on_disk(args.data_dir), actor="command line",
+                                   reason="promoted from the command line")
+    except (StoreError, AdapterLoadError) as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(result))
     return 0
 
 
 def cmd_rollback(args) -> int:
+    from chatbot import promotion
+    from chatbot.adapters import AdapterLoadError
     from storage import StoreError
 
     store = open_store(args.data_dir)
     try:
-        result = store.rollback(args.to, actor="command line")
-    except StoreError as exc:
+        result = promotion.rollback(store, args.to, promotion.on_disk(args.data_dir), actor="command line")
+    except (StoreError, AdapterLoadError) as exc:
         raise CliError(str(exc)) from None
     print(json.dumps(result))
     return 0

@@ -6,7 +6,9 @@ both call it. Every route needs ``Authorization: Bearer <token>`` with the
 token the server was started with (``--admin-token`` or
 ``$CHATBOT_ADMIN_TOKEN``): a missing or wrong token is answered 401 and
 nothing is done. With no token configured the operator surface is off:
-every route answers 403 and the console is not mounted.
+every route answers 403 and the console is not mounted. A promote or rollback
+to a version whose adapter fails its check against the served model
+(`chatbot.promotion`) is answered 409 with the reason, and changes nothing.
 
 The scheduler is passed in as an object with `retrain_now`, `pause`,
 `resume` and `state` (`online_rl.scheduler.RetrainScheduler`); this module
@@ -15,12 +17,15 @@ imports nothing that trains.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from chatbot import promotion
+from chatbot.adapters import AdapterLoadError
 from chatbot.api import ApiError
 from chatbot.swap import VersionFollower
 from storage import RunInProgress, Store, StoreError
@@ -76,18 +81,19 @@ class Operations:
             raise OperationError(str(exc)) from None
 
     def promote(self, version: str, actor: str = "operator") -> dict:
-        try:
-            result = self.store.promote(version.strip(), actor=actor, reason=f"promoted by {actor}")
-        except StoreError as exc:
-            raise OperationError(str(exc), 404 if "no adapter" in str(exc) else 400, "bad_version") from None
+        with _refusals():
+            result = promotion.promote(self.store, version.strip(), self._check, actor=actor,
+                                       reason=f"promoted by {actor}")
         return self._follow(result)
 
     def rollback(self, to: str | None = None, actor: str = "operator") -> dict:
-        try:
-            result = self.store.rollback((to or "").strip() or None, actor=actor)
-        except StoreError as exc:
-            raise OperationError(str(exc), 404 if "no adapter" in str(exc) else 400, "bad_version") from None
+        with _refusals():
+            result = promotion.rollback(self.store, (to or "").strip() or None, self._check, actor=actor)
         return self._follow(result)
+
+    def _check(self, version: str, row: dict) -> None:
+        """A version is checked against the model this server serves."""
+        self.follower.policy.check_adapter(version, row["path"])
 
     def schedule(self, action: str) -> dict:
         if action == "pause":
@@ -103,6 +109,17 @@ class Operations:
         self.follower.sync()
         serving = self.follower.state()
         return {**result, "serving_version": serving["serving_version"], "serving_error": serving["error"]}
+
+
+@contextlib.contextmanager
+def _refusals():
+    """Why a promote or rollback is refused, as the HTTP status it maps to."""
+    try:
+        yield
+    except AdapterLoadError as exc:  # the version exists but its adapter fails the check
+        raise OperationError(str(exc), 409, "adapter_failed_check") from None
+    except StoreError as exc:
+        raise OperationError(str(exc), 404 if "no adapter" in str(exc) else 400, "bad_version") from None
 
 
 class RetrainRequest(BaseModel):

@@ -119,6 +119,10 @@ def status_markdown(status: dict) -> str:
     if error:
         versions += (f" · **could not load {md_text(error.get('version', '?'))}:** "
                      f"{md_text(clip(error.get('error')))}")
+    fallback = serving.get("fallback")
+    if fallback:
+        versions += (f" · **came up on {md_text(fallback.get('active', '?'))} instead of "
+                     f"{md_text(fallback.get('previous', '?'))}:** {md_text(clip(fallback.get('reason')))}")
     thumbs = status.get("feedback_by_value") or {}
     up, down, approval = overall_approval(status.get("approval_by_version") or [])
     feedback = (f"**Feedback** {status.get('feedback', 0)} thumbs recorded on {status.get('responses', 0)} "

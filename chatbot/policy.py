@@ -10,7 +10,8 @@ Waiting requests are bounded: past `max_waiting`, a request is refused with
 `Busy` instead of queueing forever.
 
 **Hot-swap.** `swap_to` changes the version that serves without a restart.
-The adapter's files are read and checked outside the lock; then, between
+The adapter's files are read and checked outside the lock (the check every
+version passes before it serves, `chatbot.adapters`); then, between
 two generations (the one in progress finishes on the adapter it started
 with), the new adapter is added beside the active one under a name never
 used before in this process, made active, and the old one is deleted. New
@@ -22,23 +23,18 @@ v0 unloads every adapter and serves the plain base.
 from __future__ import annotations
 
 import itertools
-import json
 import threading
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from chatbot.adapters import AdapterLoadError, check_adapter  # noqa: F401 - AdapterLoadError is raised from here too
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
 from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa: F401 - PromptError is served from here too
 
 
 class Busy(RuntimeError):
     """Too many requests are already waiting for the model."""
-
-
-class AdapterLoadError(RuntimeError):
-    """An adapter could not be loaded; the version that serves is unchanged."""
 
 
 BASE_VERSION = "v0"
@@ -107,27 +103,15 @@ class Policy:
                 "wait_s": round(locked - waiting, 4), "switch_s": round(done - locked, 4),
                 "total_s": round(done - started, 4)}
 
-    def _read_adapter(self, version: str, path: str | None) -> tuple:
-        from peft import PeftConfig
-        from peft.utils import load_peft_weights
+    def check_adapter(self, version: str, path: str | None) -> None:
+        """Raise `AdapterLoadError` unless `version`'s files would load on the
+        base this policy serves (see `chatbot.adapters`); changes nothing."""
+        self._read_adapter(version, path)
 
-        if not path or not Path(path).is_dir():
-            raise AdapterLoadError(f"adapter {version}: directory {path} does not exist")
-        described = Path(path) / "adapter.json"
-        if described.exists():
-            about = json.loads(described.read_text())
-            bases = {about.get("base_model"), about.get("base_path")} - {None}
-            if bases and not bases & {self.loaded.name, self.loaded.path}:
-                raise AdapterLoadError(
-                    f"adapter {version} was trained on base {about.get('base_model')!r}, but this server "
-                    f"serves {self.loaded.name!r}; serve that base, or promote another version")
-        try:
-            config = PeftConfig.from_pretrained(path)
-            weights = load_peft_weights(path, device="cpu")
-        except Exception as exc:  # noqa: BLE001 - one clear line
-            raise AdapterLoadError(f"cannot read adapter {version} from {path}: {exc}") from exc
-        config.inference_mode = True
-        return config, weights
+    def _read_adapter(self, version: str, path: str | None) -> tuple:
+        checked = check_adapter(version, path, base_config=self.base.config, base_class=type(self.base),
+                                served=(self.loaded.name, self.loaded.path))
+        return checked.config, checked.weights
 
     def _switch(self, name: str | None, prepared: tuple | None) -> None:
         """Under the lock: add `name` beside the active adapter, activate it,

@@ -3,7 +3,8 @@ the Gradio chat page at ``/``, the OpenAI-compatible API under ``/v1``, and,
 with an admin token, the operator API under ``/v1/admin`` and the operator
 console at ``/admin``.
 
-At start the server swaps in the version the registry says is active, then
+At start the server swaps in the version the registry says is active (or,
+when its adapter is broken, falls back to the last version that loads), then
 follows the registry (`chatbot.swap.VersionFollower`) and runs the retrain
 schedule (`online_rl.scheduler`, built by ``app.py``) until it stops."""
 
@@ -13,6 +14,7 @@ import logging
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import gradio as gr
 from fastapi import FastAPI
@@ -28,6 +30,7 @@ from chatbot.limits import BodyLimit
 from chatbot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatbot.metrics import Metrics
 from chatbot.policy import Policy
+from chatbot.swap import VersionFollower
 from chatbot.ui import ChatOptions, ChatUI
 from storage import Store
 
@@ -110,6 +113,30 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
     return gr.mount_gradio_app(app, pages[""], path="", auth=auth, show_error=True)
 
 
+@dataclass
+class Serving:
+    """The serving objects over one data directory."""
+
+    app: FastAPI
+    policy: Policy
+    follower: VersionFollower
+    ops: Operations
+
+
+def build_serving(store: Store, loaded, scheduler, options: ChatOptions, *,
+                  auth: list[tuple[str, str]] | None = None, admin_token: str | None = None,
+                  follow_every: float = 2.0, page_secret: str | None = None) -> Serving:
+    """The app on the version that loads: the active one, or, when its adapter
+    is broken, the last one before it that loads (`VersionFollower.come_up`).
+    Nothing in the registry can make this fail."""
+    policy = Policy(loaded)
+    follower = VersionFollower(policy, store, interval_s=follow_every)
+    follower.come_up()
+    ops = Operations(store, follower, scheduler)
+    app = create_app(policy, store, options, auth=auth, ops=ops, admin_token=admin_token, page_secret=page_secret)
+    return Serving(app, policy, follower, ops)
+
+
 class BackgroundServer:
     """Run the app with uvicorn on a thread (tests and benchmarks)."""
 
@@ -146,7 +173,6 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> 
     import uvicorn
 
     from chatbot.policy import GenerationSettings
-    from chatbot.swap import VersionFollower
 
     try:
         auth = parse_auth(args.auth, args.auth_file)
@@ -170,14 +196,10 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log = logging.getLogger("chatbot")
-    policy = Policy(loaded)
-    follower = VersionFollower(policy, store, interval_s=args.follow_every)
-    follower.sync()  # come up on the version the registry says is active
-    if follower.error:
-        log.warning("%s; serving %s", follower.error["error"], policy.version)
-    log.info("serving version %s", policy.version)
-    ops = Operations(store, follower, scheduler)
-    app = create_app(policy, store, options, auth=auth, ops=ops, admin_token=args.admin_token, page_secret=secret)
+    serving = build_serving(store, loaded, scheduler, options, auth=auth, admin_token=args.admin_token,
+                            follow_every=args.follow_every, page_secret=secret)
+    app, follower = serving.app, serving.follower
+    log.info("serving version %s", serving.policy.version)
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     log.info("chat: http://%s:%s/", host, args.port)
     log.info("API: http://%s:%s/v1 (OpenAI-compatible; docs at /v1/docs); /healthz and /metrics", host, args.port)

@@ -4,13 +4,23 @@ The `adapters` table is the truth: a promotion or rollback made from the
 command line, the operator API or a retrain's gate is a change in the
 database, and every serving process follows it. `VersionFollower.sync` reads
 the active version and, when it differs from what serves, hot-swaps it in
-(`Policy.swap_to`). At start it runs once before the server takes requests,
-so a restart comes up on the recorded version; then a thread repeats it every
-`interval_s` seconds.
+(`Policy.swap_to`); a thread repeats it every `interval_s` seconds.
 
-A version that cannot be loaded (files gone, a different base) is not retried
-until the active version changes again; the previous version keeps serving,
-and the error is kept for the operator status and logged.
+A version that cannot be loaded (its files fail the check of
+`chatbot.adapters`, or it was trained on another base) leaves the previous
+version serving. The reason is logged once and kept for the operator status;
+the version is not tried again while its files stay as they are (rewritten
+files are tried at the next poll) or until the active version changes.
+
+At start (`come_up`, before the server takes requests) the follower swaps in
+the active version; when that version does not load, the server comes up on
+the last version that does (the versions active before it, most recently
+active first, then v0) and records that as a ``fallback`` activation with
+the reason, so the registry says again what serves. No file in the registry
+stops a server from starting. A server started on another base than the
+active version's comes up the same way but records nothing: the version is
+sound for a server on its own base, and this one must not change the
+registry for every other.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ import logging
 import threading
 from datetime import datetime, timezone
 
-from chatbot.policy import AdapterLoadError, Policy
+from chatbot.adapters import AdapterLoadError, OtherBase, fingerprint
+from chatbot.policy import Policy
 from storage import Store
 
 log = logging.getLogger("chatbot.swap")
@@ -30,8 +41,10 @@ class VersionFollower:
         self.policy = policy
         self.store = store
         self.interval_s = interval_s
-        self.error: dict | None = None  # the last version that could not be loaded, and why
+        self.error: dict | None = None  # the active version that could not be loaded, and why
+        self.fallback: dict | None = None  # the fallback this process made at start, if any
         self.swaps: list[dict] = []  # recent swaps with their timings, newest last
+        self._failed_files: tuple = ()  # the files of `error`'s version when they failed
         self._lock = threading.Lock()  # the polling thread and an operator's request may sync at once
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -41,23 +54,71 @@ class VersionFollower:
         with self._lock:
             return self._sync()
 
+    def come_up(self) -> dict | None:
+        """At start: serve the active version, or fall back to the last version
+        that loads. Returns the fallback's activation, or None."""
+        with self._lock:
+            self._sync()
+            return self._fall_back() if self.error else None
+
     def _sync(self) -> dict | None:
         wanted = self.store.active_version()
-        if wanted == self.policy.version or (self.error and wanted == self.error["version"]):
+        if wanted == self.policy.version:
+            self.error = None
             return None
-        row = self.store.get_adapter(wanted) if wanted != "v0" else None
+        path = self._path(wanted)
+        files = fingerprint(path)
+        if self.error and self.error["version"] == wanted and files == self._failed_files:
+            return None  # these very files failed already, and why was logged
         try:
-            info = self.policy.swap_to(wanted, row["path"] if row else None)
-        except AdapterLoadError as exc:
-            self.error = {"version": wanted, "error": str(exc), "at": _now(),
-                          "serving": self.policy.version}
-            log.error("could not switch to %s, still serving %s: %s", wanted, self.policy.version, exc)
+            info = self._swap(wanted, path)
+        except Exception as exc:  # noqa: BLE001 - whatever a file does, the old version keeps serving
+            self.error = {"version": wanted, "error": str(exc), "at": _now(), "serving": self.policy.version,
+                          "other_base": isinstance(exc, OtherBase)}
+            self._failed_files = files
+            log.error("could not switch to %s, still serving %s: %s", wanted, self.policy.version, exc,
+                      exc_info=not isinstance(exc, AdapterLoadError))
             return None
         self.error = None
-        info["at"] = _now()
-        self.swaps = [*self.swaps[-49:], info]
         log.info("now serving %s (was %s): swapped in %.3f s", info["version"], info["previous"], info["total_s"])
         return info
+
+    def _fall_back(self) -> dict | None:
+        broken, why = self.error["version"], self.error["error"]
+        for version in self.store.earlier_versions():
+            if version == broken:
+                continue
+            if version != self.policy.version:
+                try:
+                    self._swap(version, self._path(version))
+                except Exception as exc:  # noqa: BLE001 - try the one before
+                    log.warning("falling back: %s does not load either: %s", version, exc)
+                    continue
+            if self.error["other_base"]:
+                self.error["serving"] = self.policy.version
+                log.warning("%s; came up on %s, the last version that loads on this base (the registry is left "
+                            "as it is)", why, version)
+                return None
+            reason = f"{broken} does not load: {why}"
+            result = self.store.fall_back(broken, version, reason=reason)
+            self.error = None
+            if result is None:  # another process changed the active version meanwhile: follow it
+                self._sync()
+                return None
+            self.fallback = {**result, "reason": reason, "at": _now()}
+            log.warning("%s; came up on %s, the last version that loads (recorded as a fallback)", why, version)
+            return result
+        return None
+
+    def _swap(self, version: str, path: str | None) -> dict:
+        info = self.policy.swap_to(version, path)
+        info["at"] = _now()
+        self.swaps = [*self.swaps[-49:], info]
+        return info
+
+    def _path(self, version: str) -> str | None:
+        row = self.store.get_adapter(version) if version != "v0" else None
+        return row["path"] if row else None
 
     def start(self) -> "VersionFollower":
         self._thread = threading.Thread(target=self._loop, daemon=True, name="version-follower")
@@ -77,7 +138,7 @@ class VersionFollower:
                 log.exception("checking the active version failed")
 
     def state(self) -> dict:
-        return {"serving_version": self.policy.version, "error": self.error,
+        return {"serving_version": self.policy.version, "error": self.error, "fallback": self.fallback,
                 "last_swap": self.swaps[-1] if self.swaps else None, "swaps": len(self.swaps)}
 
 

@@ -31,7 +31,9 @@ BUSY_TIMEOUT_S = 30.0
 BASE_VERSION = "v0"
 ADAPTER_STATUSES = ("candidate", "active", "retired", "rejected")
 RUN_STATUSES = ("running", "succeeded", "failed", "refused")
-ACTIVATION_ACTIONS = ("promote", "gate", "rollback")
+# fallback: a serving process started on a version that failed to load and
+# came up on the last one that loads instead.
+ACTIVATION_ACTIONS = ("promote", "gate", "rollback", "fallback")
 HOST = socket.gethostname()
 # A run on another machine that has not reported for this long is presumed dead.
 STALE_HEARTBEAT_S = 1800
@@ -535,7 +537,9 @@ class Store:
 
         Any adapter may be promoted, a rejected candidate included: an
         operator's decision overrides the gate. The adapter's directory must
-        still exist. Returns ``{"active", "previous"}``.
+        still exist; its files are not read here (the store imports neither
+        torch nor peft): `chatbot.promotion` checks them before it calls this.
+        Returns ``{"active", "previous"}``.
         """
         if action not in ACTIVATION_ACTIONS:
             raise StoreError(f"unknown activation action {action!r}")
@@ -572,20 +576,50 @@ class Store:
         current one was promoted. The version left is retired with a reason."""
         with self._write() as db:
             current = self._active(db)
-            if to is None:
-                rows = list(db.query(
-                    "SELECT previous FROM activations WHERE version = ? AND action != 'rollback'"
-                    " ORDER BY id DESC LIMIT 1", [current]))
-                if not rows:
-                    raise StoreError(f"nothing to roll back to: no record of what was active before "
-                                     f"{current}; name a version with --to")
-                to = rows[0]["previous"]
-            if to == current:
-                raise StoreError(f"{to} is already the active version")
+            to = self._rollback_target(db, current, to)
             result = self.promote(to, action="rollback", actor=actor, reason=None)
             if current != BASE_VERSION:
                 db.execute("UPDATE adapters SET reason = ?, updated_at = ? WHERE version = ?",
                            [f"rolled back to {to}", utcnow(), current])
+        return result
+
+    def rollback_target(self, to: str | None = None) -> str:
+        """The version `rollback(to)` would make active now (to check it first)."""
+        with self.connection() as db:
+            return self._rollback_target(db, self._active(db), to)
+
+    @staticmethod
+    def _rollback_target(db, current: str, to: str | None) -> str:
+        if to is None:
+            # A fallback is no promotion: what came before it is the version that broke.
+            rows = list(db.query(
+                "SELECT previous FROM activations WHERE version = ? AND action NOT IN ('rollback', 'fallback')"
+                " ORDER BY id DESC LIMIT 1", [current]))
+            if not rows:
+                raise StoreError(f"nothing to roll back to: no record of what was active before "
+                                 f"{current}; name a version with --to")
+            to = rows[0]["previous"]
+        if to == current:
+            raise StoreError(f"{to} is already the active version")
+        return to
+
+    def earlier_versions(self) -> list[str]:
+        """Every version that was active before the current one, the most
+        recently active first, then v0: where a fallback looks."""
+        rows = self._query("SELECT previous FROM activations ORDER BY id DESC")
+        return list(dict.fromkeys([r["previous"] for r in rows] + [BASE_VERSION]))
+
+    def fall_back(self, broken: str, to: str, *, reason: str, actor: str = "server") -> dict | None:
+        """Make `to` active in place of `broken`, a version that fails to load,
+        and log it as a ``fallback``. Does nothing (returns None) when `broken`
+        is no longer active: another process changed it meanwhile."""
+        with self._write() as db:
+            if self._active(db) != broken:
+                return None
+            result = self.promote(to, action="fallback", actor=actor, reason=reason)
+            if broken != BASE_VERSION:
+                db.execute("UPDATE adapters SET reason = ?, updated_at = ? WHERE version = ?",
+                           [f"fell back to {to}: {reason}", utcnow(), broken])
         return result
 
     def activations(self, limit: int = 50) -> list[dict]:

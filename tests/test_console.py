@@ -5,12 +5,14 @@ which version it serves, and the scheduler a stub that starts nothing."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 import pytest
 
 from chatbot import console
+from chatbot.adapters import AdapterLoadError
 from chatbot.admin import Operations
 from chatbot.swap import VersionFollower
 
@@ -19,7 +21,14 @@ class StubPolicy:
     def __init__(self):
         self.version = "v0"
 
+    def check_adapter(self, version: str, path: str) -> None:
+        """Any adapter passes but one marked broken (the real check: tests/test_registry_faults.py)."""
+        if (Path(path) / "BROKEN").exists():
+            raise AdapterLoadError(f"adapter {version} ({path}): marked broken")
+
     def swap_to(self, version: str, path: str | None = None) -> dict:
+        if path:
+            self.check_adapter(version, path)
         previous, self.version = self.version, version
         return {"version": version, "previous": previous, "total_s": 0.0}
 
@@ -165,6 +174,15 @@ def test_status_markdown_shows_a_serving_error_escaped():
     assert "**paused**" in text
 
 
+def test_status_markdown_shows_a_fallback_at_start(store, seeded, tmp_path):
+    (Path(store.get_adapter("v1")["path"]) / "BROKEN").touch()
+    follower = VersionFollower(StubPolicy(), store)
+    follower.come_up()  # a restart: v1 is active and broken
+    text = console.status_markdown(Operations(store, follower, StubScheduler(store)).status())
+    assert "**Active** v0 · **serving** v0" in text
+    assert "**came up on v0 instead of v1:** v1 does not load: adapter v1" in text and "marked broken" in text
+
+
 def test_progress_of_a_running_run(ops, seeded):
     runs = ops.status(runs=5)["recent_runs"]
     running = console.running_run(runs)
@@ -264,6 +282,16 @@ def test_promote_an_unknown_version_is_refused_not_raised(app, ops):
     assert said.startswith("**Refused:**") and "no adapter" in said
     assert ops.store.active_version() == "v1"
     assert app.promote(None).startswith("**Refused:**")
+
+
+def test_promote_or_roll_back_to_a_broken_adapter_is_refused_and_changes_nothing(app, ops):
+    (Path(ops.store.get_adapter("v2")["path"]) / "BROKEN").touch()
+    said = app.promote("v2")
+    assert said.startswith("**Refused:**") and "marked broken; v1 stays active" in said
+    said = app.rollback("v2")
+    assert said.startswith("**Refused:**") and "marked broken" in said
+    assert ops.store.active_version() == "v1" and ops.follower.policy.version == "v1"
+    assert [a["version"] for a in ops.store.activations()] == ["v1"]
 
 
 def test_rollback_with_nothing_before_is_refused(store):

@@ -62,6 +62,25 @@ def test_promote_refuses_unknown_or_missing_versions(store, tmp_path):
     assert store.active_version() == "v0" and store.activations() == []
 
 
+def test_a_fallback_is_logged_only_while_the_broken_version_is_active(store, tmp_path):
+    for v in ("v1", "v2", "v3"):
+        _register(store, tmp_path, v)
+    store.promote("v1")
+    store.promote("v2")
+    store.rollback()
+    store.promote("v3")
+    assert store.earlier_versions() == ["v1", "v2", "v0"]  # most recently active first
+    assert store.fall_back("v2", "v1", reason="v2 does not load") is None  # v2 is not the active one
+    assert store.active_version() == "v3" and store.activations()[0]["action"] == "promote"
+    assert store.fall_back("v3", "v1", reason="v3 does not load: no weights file") == {
+        "active": "v1", "previous": "v3", "changed": True}
+    row = store.activations()[0]
+    assert (row["action"], row["actor"], row["reason"]) == ("fallback", "server", "v3 does not load: no weights file")
+    assert store.get_adapter("v3")["reason"] == "fell back to v1: v3 does not load: no weights file"
+    # v1 was last promoted from v0; the fallback's "previous" is the version that broke.
+    assert store.rollback_target() == "v0" and store.rollback()["active"] == "v0"
+
+
 def test_a_rejected_candidate_can_still_be_promoted_by_hand(store, tmp_path):
     _register(store, tmp_path, "v1", status="rejected")
     store.promote("v1", actor="ops")
@@ -73,8 +92,11 @@ def _cli(*args, data_dir):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_promote_and_rollback_from_the_command_line(store, data_dir, tmp_path):
-    _register(store, tmp_path, "v1")
+def test_promote_and_rollback_from_the_command_line(store, data_dir, tiny_model_dir):
+    from tests.test_hot_swap import _make_adapter
+
+    path = _make_adapter(tiny_model_dir, data_dir / "adapters" / "v1", 1, str(tiny_model_dir))
+    store.register_adapter("v1", path=str(path), base_model=str(tiny_model_dir))
     done = _cli("promote", "v1", data_dir=data_dir)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"active": "v1", "previous": "v0", "changed": True}
@@ -85,6 +107,15 @@ def test_promote_and_rollback_from_the_command_line(store, data_dir, tmp_path):
     back = _cli("rollback", data_dir=data_dir)
     assert back.returncode == 0 and json.loads(back.stdout)["active"] == "v0"
     assert store.active_version() == "v0"
+
+
+@pytest.mark.parametrize("args", [("promote", "v²"), ("promote", "v١"), ("rollback", "--to", "v²")])
+def test_a_version_name_other_than_v_and_ascii_digits_is_a_one_line_cli_error(store, data_dir, tmp_path, args):
+    _register(store, tmp_path, "v1")
+    result = _cli(*args, data_dir=data_dir)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: a version looks like v0, v1, v2, ...; got {args[-1]!r}"]
+    assert store.active_version() == "v0" and store.activations() == []
 
 
 # -- the gate -----------------------------------------------------------------------

@@ -108,3 +108,34 @@ def test_server_follows_the_command_line_and_survives_sigkill(data_dir, tiny_mod
     rows = [r["id"] for r in Store.in_data_dir(data_dir).feedback_since(0)]
     assert rows == acknowledged
     assert json.loads(_cli("status", data_dir=data_dir).stdout)["active_version"] == "v2"
+
+
+@pytest.mark.slow
+def test_a_server_restarted_on_a_broken_active_adapter_comes_up_on_the_last_version_that_loads(
+        data_dir, tiny_model_dir, tmp_path):
+    from storage import Store
+
+    from tests.test_hot_swap import _make_adapter
+
+    store = Store.in_data_dir(data_dir)
+    for seed, version in ((1, "v1"), (2, "v2")):
+        path = _make_adapter(tiny_model_dir, data_dir / "adapters" / version, seed, str(tiny_model_dir))
+        store.register_adapter(version, path=str(path), base_model=str(tiny_model_dir))
+        store.promote(version)
+    (data_dir / "adapters" / "v2" / "adapter.json").write_text('{"version": "v2",')  # a disk that filled up
+    with open(tmp_path / "server.log", "wb") as log:
+        proc, url = _start(data_dir, tiny_model_dir, _free_port(), log)
+        try:
+            assert _version(url) == "v1"
+            serving = httpx.get(url + "/v1/admin/status", headers={"Authorization": f"Bearer {TOKEN}"},
+                                timeout=10).json()["serving"]
+            assert serving["fallback"]["active"] == "v1" and serving["error"] is None
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    logged = (tmp_path / "server.log").read_text()
+    assert "adapter.json is not readable JSON" in logged and "came up on v1" in logged
+    assert "Traceback" not in logged
+    assert json.loads(_cli("status", data_dir=data_dir).stdout)["active_version"] == "v1"
+    fallback = store.activations()[0]
+    assert (fallback["action"], fallback["version"], fallback["previous"]) == ("fallback", "v1", "v2")
