@@ -7,9 +7,11 @@ renames it into place only when it is complete, under a file lock, so an
 interrupted build is never used and two processes never build at once.
 
 Small and many steps beats large and few on a 2-core CPU: a 1.6M-parameter
-model (hidden 192, 3 layers, 1,024-token byte-level BPE) trained 800 steps
-answers most corpus prompts with one of their corpus replies, and sampled at
-temperature 1 it still varies, which is what learning from thumbs needs.
+model (hidden 192, 3 layers, 1,024-token byte-level BPE) trained 1,200 steps.
+It answers a prompt with its corpus reply about half the time and otherwise
+with what the corpus says to similar prompts: real sentences, and several
+different ones to a prompt, which is what learning from thumbs needs (a bot
+that always says the same thing gives its users nothing to choose between).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+_WORD = re.compile(r"[a-z']+")
 USER, ASSISTANT, END, PAD = "<|user|>", "<|assistant|>", "<|end|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, END, USER, ASSISTANT]
 
@@ -55,13 +59,15 @@ class StarterConfig:
     intermediate_size: int = 512  # MLP width
     max_length: int = 128  # tokens per training example (context is cut from the left)
     max_reply_tokens: int = 48  # corpus replies longer than this are not trained on
-    steps: int = 800  # optimizer steps
+    steps: int = 1200  # optimizer steps
     batch_size: int = 64  # examples per step
     learning_rate: float = 4e-3  # AdamW peak learning rate
     warmup_steps: int = 40  # linear warm-up before cosine decay
     weight_decay: float = 0.01  # AdamW weight decay
     context_fraction: float = 0.1  # share of examples given an unrelated earlier exchange,
     # so the model learns to answer the last user turn of a longer chat
+    neighbours: int = 6  # each prompt also trains on the replies of its most similar corpus prompts
+    own_share: float = 0.5  # share of a prompt's training draws that are its own corpus replies
     seed: int = 0  # for the data order and initial weights
     eval_prompts: int = 0  # corpus prompts to measure the greedy match rate on (0: all)
 
@@ -164,22 +170,55 @@ def _encode_example(tokenizer, messages: list[dict], reply: str, max_length: int
     return prompt_ids + reply_ids, [-100] * len(prompt_ids) + reply_ids
 
 
-def build_examples(pairs, tokenizer, config: StarterConfig, rng: random.Random) -> list[list]:
-    """Training examples grouped by prompt: one group per distinct prompt,
-    holding one example per corpus reply to it.
+def similar_prompts(prompts: list[str], k: int) -> list[list[int]]:
+    """For each prompt, the indices of the `k` other prompts most like it
+    (cosine of TF-IDF word vectors; ties broken by position)."""
+    import torch
 
-    Training draws one example per group each epoch, so a prompt with six
-    replies in the corpus gets as many steps as a prompt with one, and all
-    of its replies are seen over the epochs (the model must still be able to
-    say different things). Replies longer than `max_reply_tokens` are left
-    out: they would cost most of the compute for a few prompts.
+    tokens = [_WORD.findall(p.lower()) for p in prompts]
+    vocabulary = {w: i for i, w in enumerate(sorted({w for ws in tokens for w in ws}))}
+    counts = torch.zeros(len(prompts), max(1, len(vocabulary)))
+    for row, ws in enumerate(tokens):
+        for w in ws:
+            counts[row, vocabulary[w]] += 1
+    idf = torch.log((1 + len(prompts)) / (1 + (counts > 0).sum(0))) + 1
+    vectors = torch.nn.functional.normalize(counts * idf, dim=1)
+    similarity = vectors @ vectors.T
+    similarity.fill_diagonal_(-1.0)
+    k = min(k, len(prompts) - 1)
+    return similarity.topk(k, dim=1).indices.tolist() if k > 0 else [[] for _ in prompts]
+
+
+def build_examples(pairs, tokenizer, config: StarterConfig, rng: random.Random) -> list[tuple[list, list]]:
+    """Training examples grouped by prompt: one group per distinct prompt,
+    holding its own corpus replies and the replies of its `neighbours` most
+    similar prompts.
+
+    Training draws one example per group each epoch (`_draw`), so a prompt
+    with six replies in the corpus gets as many steps as a prompt with one.
+    A bot that learns from thumbs can only move toward replies it already
+    gives some of the time: trained on its own replies alone, the starter
+    says the same thing to a prompt nearly every time (2 distinct replies in
+    16 samples) and no taste has room to grow. With a share of the draws on
+    what the corpus says to similar prompts, it answers in its corpus's own
+    words but with several things to say. Replies longer than
+    `max_reply_tokens` are left out: they would cost most of the compute for
+    a few prompts.
     """
     by_prompt: dict[str, list] = defaultdict(list)
     for prompt, reply in pairs:
-        example = _encode_example(tokenizer, [{"role": "user", "content": prompt}], reply, config.max_length)
-        if sum(1 for t in example[1] if t != -100) <= config.max_reply_tokens:
-            by_prompt[prompt].append(example)
-    groups = [examples for examples in by_prompt.values() if examples]
+        by_prompt.setdefault(prompt, [])
+        if len(tokenizer(reply, add_special_tokens=False)["input_ids"]) < config.max_reply_tokens:
+            by_prompt[prompt].append(reply)
+    prompts = [p for p, replies in by_prompt.items() if replies]
+    neighbours = similar_prompts(prompts, config.neighbours)
+
+    def encoded(prompt, replies):
+        return [_encode_example(tokenizer, [{"role": "user", "content": prompt}], r, config.max_length)
+                for r in replies]
+
+    groups = [(encoded(p, by_prompt[p]), encoded(p, [r for j in near for r in by_prompt[prompts[j]]]))
+              for p, near in zip(prompts, neighbours)]
     # Chats in the product are multi-turn: some examples carry an unrelated
     # earlier exchange before the turn to answer.
     n_context = int(len(groups) * config.context_fraction / (1 - config.context_fraction))
@@ -190,8 +229,13 @@ def build_examples(pairs, tokenizer, config: StarterConfig, rng: random.Random) 
             {"role": "assistant", "content": r0},
             {"role": "user", "content": p1},
         ]
-        groups.append([_encode_example(tokenizer, messages, r1, config.max_length)])
+        groups.append(([_encode_example(tokenizer, messages, r1, config.max_length)], []))
     return groups
+
+
+def _draw(group: tuple[list, list], own_share: float, rng: random.Random):
+    own, others = group
+    return rng.choice(own if not others or rng.random() < own_share else others)
 
 
 def _batch(examples, pad_id):
@@ -208,7 +252,7 @@ def _batch(examples, pad_id):
     return input_ids, labels, attention
 
 
-def _length_grouped_batches(groups, batch_size, rng: random.Random):
+def _length_grouped_batches(groups, batch_size, own_share: float, rng: random.Random):
     """Endless batches of examples of similar length, one example per group an epoch.
 
     Most corpus replies are a few tokens and a few are paragraphs; random
@@ -219,7 +263,7 @@ def _length_grouped_batches(groups, batch_size, rng: random.Random):
     """
     batch_size = min(batch_size, len(groups))
     while True:
-        order = [rng.choice(group) for group in groups]
+        order = [_draw(group, own_share, rng) for group in groups]
         rng.shuffle(order)
         window = batch_size * 16
         for start in range(0, len(order) - batch_size + 1, window):
@@ -247,7 +291,7 @@ def train(model, groups, config: StarterConfig, pad_id: int, progress: ProgressF
     model.train()
     losses, start = [], time.monotonic()
     report_every = max(1, config.steps // 20)
-    batches = _length_grouped_batches(groups, config.batch_size, rng)
+    batches = _length_grouped_batches(groups, config.batch_size, config.own_share, rng)
     for step in range(config.steps):
         input_ids, labels, attention = _batch(next(batches), pad_id)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss

@@ -88,3 +88,29 @@ def test_an_interrupted_build_is_never_used(data_dir, monkeypatch):
     path = ensure_starter(data_dir, config=tiny(), progress=lambda _: None)
     assert is_built(path)
     assert not list(path.parent.glob("starter.partial-*"))  # leftovers cleaned up
+
+
+def test_similar_prompts_are_the_ones_sharing_rare_words():
+    prompts = ["what is a computer", "do you like football", "is a computer smart",
+               "who won the football match", "what time is it"]
+    near = starter.similar_prompts(prompts, 1)
+    assert near[0] == [2] and near[1] == [3] and near[3] == [1]
+    assert all(i not in row for i, row in enumerate(starter.similar_prompts(prompts, 4)))
+
+
+def test_each_prompt_also_trains_on_what_the_corpus_says_to_similar_prompts():
+    pairs = [("what is a computer", "A machine that computes."), ("tell me about a computer", "They run programs."),
+             ("do you like football", "I love the game."), ("who plays football", "Teams of eleven.")]
+    config = tiny(neighbours=1, own_share=0.5, context_fraction=0.0)
+    tokenizer = starter.train_tokenizer([t for p in pairs for t in p], config.vocab_size)
+    import random
+
+    groups = starter.build_examples(pairs, tokenizer, config, random.Random(0))
+    own, others = groups[0]
+    decode = lambda examples: [tokenizer.decode([t for t in labels if t != -100]) for _, labels in examples]
+    assert decode(own) == ["A machine that computes.<|end|>"]
+    assert decode(others) == ["They run programs.<|end|>"]
+    rng = random.Random(0)
+    draws = [starter._draw(groups[0], 0.5, rng) for _ in range(400)]
+    share_own = sum(d is own[0] for d in draws) / len(draws)
+    assert 0.4 < share_own < 0.6
