@@ -10,9 +10,10 @@ EXPECTED_COLUMNS = {
     "responses": {
         "id", "conversation_id", "prompt", "prompt_hash", "reply", "model_version",
         "generation", "latency_ms", "prompt_tokens", "completion_tokens",
-        "finish_reason", "session_id", "user", "created_at",
+        "finish_reason", "session_id", "user", "claimed_user", "identified_by", "created_at",
     },
-    "feedback": {"id", "response_id", "session_id", "user", "value", "comment", "created_at"},
+    "feedback": {"id", "response_id", "session_id", "user", "value", "comment", "claimed_user",
+                 "identified_by", "created_at"},
     "runs": {
         "id", "kind", "status", "started_at", "finished_at", "watermark", "config",
         "metrics", "progress", "error", "pid", "host", "heartbeat_at",
