@@ -33,6 +33,7 @@ class RateLimit:
         self.per_minute, self.max_tracked, self.clock = per_minute, max_tracked, clock
         self._recent: OrderedDict[str, deque] = OrderedDict()  # least recently heard from first
         self._lock = threading.Lock()
+        self.refused = 0  # thumbs refused since the start (a metric)
 
     @property
     def enabled(self) -> bool:
@@ -53,6 +54,7 @@ class RateLimit:
                 times = self._recent[key] = deque(maxlen=self.per_minute)
             self._recent.move_to_end(key)  # now the most recently heard from
             if len(times) == self.per_minute and now - times[0] < WINDOW_S:
+                self.refused += 1
                 return WINDOW_S - (now - times[0])
             times.append(now)
             while len(self._recent) > self.max_tracked:

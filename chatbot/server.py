@@ -58,7 +58,7 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
     document_errors(app)
     app.add_middleware(BodyLimit, limits=options.limits)
     app.include_router(api_router(policy, store, options, credentials=credentials, thumbs=thumbs))
-    metrics = Metrics(store, lambda: policy.version)
+    metrics = Metrics(store, lambda: policy.version, lambda: thumbs.refused)
     policy.listeners.append(metrics.observe)
 
     @app.get("/healthz", include_in_schema=False)

@@ -164,10 +164,14 @@ def test_without_logins_the_api_rater_is_the_claim_else_the_address(server, stor
         claimed = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3, "user": "carol"})
         anonymous = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3})
         client.post("/v1/feedback", json={"response_id": anonymous.json()["id"], "value": -1})
+        # Behind a proxy on this host, the client's address is the one it forwards.
+        proxied = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3},
+                              headers={"X-Forwarded-For": "203.0.113.9"})
     row = store.get_response(claimed.json()["id"])
     assert (row["user"], row["identified_by"], row["claimed_user"]) == ("carol", "claimed", "carol")
     row = store.get_response(anonymous.json()["id"])
     assert (row["user"], row["session_id"], row["identified_by"]) == (None, "address:127.0.0.1", "address")
+    assert store.get_response(proxied.json()["id"])["session_id"] == "address:203.0.113.9"
     (thumb,) = store.feedback_since(0)
     assert (thumb["user"], thumb["session_id"], thumb["identified_by"]) == (None, "address:127.0.0.1", "address")
 

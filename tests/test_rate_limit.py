@@ -94,6 +94,7 @@ def test_the_api_refuses_the_31st_thumb_in_a_minute_from_one_login(two_logins, s
     r = httpx.post(two_logins.url + "/v1/feedback", json={**thumb, "value": 1},
                    headers=basic("bob", "bob-password"))
     assert r.status_code == 200, r.text
+    assert "chatbot_feedback_refused_total 1.0" in httpx.get(two_logins.url + "/metrics").text
     assert [f["user"] for f in store.feedback_since(0)] == ["ann"] * 30 + ["bob"]
 
 
