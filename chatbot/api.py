@@ -102,7 +102,9 @@ def api_router(policy: Policy, store: Store, options, *, credentials: Credential
     `thumbs`, the rate limit of feedback (one from `options` when not given)."""
     caller = api_caller(credentials)
     thumbs = thumbs or RateLimit(options.max_thumbs_per_minute)
-    router = APIRouter(prefix="/v1", dependencies=[Depends(caller)])
+    unauthorized = {401: {"model": ErrorResponse, "description": "No login or API key, or a wrong one"}}
+    router = APIRouter(prefix="/v1", dependencies=[Depends(caller)],
+                       responses=unauthorized if credentials and credentials.required else None)
 
     def settings_for(req: ChatRequest) -> GenerationSettings:
         defaults: GenerationSettings = options.defaults

@@ -135,7 +135,8 @@ class ChatUI:
         state = new_state()
         if saved and saved.get("session_id"):
             state.update({k: saved.get(k, state[k]) for k in state})
-        shown = gr.update(value=display(state), feedback_value=self._feedback_value(state, self.identity(state, request)))
+        votes = self._feedback_value(state, self.identity(state, request))
+        shown = gr.update(value=display(state), feedback_value=votes)
         return shown, state
 
     def respond(self, message: str, state: dict, max_new_tokens, temperature, system_prompt,

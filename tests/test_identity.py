@@ -78,6 +78,10 @@ def test_v1_without_the_right_credentials_is_a_401_and_stores_nothing(secured, s
 def test_health_metrics_and_the_api_docs_stay_open(secured):
     for path in ("/healthz", "/metrics", "/v1/openapi.json", "/v1/docs"):
         assert httpx.get(secured.url + path, timeout=30).status_code == 200, path
+    schema = httpx.get(secured.url + "/v1/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/feedback", "/v1/models"):
+        for operation in schema["paths"][path].values():
+            assert "401" in operation["responses"], path  # the docs say what a request without credentials gets
 
 
 @pytest.mark.parametrize("headers,user,how", [(basic("ann", ANN_PASSWORD), "ann", "login"),

@@ -115,7 +115,8 @@ def test_the_limit_is_a_setting_and_zero_turns_it_off(tiny_loaded, store):
     options = ChatOptions(defaults=GenerationSettings(max_new_tokens=3), max_thumbs_per_minute=0)
     with BackgroundServer(create_app(Policy(tiny_loaded), store, options)) as server:
         with httpx.Client(base_url=server.url, timeout=60) as client:
-            rid = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}).json()["id"]
+            hi = {"messages": [{"role": "user", "content": "Hi"}]}
+            rid = client.post("/v1/chat/completions", json=hi).json()["id"]
             assert all(client.post("/v1/feedback", json={"response_id": rid, "value": 1}).status_code == 200
                        for _ in range(40))
     assert store.counts()["feedback"] == 40
