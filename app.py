@@ -361,8 +361,8 @@ def cmd_serve(args) -> int:
         raise CliError(str(exc), code=getattr(exc, "code", 1)) from None
     log.info("model %r loaded from %s on %s (%s)", loaded.name, loaded.path, loaded.device, loaded.dtype)
     # The loading answerer gives the port up only when the app is built.
-    return serve(args, store, loaded, scheduler, logins_and_keys,
-                 before_listen=lambda: loading.__exit__(None, None, None))
+    return serve(args, store, loaded, scheduler, before_listen=lambda: loading.__exit__(None, None, None),
+                 credentials=logins_and_keys)
 
 
 def cmd_retrain(args) -> int:

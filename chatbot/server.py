@@ -162,9 +162,11 @@ class BackgroundServer:
         self.thread.join(timeout=30)
 
 
-def serve(args, store: Store, loaded, scheduler, credentials: Credentials, before_listen=lambda: None) -> int:
+def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None,
+          credentials: Credentials | None = None) -> int:
     """Run until interrupted: follow the registry, run the schedule, serve.
-    `before_listen` frees the port (the answerer used while loading)."""
+    `before_listen` frees the port (the answerer used while loading);
+    `credentials` are the logins and keys, read before the model loaded."""
     import uvicorn
 
     from chatbot.policy import GenerationSettings
@@ -190,6 +192,7 @@ def serve(args, store: Store, loaded, scheduler, credentials: Credentials, befor
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log = logging.getLogger("chatbot")
+    credentials = credentials or Credentials()
     serving = build_serving(store, loaded, scheduler, options, credentials=credentials, admin_token=args.admin_token,
                             follow_every=args.follow_every, page_secret=secret)
     app, follower = serving.app, serving.follower

@@ -217,3 +217,25 @@ def test_serve_with_a_malformed_keys_file_is_a_one_line_error_before_loading_a_m
     assert BOB_KEY not in result.stdout + result.stderr
     missing = run_cli("serve", "--data-dir", str(tmp_path / "data"), "--api-keys-file", str(tmp_path / "nope"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: cannot read --api-keys-file")
+
+
+def test_serve_passes_the_logins_and_keys_it_read_to_the_server(tiny_loaded, tmp_path, monkeypatch):
+    import app
+    import chatbot.models
+    import chatbot.server
+    from tests.test_serve_process import _free_port
+
+    seen = {}
+
+    def serve(*args, before_listen, credentials):
+        before_listen()  # frees the port
+        seen["credentials"] = credentials
+        return 0
+
+    monkeypatch.setattr(chatbot.models, "load_model", lambda *args, **kwargs: tiny_loaded)
+    monkeypatch.setattr(chatbot.server, "serve", serve)
+    code = app.main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(_free_port()),
+                     "--no-memory-check", "--retrain-every", "0", "--auth", f"ann:{ANN_PASSWORD}",
+                     "--api-keys-file", keys_file(tmp_path, f"bob:{BOB_KEY}\n")])
+    assert code == 0
+    assert seen["credentials"].check_login("ann", ANN_PASSWORD) and seen["credentials"].key_user(BOB_KEY) == "bob"
