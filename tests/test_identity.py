@@ -5,6 +5,7 @@ claims, else its address."""
 
 import base64
 import json
+import logging
 
 import httpx
 import pytest
@@ -234,8 +235,13 @@ def test_serve_passes_the_logins_and_keys_it_read_to_the_server(tiny_loaded, tmp
 
     monkeypatch.setattr(chatbot.models, "load_model", lambda *args, **kwargs: tiny_loaded)
     monkeypatch.setattr(chatbot.server, "serve", serve)
-    code = app.main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(_free_port()),
-                     "--no-memory-check", "--retrain-every", "0", "--auth", f"ann:{ANN_PASSWORD}",
-                     "--api-keys-file", keys_file(tmp_path, f"bob:{BOB_KEY}\n")])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:  # serve sets up logging on stderr
+        code = app.main(["serve", "--data-dir", str(tmp_path / "data"), "--port", str(_free_port()),
+                         "--no-memory-check", "--retrain-every", "0", "--auth", f"ann:{ANN_PASSWORD}",
+                         "--api-keys-file", keys_file(tmp_path, f"bob:{BOB_KEY}\n")])
+    finally:
+        root.handlers[:], root.level = handlers, level
     assert code == 0
     assert seen["credentials"].check_login("ann", ANN_PASSWORD) and seen["credentials"].key_user(BOB_KEY) == "bob"
