@@ -66,8 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common, with_model], help="serve the chat (the default)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    serve.add_argument("--auth", help="require a login: user:password[,user:password...]")
-    serve.add_argument("--auth-file", help="require a login: a file with one user:password a line")
+    serve.add_argument("--auth", help="require a login on the page and /v1 (HTTP Basic there): "
+                                      "user:password[,user:password...]")
+    serve.add_argument("--auth-file", help="the same, from a file with one user:password a line")
+    serve.add_argument("--api-keys-file", help="require a key or a login on /v1: a file with one user:key a line, "
+                                               "keys sent as Authorization: Bearer KEY")
+    serve.add_argument("--max-thumbs-per-minute", type=int, default=30,
+                       help="thumbs one rater may give in a minute, page and API together; more are refused "
+                            "and not stored (default 30; 0: no limit)")
     serve.add_argument("--system-prompt", default="", help="default system prompt")
     serve.add_argument("--max-message-chars", type=int, default=8000,
                        help="longer messages and system prompts are refused (default 8000)")
@@ -308,6 +314,7 @@ def check_memory(args, *, serve: bool, train: bool, progress=None) -> str | None
 
 
 def cmd_serve(args) -> int:
+    from chatbot import credentials
     from chatbot.admin import check_token
     from chatbot.models import ModelLoadError, load_model
     from online_rl.scheduler import RetrainScheduler, ScheduleConfig
@@ -315,6 +322,7 @@ def cmd_serve(args) -> int:
     store = open_store(args.data_dir)
     try:
         args.admin_token = check_token(args.admin_token)
+        logins_and_keys = credentials.load(args.auth, args.auth_file, args.api_keys_file)
         schedule = ScheduleConfig(every_s=args.retrain_every, cron=args.retrain_cron,
                                   min_new_feedback=args.min_new_feedback, method=args.retrain_method,
                                   threads=args.train_threads).validate()
@@ -353,7 +361,8 @@ def cmd_serve(args) -> int:
         raise CliError(str(exc), code=getattr(exc, "code", 1)) from None
     log.info("model %r loaded from %s on %s (%s)", loaded.name, loaded.path, loaded.device, loaded.dtype)
     # The loading answerer gives the port up only when the app is built.
-    return serve(args, store, loaded, scheduler, before_listen=lambda: loading.__exit__(None, None, None))
+    return serve(args, store, loaded, scheduler, before_listen=lambda: loading.__exit__(None, None, None),
+                 credentials=logins_and_keys)
 
 
 def cmd_retrain(args) -> int:

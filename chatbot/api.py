@@ -7,6 +7,11 @@ pool, and the `Policy` takes care of sharing the model. Every error is a 4xx
 limit (`chatbot.limits`) is refused before its prompt is tokenized; one
 whose history does not fit the model's context loses its oldest turns, and
 the answer says how many (`X-Truncated-Messages`, `usage.truncated_messages`).
+
+With logins or API keys configured every route asks for one (401 without);
+the rater of a reply or a thumb is then its user, and the body's ``user``
+is kept as a label (`chatbot.identity`). Thumbs faster than `RateLimit`
+allows are answered 429 and not stored.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import time
 from typing import Any, Literal
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from chatbot.credentials import Credentials
 from chatbot.errors import ApiError, ErrorResponse, error_body
+from chatbot.identity import Caller, Identity, api_caller
 from chatbot.policy import Busy, GenerationSettings, Policy, PromptError
+from chatbot.rate_limit import RateLimit, retry_after
 from storage import ResponseNotFound, Store, StoreError
 from storage.store import new_response_id
 
-API_SESSION = "api"
 TRUNCATED_HEADER = "X-Truncated-Messages"
 
 
@@ -89,9 +96,15 @@ class FeedbackRequest(BaseModel):
         return value
 
 
-def api_router(policy: Policy, store: Store, options) -> APIRouter:
-    """`options` is the `ChatOptions` shared with the chat page."""
-    router = APIRouter(prefix="/v1")
+def api_router(policy: Policy, store: Store, options, *, credentials: Credentials | None = None,
+               thumbs: RateLimit | None = None) -> APIRouter:
+    """`options` is the `ChatOptions` shared with the chat page, and so is
+    `thumbs`, the rate limit of feedback (one from `options` when not given)."""
+    caller = api_caller(credentials)
+    thumbs = thumbs or RateLimit(options.max_thumbs_per_minute)
+    unauthorized = {401: {"model": ErrorResponse, "description": "No login or API key, or a wrong one"}}
+    router = APIRouter(prefix="/v1", dependencies=[Depends(caller)],
+                       responses=unauthorized if credentials and credentials.required else None)
 
     def settings_for(req: ChatRequest) -> GenerationSettings:
         defaults: GenerationSettings = options.defaults
@@ -117,17 +130,17 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
             messages.insert(0, {"role": "system", "content": options.defaults.system_prompt})
         return messages
 
-    def log(prompt, result, settings, response_id, user) -> None:
+    def log(prompt, result, settings, response_id, identity: Identity) -> None:
         # Each API request is a conversation of its own (the client keeps the
         # history); both rows go in one commit.
         with store.transaction():
-            conversation = store.start_conversation(API_SESSION, user)
+            conversation = store.start_conversation(identity.session_id, identity.user)
             store.log_response(
                 conversation_id=conversation, prompt=prompt, reply=result.text,
                 model_version=result.version, generation=settings.as_dict(),
                 latency_ms=result.latency_ms, prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens, finish_reason=result.finish_reason,
-                session_id=API_SESSION, user=user, response_id=response_id,
+                response_id=response_id, **identity.columns(),
             )
 
     def busy(exc: Busy | None = None) -> ApiError:
@@ -137,7 +150,8 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
     @router.post("/chat/completions", responses={
         413: {"model": ErrorResponse, "description": "Over a size limit: too many messages or characters"},
         503: {"model": ErrorResponse, "description": "Too many requests are waiting for the model"}})
-    def chat_completions(req: ChatRequest):
+    def chat_completions(req: ChatRequest, who: Caller = Depends(caller)):
+        identity = who.identity(claimed=req.user)
         settings, prompt = settings_for(req), prompt_for(req)
         response_id, created = new_response_id(), int(time.time())
         if not req.stream:
@@ -147,7 +161,7 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
                 raise busy(exc) from None
             except PromptError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
-            log(prompt, result, settings, response_id, req.user)
+            log(prompt, result, settings, response_id, identity)
             return JSONResponse({
                 "id": response_id,
                 "object": "chat.completion",
@@ -181,7 +195,7 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
             try:
                 for piece in stream:
                     pieces.put(("piece", piece))
-                log(prompt, stream.result, settings, response_id, req.user)
+                log(prompt, stream.result, settings, response_id, identity)
                 pieces.put(("done", stream.result.finish_reason))
             except Exception as exc:  # noqa: BLE001 - reported in the stream
                 pieces.put(("error", exc))
@@ -230,11 +244,18 @@ def api_router(policy: Policy, store: Store, options) -> APIRouter:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                                           TRUNCATED_HEADER: str(stream.prompt.dropped)})
 
-    @router.post("/feedback", responses={404: {"model": ErrorResponse, "description": "No response with that id"}})
-    def feedback(req: FeedbackRequest):
+    @router.post("/feedback", responses={
+        404: {"model": ErrorResponse, "description": "No response with that id"},
+        429: {"model": ErrorResponse, "description": "Thumbs from this rater faster than the server's limit"}})
+    def feedback(req: FeedbackRequest, who: Caller = Depends(caller)):
+        identity = who.identity(claimed=req.user)
+        if (wait := thumbs.take(identity.key)) is not None:
+            raise ApiError(429, f"more than {thumbs.per_minute} thumbs a minute from one rater; this one was "
+                                f"not stored, try again in {retry_after(wait)} s", code="rate_limit_exceeded",
+                           headers={"Retry-After": retry_after(wait)})
         try:
-            feedback_id = store.record_feedback(req.response_id, req.value, session_id=API_SESSION,
-                                                user=req.user, comment=req.comment)
+            feedback_id = store.record_feedback(req.response_id, req.value, comment=req.comment,
+                                                **identity.columns())
         except ResponseNotFound as exc:
             raise ApiError(404, str(exc), code="response_not_found") from None
         except StoreError as exc:

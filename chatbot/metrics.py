@@ -1,7 +1,7 @@
 """Health and Prometheus metrics of the serving process.
 
 `Metrics` counts what this process did (chat requests by outcome, their
-latency, tokens generated) and, at each scrape,
+latency, tokens generated, thumbs refused by the rate limit) and, at each scrape,
 reads from the database what every process did (feedback by value, runs by
 status, the last run's duration, the active version), so the figures agree
 with `app.py status` whichever process wrote them. Each app has its own
@@ -57,8 +57,17 @@ class _StoreCollector(Collector):
         yield number
 
 
+class _RefusedCollector(Collector):
+    def __init__(self, refused):
+        self.refused = refused
+
+    def collect(self):
+        yield CounterMetricFamily("chatbot_feedback_refused", "Thumbs refused by the rate limit (this process)",
+                                  value=self.refused())
+
+
 class Metrics:
-    def __init__(self, store: Store, serving_version=lambda: "v0"):
+    def __init__(self, store: Store, serving_version=lambda: "v0", feedback_refused=lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("chatbot_chat_requests", "Chat requests (page and API) by outcome",
                                 ["outcome"], registry=self.registry)
@@ -68,6 +77,7 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("chatbot_generated_tokens", "Tokens generated in replies", registry=self.registry)
         self.registry.register(_StoreCollector(store, serving_version))
+        self.registry.register(_RefusedCollector(feedback_refused))
 
     def observe(self, outcome: str, generation=None) -> None:
         """One chat request (a `Policy` listener): `outcome` is ok, stopped, busy or error."""

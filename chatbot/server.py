@@ -3,6 +3,11 @@ the Gradio chat page at ``/``, the OpenAI-compatible API under ``/v1``, and,
 with an admin token, the operator API under ``/v1/admin`` and the operator
 console at ``/admin``.
 
+With logins (``--auth``, ``--auth-file``) the chat page asks for one, and
+``/v1`` asks for one of them or an API key (``--api-keys-file``;
+`chatbot.credentials`); ``/healthz``, ``/metrics`` and the API's docs stay
+open. One thumbs `RateLimit` is shared by the page and the API.
+
 At start the server swaps in the version the registry says is active (or,
 when its adapter is broken, falls back to the last version that loads), then
 follows the registry (`chatbot.swap.VersionFollower`) and runs the retrain
@@ -24,48 +29,36 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from chatbot.admin import Operations, admin_router, token_matches
 from chatbot.api import api_router
 from chatbot.browser_secret import browser_secret
+from chatbot.credentials import Credentials
 from chatbot.errors import add_api_not_found, document_errors, install_error_handlers
 from chatbot.gradio_routes import UnknownEndpoints
 from chatbot.limits import BodyLimit
 from chatbot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatbot.metrics import Metrics
 from chatbot.policy import Policy
+from chatbot.rate_limit import RateLimit
 from chatbot.swap import VersionFollower
 from chatbot.ui import ChatOptions, ChatUI
 from storage import Store
 
 
-def parse_auth(spec: str | None, auth_file: str | None) -> list[tuple[str, str]] | None:
-    """`user:pass[,user:pass...]` and/or a file with one `user:pass` a line."""
-    pairs: list[tuple[str, str]] = []
-    entries = [e for e in (spec or "").split(",") if e.strip()]
-    if auth_file:
-        try:
-            with open(auth_file, encoding="utf-8") as fp:
-                entries += [line.strip() for line in fp if line.strip() and not line.startswith("#")]
-        except OSError as exc:
-            raise ValueError(f"cannot read --auth-file {auth_file!r}: {exc.strerror}") from None
-    for entry in entries:
-        user, sep, password = entry.strip().partition(":")
-        if not sep or not user or not password:
-            raise ValueError(f"auth entries look like user:password, got {entry.strip()!r}")
-        pairs.append((user, password))
-    return pairs or None
-
-
 def create_app(policy: Policy, store: Store, options: ChatOptions, *,
-               auth: list[tuple[str, str]] | None = None, ops: Operations | None = None,
+               credentials: Credentials | None = None, ops: Operations | None = None,
                admin_token: str | None = None, page_secret: str | None = None) -> FastAPI:
-    """The whole app. Without `ops` there is no operator surface at all; with
-    `ops` but no `admin_token` it is there and answers that it is off.
-    `page_secret` encrypts what the chat page saves in the browser (default:
-    the store's data directory's, `chatbot.browser_secret`)."""
+    """The whole app. `credentials`: the logins the page asks for and the
+    logins and keys ``/v1`` takes (none: both open). Without `ops` there is
+    no operator surface at all; with `ops` but no `admin_token` it is there
+    and answers that it is off. `page_secret` encrypts what the chat page
+    saves in the browser (default: the store's data directory's,
+    `chatbot.browser_secret`)."""
+    credentials = credentials or Credentials()
+    thumbs = RateLimit(options.max_thumbs_per_minute)
     app = FastAPI(title="Learning chatbot", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
     install_error_handlers(app)
     document_errors(app)
     app.add_middleware(BodyLimit, limits=options.limits)
-    app.include_router(api_router(policy, store, options))
-    metrics = Metrics(store, lambda: policy.version)
+    app.include_router(api_router(policy, store, options, credentials=credentials, thumbs=thumbs))
+    metrics = Metrics(store, lambda: policy.version, lambda: thumbs.refused)
     policy.listeners.append(metrics.observe)
 
     @app.get("/healthz", include_in_schema=False)
@@ -105,12 +98,13 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
                                     status_code=403)
     add_api_not_found(app)  # after every router under /v1
     page_secret = page_secret or browser_secret(store.path.parent)
-    pages[""] = ChatUI(policy, store, options, browser_secret=page_secret).build()
+    pages[""] = ChatUI(policy, store, options, browser_secret=page_secret, thumbs=thumbs).build()
     # Requests queue in Gradio (people see their place in line); the policy
     # serialises the model itself, shared with the HTTP routes.
     pages[""].queue(default_concurrency_limit=4, max_size=64)
     app.add_middleware(UnknownEndpoints, pages=pages)
-    return gr.mount_gradio_app(app, pages[""], path="", auth=auth, show_error=True)
+    return gr.mount_gradio_app(app, pages[""], path="", auth=credentials.check_login if credentials.logins else None,
+                               show_error=True)
 
 
 @dataclass
@@ -124,7 +118,7 @@ class Serving:
 
 
 def build_serving(store: Store, loaded, scheduler, options: ChatOptions, *,
-                  auth: list[tuple[str, str]] | None = None, admin_token: str | None = None,
+                  credentials: Credentials | None = None, admin_token: str | None = None,
                   follow_every: float = 2.0, page_secret: str | None = None) -> Serving:
     """The app on the version that loads: the active one, or, when its adapter
     is broken, the last one before it that loads (`VersionFollower.come_up`).
@@ -133,7 +127,8 @@ def build_serving(store: Store, loaded, scheduler, options: ChatOptions, *,
     follower = VersionFollower(policy, store, interval_s=follow_every)
     follower.come_up()
     ops = Operations(store, follower, scheduler)
-    app = create_app(policy, store, options, auth=auth, ops=ops, admin_token=admin_token, page_secret=page_secret)
+    app = create_app(policy, store, options, credentials=credentials, ops=ops, admin_token=admin_token,
+                     page_secret=page_secret)
     return Serving(app, policy, follower, ops)
 
 
@@ -167,15 +162,16 @@ class BackgroundServer:
         self.thread.join(timeout=30)
 
 
-def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> int:
+def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None,
+          credentials: Credentials | None = None) -> int:
     """Run until interrupted: follow the registry, run the schedule, serve.
-    `before_listen` frees the port (the answerer used while loading)."""
+    `before_listen` frees the port (the answerer used while loading);
+    `credentials` are the logins and keys, read before the model loaded."""
     import uvicorn
 
     from chatbot.policy import GenerationSettings
 
     try:
-        auth = parse_auth(args.auth, args.auth_file)
         defaults = GenerationSettings(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_p=args.top_p, system_prompt=args.system_prompt,
@@ -185,9 +181,9 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> 
         return 2
     options = ChatOptions(defaults=defaults, max_message_chars=args.max_message_chars,
                           max_new_tokens_limit=max(args.max_new_tokens, 1024), max_messages=args.max_messages,
-                          max_total_chars=args.max_total_chars)
+                          max_total_chars=args.max_total_chars, max_thumbs_per_minute=args.max_thumbs_per_minute)
     try:
-        options.limits.validate()
+        options.validate()
         if len(defaults.system_prompt) > options.max_message_chars:
             raise ValueError(f"--system-prompt is {len(defaults.system_prompt):,} characters, over "
                              f"--max-message-chars {options.max_message_chars:,}")
@@ -196,13 +192,20 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None) -> 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log = logging.getLogger("chatbot")
-    serving = build_serving(store, loaded, scheduler, options, auth=auth, admin_token=args.admin_token,
+    credentials = credentials or Credentials()
+    serving = build_serving(store, loaded, scheduler, options, credentials=credentials, admin_token=args.admin_token,
                             follow_every=args.follow_every, page_secret=secret)
     app, follower = serving.app, serving.follower
     log.info("serving version %s", serving.policy.version)
     host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
     log.info("chat: http://%s:%s/", host, args.port)
     log.info("API: http://%s:%s/v1 (OpenAI-compatible; docs at /v1/docs); /healthz and /metrics", host, args.port)
+    if credentials.required:  # how many, never what
+        log.info("logins: %d for the chat page and /v1, API keys: %d for /v1", len(credentials.logins),
+                 len(credentials.keys))
+    else:
+        log.info("no logins or API keys: the page and /v1 are open; an API client's rater is the user it "
+                 "claims, else its address")
     if args.admin_token:
         log.info("operator console: http://%s:%s/admin (password: the admin token)", host, args.port)
     else:

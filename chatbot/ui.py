@@ -6,7 +6,9 @@ Per-user data lives in `gr.State` (the working conversation) and
 conversation, so that a reload shows it again with the votes already given;
 encrypted with a key that outlives a restart, `chatbot.browser_secret`).
 Handlers are plain functions of the `ChatUI` object; the wiring is at the end,
-one line per event.
+one line per event. The rater of every reply and thumb is the Gradio login
+when the page asks for one, else the browser session (`chatbot.identity`);
+thumbs faster than the shared `RateLimit` allows get a warning and are not stored.
 """
 
 import html
@@ -17,8 +19,11 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
+from chatbot.credentials import Verified
+from chatbot.identity import Identity, identify
 from chatbot.limits import Limits, TooLarge
 from chatbot.policy import Busy, GenerationSettings, Policy, PromptError
+from chatbot.rate_limit import DEFAULT_PER_MINUTE, RateLimit, retry_after
 from storage import Store, StoreError
 
 VALUE_OF = {True: 1, False: -1}
@@ -34,6 +39,13 @@ class ChatOptions:
     max_new_tokens_limit: int = 1024  # the most a user (or API client) may ask for
     max_messages: int = 64  # in one request; the page sends the newest turns within these two
     max_total_chars: int = 32000
+    max_thumbs_per_minute: int = DEFAULT_PER_MINUTE  # from one rater, page and API together; 0: no limit
+
+    def validate(self) -> "ChatOptions":
+        self.limits.validate()
+        if not isinstance(self.max_thumbs_per_minute, int) or self.max_thumbs_per_minute < 0:
+            raise ValueError("--max-thumbs-per-minute must be a whole number of at least 0 (0: no limit)")
+        return self
 
     @property
     def limits(self) -> Limits:
@@ -86,10 +98,13 @@ def messages_for(turns: list[dict]) -> list[dict]:
 
 
 class ChatUI:
-    def __init__(self, policy: Policy, store: Store, options: ChatOptions, *, browser_secret: str | None = None):
+    def __init__(self, policy: Policy, store: Store, options: ChatOptions, *, browser_secret: str | None = None,
+                 thumbs: RateLimit | None = None):
         self.policy = policy
         self.store = store
         self.options = options
+        # Shared with the API (`chatbot.server`), so a rater's thumbs count together.
+        self.thumbs = thumbs or RateLimit(options.max_thumbs_per_minute)
         # The key of the conversations saved in the browser (chatbot.browser_secret);
         # without one, Gradio makes one for this process only.
         self.browser_secret = browser_secret
@@ -100,12 +115,18 @@ class ChatUI:
     # -- who is chatting --------------------------------------------------------
 
     @staticmethod
-    def rater(state: dict, request: gr.Request | None) -> tuple[str, str | None]:
-        user = getattr(request, "username", None) if request is not None else None
+    def session_id(state: dict, request: gr.Request | None) -> str:
+        """The browser session's id: made on first use, kept in the state (and the browser) across reloads."""
         if not state.get("session_id"):
             hash_ = getattr(request, "session_hash", None) if request is not None else None
             state["session_id"] = f"web-{hash_ or uuid.uuid4().hex}"
-        return state["session_id"], user
+        return state["session_id"]
+
+    def identity(self, state: dict, request: gr.Request | None) -> Identity:
+        """The rater: the Gradio login (the page asks for one with --auth), else the browser session."""
+        login = getattr(request, "username", None) if request is not None else None
+        return identify(verified=Verified(login, "login") if login else None,
+                        browser_session=self.session_id(state, request))
 
     # -- handlers -----------------------------------------------------------------
 
@@ -114,8 +135,8 @@ class ChatUI:
         state = new_state()
         if saved and saved.get("session_id"):
             state.update({k: saved.get(k, state[k]) for k in state})
-        session_id, user = self.rater(state, request)
-        shown = gr.update(value=display(state), feedback_value=self._feedback_value(state, session_id, user))
+        votes = self._feedback_value(state, self.identity(state, request))
+        shown = gr.update(value=display(state), feedback_value=votes)
         return shown, state
 
     def respond(self, message: str, state: dict, max_new_tokens, temperature, system_prompt,
@@ -148,7 +169,7 @@ class ChatUI:
         yield from self._generate(state, turn_index, max_new_tokens, temperature, system_prompt, request)
 
     def _generate(self, state, turn_index, max_new_tokens, temperature, system_prompt, request):
-        session_id, user = self.rater(state, request)
+        rater, session_id = self.identity(state, request), self.session_id(state, request)
         try:
             settings = replace(
                 self.options.defaults,
@@ -186,7 +207,7 @@ class ChatUI:
 
         result = stream.result
         if state["conversation_id"] is None:
-            state = {**state, "conversation_id": self.store.start_conversation(session_id, user)}
+            state = {**state, "conversation_id": self.store.start_conversation(rater.session_id, rater.user)}
         response_id = self.store.log_response(
             conversation_id=state["conversation_id"],
             prompt=prompt,
@@ -197,32 +218,34 @@ class ChatUI:
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             finish_reason=result.finish_reason,
-            session_id=session_id,
-            user=user,
+            **rater.columns(),
         )
         turn = {**turn, "replies": turn["replies"] + [{"id": response_id, "text": result.text,
                                                        "version": result.version}]}
         turn["shown"] = len(turn["replies"]) - 1
         turns = state["turns"][:turn_index] + [turn]
         state = {**state, "turns": turns}
-        yield "", gr.update(value=display(state), feedback_value=self._feedback_value(state, session_id, user)), state
+        yield "", gr.update(value=display(state), feedback_value=self._feedback_value(state, rater)), state
 
     def stop(self, state: dict, request: gr.Request):
-        session_id, _ = self.rater(state, request)
         with self._stops_lock:
-            stop = self._stops.get(session_id)
+            stop = self._stops.get(self.session_id(state, request))
         if stop is not None:
             stop.set()
 
     def like(self, data: gr.LikeData, state: dict, request: gr.Request):
-        """A thumb on a bot reply; clicking again or switching is a new row."""
+        """A thumb on a bot reply; clicking again or switching is a new row.
+        One over the rate limit is not stored, and the thumbs shown go back
+        to the votes that are."""
         response_id = self._response_at(state, data.index)
         if response_id is None:
-            return state
-        session_id, user = self.rater(state, request)
+            return state, gr.update()
+        rater = self.identity(state, request)
+        if not self._take_thumb(rater):
+            return state, gr.update(feedback_value=self._feedback_value(state, rater))
         value = VALUE_OF.get(data.liked, 0)  # "" or None: the vote was taken back
-        self.store.record_feedback(response_id, value, session_id=session_id, user=user)
-        return {**state, "last_rated": response_id}
+        self.store.record_feedback(response_id, value, **rater.columns())
+        return {**state, "last_rated": response_id}, gr.update()
 
     def comment(self, text: str, state: dict, request: gr.Request):
         """A short note on the reply last rated (else the latest reply)."""
@@ -236,18 +259,19 @@ class ChatUI:
         if response_id is None:
             gr.Warning("There is no reply to comment on yet.")
             return gr.update(value=text), state
-        session_id, user = self.rater(state, request)
-        current = self.store.votes_for([response_id], session_id=session_id, user=user).get(response_id, 0)
+        rater = self.identity(state, request)
+        if not self._take_thumb(rater):
+            return gr.update(value=text), state
+        current = self.store.votes_for([response_id], session_id=rater.session_id, user=rater.user)
         try:
-            self.store.record_feedback(response_id, current, session_id=session_id, user=user, comment=text)
+            self.store.record_feedback(response_id, current.get(response_id, 0), comment=text, **rater.columns())
         except StoreError as exc:
             raise gr.Error(str(exc)) from None
         gr.Info("Thanks, your comment was saved.")
         return "", state
 
     def new_chat(self, state: dict, request: gr.Request):
-        session_id, _ = self.rater(state, request)
-        fresh = {**new_state(), "session_id": session_id}
+        fresh = {**new_state(), "session_id": self.session_id(state, request)}
         return [], fresh
 
     # -- helpers ----------------------------------------------------------------
@@ -274,9 +298,17 @@ class ChatUI:
         turn = turns[turn_index]
         return turn["replies"][turn["shown"]]["id"]
 
-    def _feedback_value(self, state: dict, session_id: str, user: str | None) -> list:
+    def _take_thumb(self, rater: Identity) -> bool:
+        """Whether the rate limit lets this thumb (or comment) be stored; a warning when not."""
+        wait = self.thumbs.take(rater.key)
+        if wait is not None:
+            gr.Warning(f"That was more than {self.thumbs.per_minute} ratings in a minute, so it was not saved. "
+                       f"Please try again in {retry_after(wait)} seconds.")
+        return wait is None
+
+    def _feedback_value(self, state: dict, rater: Identity) -> list:
         ids = [t["replies"][t["shown"]]["id"] for t in state["turns"] if t["replies"]]
-        votes = self.store.votes_for(ids, session_id=session_id, user=user) if ids else {}
+        votes = self.store.votes_for(ids, session_id=rater.session_id, user=rater.user) if ids else {}
         return [FEEDBACK_LABEL.get(votes.get(rid)) for rid in ids]
 
     # -- the page -------------------------------------------------------------------
@@ -313,7 +345,7 @@ class ChatUI:
             box.submit(self.respond, [box, state, *settings], [box, chat, state], **model, api_name="chat")
             send.click(self.respond, [box, state, *settings], [box, chat, state], **model, api_name=False)
             chat.retry(self.regenerate, [state, *settings], [box, chat, state], **model, api_name="regenerate")
-            chat.like(self.like, [state], [state], api_name="like")
+            chat.like(self.like, [state], [state, chat], api_name="like")
             stop.click(self.stop, [state], None, queue=False, api_name="stop")
             clear.click(self.new_chat, [state], [chat, state], api_name="new_chat")
             note.submit(self.comment, [note, state], [note, state], api_name=False)

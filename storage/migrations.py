@@ -136,3 +136,13 @@ def m002_registry_and_operations(db):
     db.execute("ALTER TABLE runs ADD COLUMN heartbeat_at TEXT")
     db.execute("CREATE INDEX idx_feedback_created ON feedback(created_at)")
     db.execute("CREATE INDEX idx_runs_status ON runs(status)")
+
+
+@migrations(name="m003_rater_identity")
+def m003_rater_identity(db):
+    # How the rater of a reply or a thumb was known (login, api_key, session,
+    # claimed, address), and the `user` an API client sent, kept as sent:
+    # with a login it is a label, never the rater.
+    for table in ("responses", "feedback"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN identified_by TEXT")
+        db.execute(f"ALTER TABLE {table} ADD COLUMN claimed_user TEXT")

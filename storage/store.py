@@ -168,16 +168,22 @@ class Store:
         session_id: str | None = None,
         user: str | None = None,
         response_id: str | None = None,
+        claimed_user: str | None = None,
+        identified_by: str | None = None,
     ) -> str:
-        """Store one generated reply and return its id (made here if not given)."""
+        """Store one generated reply and return its id (made here if not given).
+
+        The rater is `user`, else `session_id`; `identified_by` says how the
+        server knew them, `claimed_user` is the name an API client sent (the
+        rater only when `identified_by` is ``claimed``)."""
         response_id = response_id or new_response_id()
         messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
         with self._write() as db:
             db.execute(
                 "INSERT INTO responses (id, conversation_id, prompt, prompt_hash, reply,"
                 " model_version, generation, latency_ms, prompt_tokens,"
-                " completion_tokens, finish_reason, session_id, user, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " completion_tokens, finish_reason, session_id, user, claimed_user, identified_by, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     response_id,
                     conversation_id,
@@ -192,6 +198,8 @@ class Store:
                     finish_reason,
                     session_id,
                     user,
+                    claimed_user,
+                    identified_by,
                     utcnow(),
                 ],
             )
@@ -216,10 +224,13 @@ class Store:
         session_id: str | None = None,
         user: str | None = None,
         comment: str | None = None,
+        claimed_user: str | None = None,
+        identified_by: str | None = None,
     ) -> int:
         """Append one thumb (+1, -1, or 0 for a vote taken back); return its id.
 
         A changed mind is a new row: nothing is overwritten, the latest counts.
+        The rater is `user`, else `session_id` (`log_response` says the rest).
         """
         if isinstance(value, bool) or value not in (-1, 0, 1):
             raise StoreError(f"feedback value must be 1, -1 or 0, not {value!r}")
@@ -229,8 +240,8 @@ class Store:
             with self._write() as db:
                 cursor = db.execute(
                     "INSERT INTO feedback (response_id, session_id, user, value,"
-                    " comment, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    [response_id, session_id, user, int(value), comment, utcnow()],
+                    " comment, claimed_user, identified_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [response_id, session_id, user, int(value), comment, claimed_user, identified_by, utcnow()],
                 )
                 return cursor.lastrowid
         except sqlite3.IntegrityError as exc:

@@ -128,6 +128,9 @@ def test_serve_takes_the_limits_as_flags_and_refuses_nonsense(tiny_loaded, store
     args = parse(["serve", "--max-message-chars", "100", "--system-prompt", "s" * 101])
     assert serve(args, store, tiny_loaded, scheduler=None) == 2
     assert "--system-prompt is 101 characters" in capsys.readouterr().err
+    args = parse(["serve", "--max-thumbs-per-minute", "-1"])
+    assert serve(args, store, tiny_loaded, scheduler=None) == 2
+    assert "--max-thumbs-per-minute must be a whole number of at least 0" in capsys.readouterr().err
 
 
 # -- the prompt: tokenized outside the lock, the newest turns kept ---------------

@@ -10,9 +10,10 @@ EXPECTED_COLUMNS = {
     "responses": {
         "id", "conversation_id", "prompt", "prompt_hash", "reply", "model_version",
         "generation", "latency_ms", "prompt_tokens", "completion_tokens",
-        "finish_reason", "session_id", "user", "created_at",
+        "finish_reason", "session_id", "user", "claimed_user", "identified_by", "created_at",
     },
-    "feedback": {"id", "response_id", "session_id", "user", "value", "comment", "created_at"},
+    "feedback": {"id", "response_id", "session_id", "user", "value", "comment", "claimed_user",
+                 "identified_by", "created_at"},
     "runs": {
         "id", "kind", "status", "started_at", "finished_at", "watermark", "config",
         "metrics", "progress", "error", "pid", "host", "heartbeat_at",
@@ -59,3 +60,21 @@ def test_feedback_value_is_checked_by_the_schema_too(tmp_path):
     conn = sqlite3.connect(tmp_path / "x.db")
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
         conn.execute("INSERT INTO feedback (response_id, value, created_at) VALUES (?, 5, 'now')", [rid])
+
+
+def test_a_database_from_before_identity_keeps_its_rows(tmp_path):
+    import sqlite_utils
+
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    migrations.apply(db, stop_before="m003_rater_identity")
+    db.execute("INSERT INTO conversations VALUES ('c', 's', 'ann', 'now')")
+    db.execute("INSERT INTO responses (id, conversation_id, prompt, prompt_hash, reply, model_version, user,"
+               " created_at) VALUES ('r', 'c', '[]', 'h', 'hi', 'v0', 'ann', 'now')")
+    db.execute("INSERT INTO feedback (response_id, user, value, created_at) VALUES ('r', 'ann', 1, 'now')")
+    db.conn.commit()
+    db.close()
+    store = Store(tmp_path / "old.db")
+    (thumb,) = store.feedback_since(0)
+    assert (thumb["user"], thumb["identified_by"], thumb["claimed_user"]) == ("ann", None, None)
+    assert store.get_response("r")["identified_by"] is None
+    assert [e["label"] for e in store.unpaired_examples()] == [True]

@@ -27,7 +27,8 @@ def send(ui, text, state, req=None, **settings):
 
 
 def like(ui, state, index, liked, req=None):
-    return ui.like(gr.LikeData(None, {"index": index, "value": "", "liked": liked}), state, req or request())
+    state, _ = ui.like(gr.LikeData(None, {"index": index, "value": "", "liked": liked}), state, req or request())
+    return state
 
 
 def test_a_message_streams_and_is_logged_with_session_and_version(ui, store):
