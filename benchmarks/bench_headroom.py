@@ -1,0 +1,93 @@
+"""Room to learn: how much each taste could gain by choosing among the
+replies a model already gives.
+
+A policy update can only move a bot toward replies it already samples now
+and then; a bot that says the same thing to a prompt every time leaves no
+taste any room, whatever the learning algorithm. For each model named,
+sampled as the bot serves (temperature 0.8, top-p 0.95, 96 tokens), 16
+replies to each of 100 held-out corpus prompts: per taste of the suite, the
+share liked (what the bot earns today) and the share of prompts where at
+least one of the 16 is liked (best-of-16: the most that choosing among its
+own replies could earn), beside the language figures of those replies (base
+NLL per token, known words) and the distinct replies per prompt.
+
+    python benchmarks/bench_headroom.py MODEL_DIR [MODEL_DIR ...] [--labels a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import table, write_section  # noqa: E402
+
+
+def headroom(path: str, prompts: list[str], samples: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatbot.models import GenerationSettings
+    from online_rl.language import known_word_fraction, mean_nll_per_token
+    from online_rl.sampling import reply_logprobs, sample_many
+    from online_rl.tastes import TASTES
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    settings = GenerationSettings(max_new_tokens=96, temperature=0.8, top_p=0.95)
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    replies: list[list[str]] = [[] for _ in prompts]
+    nll = []
+    for k in range(samples):
+        torch.manual_seed(k)
+        for batch in sample_many(model, tokenizer, messages, settings, batch_size=len(prompts)):
+            for i, text in enumerate(batch["texts"]):
+                replies[i].append(text)
+            nll.append(mean_nll_per_token([reply_logprobs(model, batch, 1.0)], [batch]))
+    flat = [r for rs in replies for r in rs]
+    tastes = {}
+    for name, taste in TASTES.items():
+        liked = [[bool(taste(p, r)) for r in rs] for p, rs in zip(prompts, replies)]
+        tastes[name] = (sum(map(sum, liked)) / len(flat), sum(any(x) for x in liked) / len(prompts))
+    return {"nll": sum(nll) / len(nll), "known": known_word_fraction(flat),
+            "distinct": sum(len(set(rs)) for rs in replies) / len(prompts), "tastes": tastes}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="model directories (a starter build, or any causal LM)")
+    parser.add_argument("--labels", help="comma-separated names for the models (default: the directory names)")
+    parser.add_argument("--prompts", type=int, default=100, help="held-out corpus prompts (default 100)")
+    parser.add_argument("--samples", type=int, default=16, help="replies per prompt (default 16)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+    from online_rl.simulate import corpus_prompts
+
+    labels = args.labels.split(",") if args.labels else [Path(m).name for m in args.models]
+    if len(labels) != len(args.models):
+        parser.error("--labels needs one name per model")
+    prompts = corpus_prompts(0, 200)[1][: args.prompts]
+    results = {label: headroom(path, prompts, args.samples) for label, path in zip(labels, args.models)}
+    n = args.samples
+    language = table(["model", "base NLL/token (own)", "known words", f"distinct replies of {n}"],
+                     [[label, f"{r['nll']:.3f}", f"{r['known']:.3f}", f"{r['distinct']:.1f}"]
+                      for label, r in results.items()])
+    tastes = table(["taste"] + [f"{label}: liked / best-of-{n}" for label in results],
+                   [[name] + [f"{r['tastes'][name][0]:.2f} / {r['tastes'][name][1]:.2f}" for r in results.values()]
+                    for name in next(iter(results.values()))["tastes"]])
+    body = (f"{args.prompts} held-out corpus prompts × {n} replies at the serving settings (temperature 0.8, "
+            f"top-p 0.95, 96 tokens). *Liked*: the share of replies the taste likes; *best-of-{n}*: the share "
+            f"of prompts with at least one liked reply among the {n}, the most that choosing among the "
+            f"model's own replies could earn.\n\n{language}\n\n{tastes}\n")
+    print(body)
+    if not args.no_write:
+        command = "python benchmarks/bench_headroom.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_section("headroom", "Room to learn: choosing among the starter's own replies", command, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
