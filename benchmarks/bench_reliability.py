@@ -118,10 +118,16 @@ class ServerProcess:
             self.proc.wait(timeout=60)
 
     def resources(self) -> dict:
-        """Open files, threads and resident memory of the server process."""
+        """Open files (and how many are the database's and sockets), threads
+        and resident memory of the server process."""
         pid = self.proc.pid
         status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-        return {"files": len(os.listdir(f"/proc/{pid}/fd")), "threads": int(status["Threads"]),
+        targets = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        return {"files": len(targets), "database": sum(".db" in t for t in targets),
+                "sockets": sum(t.startswith("socket:") for t in targets), "threads": int(status["Threads"]),
                 "rss_mb": int(status["VmRSS"].split()[0]) / 1024}
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -177,9 +183,13 @@ def stream_storm(server: ServerProcess, headers: dict, start: int, count: int, *
     return outcomes
 
 
-def settle(server: ServerProcess, seconds: float) -> dict:
-    """The server's resources once it has been idle for `seconds`."""
+def settle(server: ServerProcess, headers: dict, seconds: float) -> dict:
+    """The server's resources at rest: after `seconds` idle and one small
+    request (the server's worker threads that have been idle for 10 s are let
+    go when the next request comes, not before)."""
     time.sleep(seconds)
+    httpx.get(server.url + "/v1/models", headers=headers, timeout=30).raise_for_status()
+    time.sleep(0.5)
     return server.resources()
 
 
@@ -187,8 +197,8 @@ def bench_streams(server: ServerProcess, headers: dict, args) -> tuple[str, dict
     log(f"streams: warm-up of {args.warmup}")
     warm_outcomes = stream_storm(server, headers, 0, args.warmup, clients=args.clients, drop_every=args.drop_every,
                                  max_tokens=args.max_tokens)
-    warm = settle(server, args.settle)
-    samples = [("after the warm-up", args.warmup, warm)]
+    warm = settle(server, headers, args.settle)
+    samples = [("after the warm-up, at rest", args.warmup, warm)]
     every = max(1, args.streams // 8)
     marks = set(range(every, args.streams, every))
     started = time.perf_counter()
@@ -201,11 +211,13 @@ def bench_streams(server: ServerProcess, headers: dict, args) -> tuple[str, dict
     outcomes = stream_storm(server, headers, args.warmup, args.streams, clients=args.clients,
                             drop_every=args.drop_every, max_tokens=args.max_tokens, on_progress=on_progress)
     wall = time.perf_counter() - started
-    end = settle(server, args.settle)
-    samples.append(("at the end, idle", args.warmup + args.streams, end))
-    rows = [[when, n, r["files"], r["threads"], f"{r['rss_mb']:.0f}"] for when, n, r in samples]
+    end = settle(server, headers, args.settle)
+    samples.append(("at the end, at rest", args.warmup + args.streams, end))
+    rows = [[when, n, r["files"], r["database"], r["sockets"], r["threads"], f"{r['rss_mb']:.0f}"]
+            for when, n, r in samples]
     flat = {k: abs(end[k] - warm[k]) <= 0.05 * warm[k] for k in ("files", "threads", "rss_mb")}
-    body = table(["when", "requests so far", "open files", "threads", "RSS MB"], rows)
+    body = table(["when", "requests so far", "open files", "of which the database's", "of which sockets",
+                  "threads", "RSS MB"], rows)
     body += (f"\n\nFrom the warm-up to the end: open files {warm['files']} -> {end['files']} "
              f"({change(warm['files'], end['files'])}), threads {warm['threads']} -> {end['threads']} "
              f"({change(warm['threads'], end['threads'])}), RSS {warm['rss_mb']:.0f} -> {end['rss_mb']:.0f} MB "
@@ -217,7 +229,12 @@ def bench_streams(server: ServerProcess, headers: dict, args) -> tuple[str, dict
              f"client asks for up to {args.max_tokens * 3} tokens and hangs up after the first piece. Outcomes: "
              + ", ".join(f"{k} {v:,}" for k, v in sorted(outcomes.items()))
              + f" (warm-up: {', '.join(f'{k} {v}' for k, v in sorted(warm_outcomes.items()))}). "
-             f"Resources are read from /proc after {args.settle:g} s idle (under load: as they were).")
+             f"Resources are read from /proc at rest, {args.settle:g} s idle and one request later (the "
+             f"server lets a worker thread go once it has been idle 10 s, when the next request comes); under "
+             f"load, as they were. The database's files are those of the store's pooled SQLite connections (at "
+             f"most 8; each holds the database and its WAL file open): {warm['database']} after the warm-up, "
+             f"{end['database']} at the end; other open files: {warm['files'] - warm['database']} and "
+             f"{end['files'] - end['database']}.")
     return body, {"warm": warm, "end": end, "outcomes": outcomes, "flat": flat}
 
 
@@ -451,9 +468,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="streaming clients at once")
     parser.add_argument("--drop-every", type=int, default=10, help="every Nth streaming client hangs up half-way")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens a reply, streamed or not")
-    parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before resources are read")
-    parser.add_argument("--window", type=float, default=20.0, help="seconds of each window, with and without")
-    parser.add_argument("--windows", type=int, default=6, help="windows in all, alternating")
+    parser.add_argument("--settle", type=float, default=11.0, help="idle seconds before resources are read")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds of each window, with and without")
+    parser.add_argument("--windows", type=int, default=12, help="windows in all, alternating")
     parser.add_argument("--fuzz-examples", type=int, default=100, help="fuzz cases per operation and mode")
     parser.add_argument("--kills", type=int, default=20, help="kill -9 rounds of the thumbs storm")
     parser.add_argument("--thumb-clients", type=int, default=8)
