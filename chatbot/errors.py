@@ -2,8 +2,9 @@
 
 Every answer under ``/v1`` that is not a success has the body
 ``{"error": {"message", "type", "param", "code"}}``: bad input is a 400, a
-request over a size limit a 413 (`chatbot.limits`), an unknown route a 404,
-a busy model a 503; never a traceback. The OpenAPI schema says the same
+request over a size limit a 413 (`chatbot.limits`), an unknown route a 404
+(a 405 for a known one with any other method), a busy model a 503, and a
+failure of the server itself a 500 in the same shape; never a traceback. The OpenAPI schema says the same
 (FastAPI would document a 422 that this server never sends).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
@@ -88,12 +89,21 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
         return error_response(exc.status_code, message, code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, not the client's mistake; the traceback goes to the log (the
+        # exception is raised on after this answer), never to the client.
+        if not request.url.path.startswith(API_PREFIX + "/"):
+            return PlainTextResponse("Internal Server Error", status_code=500)
+        return error_response(500, "the server failed to answer this request (the error is in its log)",
+                              "internal_error")
+
 
 def add_api_not_found(app: FastAPI) -> None:
     """A route under /v1 that does not exist is an OpenAI-shaped 404 (405 for
     a known path with another method), not the chat page's HTML answer.
     Added after every /v1 router, since it matches any path under /v1."""
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"]
 
     def allowed(request: Request) -> list[str]:
         found = []
