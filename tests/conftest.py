@@ -100,7 +100,7 @@ def tiny_trained(tmp_path_factory):
     from chatbot.starter import StarterConfig, build_examples, corpus_pairs, make_model, train, train_tokenizer
 
     config = StarterConfig(**{**TINY_STARTER, "hidden_size": 64, "intermediate_size": 128, "steps": 200,
-                              "batch_size": 16, "learning_rate": 1e-2})
+                              "batch_size": 16, "learning_rate": 1e-2, "neighbours": 0})
     pairs = corpus_pairs()[:200]
     tokenizer = train_tokenizer([t for p in pairs for t in p], config.vocab_size)
     model = make_model(tokenizer, config)
