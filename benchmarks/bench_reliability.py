@@ -56,7 +56,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import table, write_section  # noqa: E402
+from benchmarks.report import percentile, table, write_section  # noqa: E402
 
 PROMPTS = ["hello", "how are you", "what do you like to do", "tell me about yourself", "do you like music",
            "what is your name", "what is a computer", "good morning"]
@@ -68,15 +68,6 @@ STARTED = time.monotonic()
 
 def log(line: str) -> None:
     print(f"[{time.monotonic() - STARTED:6.0f} s] {line}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def change(before: float, after: float) -> str:

@@ -53,3 +53,12 @@ def table(headers: list[str], rows: list[list]) -> str:
     out += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows]
     return "\n".join(out)
 
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of `values`, interpolated between neighbours (nan without any)."""
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
