@@ -135,7 +135,7 @@ def run_condition(label: str, share: float, source: Path, work: Path, args, star
     candidate = Bot(store, data_dir, starter, args.device, version=cycle["version"])
     result = {
         "bound": label, "max_rater_share": share, "loud_share": loud, "cycle_s": round(wall, 1),
-        "reward_auc_heldout": cycle["reward_model"]["auc"],
+        "reward_auc_heldout": cycle["reward_model"]["auc"], "reward_best_epoch": cycle["reward_model"]["best_epoch"],
         "reward_auc_by_taste": reward_model_auc(cycle["reward_model_path"], starter, tokenizer,
                                                 context["replies"], context["tastes"], torch.device(args.device)),
         "candidate": taste_approval(candidate, context["prompts"], context["tastes"], context["settings"],
@@ -196,15 +196,16 @@ def write_doc(summary: dict, args) -> None:
     def approval(a: dict) -> str:
         return f"{a['approval']:.3f} ± {a['se']:.3f}"
 
-    rows = [["v0 (before)", "", "", "", "", approval(summary["v0"][quiet]), approval(summary["v0"][loud]), "", ""]]
+    rows = [["v0 (before)", "", "", "", "", "", approval(summary["v0"][quiet]), approval(summary["v0"][loud]), "", ""]]
     for r in summary["results"]:
         share = r["loud_share"]
         by_taste = r["reward_auc_by_taste"]
         rows.append([r["bound"], f"{share['share_before']:.1%} → {share['share_after']:.1%}",
-                     r["reward_auc_heldout"], by_taste[quiet], by_taste[loud],
+                     r["reward_best_epoch"], r["reward_auc_heldout"], by_taste[quiet], by_taste[loud],
                      approval(r["candidate"][quiet]), approval(r["candidate"][loud]), r["kl_per_token"],
                      f"{r['cycle_s']:.0f} s"])
-    headers = ["rater bound", "loud rater's share of the thumbs (before → after)", "reward model AUC, held-out thumbs",
+    headers = ["rater bound", "loud rater's share of the thumbs (before → after)", "reward model's best epoch",
+               "reward model AUC, held-out thumbs",
                f"reward model AUC by the quiet taste ({quiet})", f"reward model AUC by the loud taste ({loud})",
                f"candidate approval, quiet taste ({quiet})", f"candidate approval, loud taste ({loud})",
                "KL to base (nats/token)", "cycle"]
@@ -218,7 +219,8 @@ the `{quiet}` taste ({summary['thumbs_up']['loud']} and {summary['thumbs_up']['q
 the starter (v0) through the store as the chat page does, a quarter of the turns regenerated ({summary['chat_s']:.0f} s
 of chat). The same database then went through one PPO retrain cycle with the rater bound and one without
 (`max_rater_share` 1.0), seed {args.seed}, both training a policy whatever the reward model's held-out AUC,
-without the gate. *Reward model AUC by a taste*: how well the policy's reward model ranks v0's replies to
+without the gate. *Best epoch* 0 means that no epoch of training lowered the reward model's held-out
+loss, and the untrained start was kept. *Reward model AUC by a taste*: how well the policy's reward model ranks v0's replies to
 {args.heldout} held-out prompts ({args.samples} each) by that taste's verdicts (0.5: no better than chance).
 *Candidate approval*: the share of the candidate's replies to the same prompts each taste likes, with its
 standard error over prompts. *Cycle*: the retrain's wall time on this machine, which was shared with other jobs.
