@@ -6,7 +6,8 @@ message and a progress bar during PPO, or the last run's outcome when none is
 running; the controls (retrain now, promote, roll back, pause and resume the
 schedule) with a line saying what happened or why it was refused; plots of
 thumbs and approval over time and approval per version; the runs and the
-adapters as tables.
+adapters as tables; and the raters who hold the most of the last run's data,
+with their share before and after the rater bound.
 
 Everything is read from and done through `chatbot.admin.Operations`, the same
 object behind the operator API. A timer refreshes the status, progress and
@@ -41,6 +42,8 @@ RUN_COLUMNS = ["run", "method", "status", "started", "seconds", "version", "gate
                "KL/token", "base NLL (base's)", "reward AUC", "error"]
 ADAPTER_COLUMNS = ["version", "status", "reason", "run", "created"]
 VERSION_COLUMNS = ["version", "replies", "up", "down", "approval"]
+SHARE_COLUMNS = ["data", "rater", "rows", "share before", "share after"]
+SHARE_DATA = (("thumbs", "reward model's thumbs"), ("prompts", "PPO's prompts"))
 # Gradio Markdown is not only HTML: these would format text that should be shown as is.
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|~>])")
 
@@ -60,6 +63,11 @@ def clip(text: str | None, limit: int = ERROR_CHARS) -> str:
 
 def percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def share_text(value: float | None) -> str:
+    """A share of the data to a tenth of a percent: the bound is often a few percent."""
+    return "–" if value is None else f"{100 * value:.1f}%"
 
 
 def short_time(stamp: str | None) -> str:
@@ -226,6 +234,27 @@ def adapters_frame(adapters: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=ADAPTER_COLUMNS)
 
 
+def rater_shares_frame(shares: dict | None) -> pd.DataFrame:
+    """The top raters of the last run's data (`Store.last_rater_shares`):
+    their rows and their share of the weight before and after the bound."""
+    rows = []
+    for key, label in SHARE_DATA:
+        for r in ((shares or {}).get(key) or {}).get("top") or []:
+            rows.append([label, r["rater"], r["rows"], share_text(r["share_before"]), share_text(r["share_after"])])
+    return pd.DataFrame(rows, columns=SHARE_COLUMNS)
+
+
+def rater_shares_markdown(shares: dict | None) -> str:
+    """The heading of that table: which run, and the bound."""
+    if not shares:
+        return "### Rater shares\nNo run has read the feedback yet."
+    thumbs = shares.get("thumbs") or {}
+    return (f"### Rater shares (run {int(shares['run_id'])})\nNo rater holds more than "
+            f"{share_text(thumbs.get('bound', shares.get('max_rater_share')))} of the reward model's thumbs "
+            f"({thumbs.get('raters', 0)} raters, {thumbs.get('rows', 0)} thumbs) or of PPO's prompts; "
+            "a rater above it keeps every row, down-weighted.")
+
+
 def version_choices(adapters: list[dict]) -> list[tuple[str, str]]:
     """Versions to promote: the adapters, newest first, labelled with their status, then the base."""
     choices = [(f"{a['version']} ({a.get('status')})", a["version"]) for a in reversed(adapters)]
@@ -310,9 +339,10 @@ class Console:
         else:
             promote_update = gr.Dropdown(choices=version_choices(adapters))
             rollback_update = gr.Dropdown(choices=rollback_choices(adapters))
+        shares = status.get("rater_shares")
         return (status_markdown(status), progress_html(current, runs[0] if runs else None), runs_frame(runs),
-                adapters_frame(adapters), versions_table(status["approval_by_version"]), promote_update,
-                rollback_update, choices)
+                adapters_frame(adapters), versions_table(status["approval_by_version"]),
+                rater_shares_markdown(shares), rater_shares_frame(shares), promote_update, rollback_update, choices)
 
     def plots(self, bucket: str):
         bucket = bucket if bucket in BUCKETS else DEFAULT_BUCKET
@@ -398,10 +428,13 @@ class Console:
                 with gr.Column(scale=2):
                     gr.Markdown("### Approval per version")
                     versions = gr.Dataframe(versions_table([]), interactive=False)
+            shares_heading = gr.Markdown(rater_shares_markdown(None), elem_id="console-shares-heading")
+            shares = gr.Dataframe(rater_shares_frame(None), interactive=False, elem_id="console-shares")
             shown_choices = gr.State(None)
 
             fast, slow = gr.Timer(REFRESH_S), gr.Timer(PLOT_REFRESH_S)
-            live = [status, progress, runs, adapters, versions, version, target, shown_choices]
+            live = [status, progress, runs, adapters, versions, shares_heading, shares, version, target,
+                    shown_choices]
             plots = [thumbs_plot, approval_plot, version_plot]
             quiet = {"api_visibility": "private", "show_progress": "hidden"}
             refresh = dict(fn=self.refresh, inputs=[shown_choices], outputs=live, queue=False, **quiet)

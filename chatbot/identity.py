@@ -9,9 +9,9 @@ The rule, first that applies:
 3. what an API client **claims** in the body's ``user`` field;
 4. the client's **address** (an API client that says nothing).
 
-Without logins or keys, 3 and 4 are all there is: per-rater bounds (the
-training data's per-rater cap, the thumbs rate limit) then count what
-clients claim. The store records a rater as a user name (1 and 3) or a
+Without logins or keys, 3 and 4 are all there is: per-rater bounds (each
+rater's bounded share of the training data, the thumbs rate limit) then
+count what clients claim. The store records a rater as a user name (1 and 3) or a
 session id (2, and ``address:<host>`` for 4); ``Identity.columns`` says
 which, with what the client claimed and how the rater was known.
 """

@@ -3,7 +3,8 @@
 It reads top to bottom as its phases, each a function of its own:
 
 1. **snapshot**: the store up to a watermark (the newest feedback id now),
-   split by conversation, capped per rater. Too little feedback: the run is
+   split by conversation, weighted so that no rater holds more than their
+   bounded share (`online_rl.influence`). Too little feedback: the run is
    recorded as refused and `NotEnoughFeedback` is raised (the CLI exits 2).
 2. **reward models** (`online_rl.reward_models`): the *policy's* reward
    model on the training side, and the *judge*, which PPO never sees, on the
@@ -73,7 +74,7 @@ class CycleFailed(Exception):
 @dataclass
 class CycleConfig:
     method: str = "ppo"
-    min_feedback: int = 20  # rated replies needed (after the per-rater cap)
+    min_feedback: int = 20  # rated replies needed
     device: str = "auto"
     quantize: str = "none"  # none, 8bit or 4bit: the base loaded through bitsandbytes (a GPU)
     reward_model: str | None = None  # base of the reward models; None: the policy's base
@@ -95,6 +96,7 @@ class CycleConfig:
             raise ValueError("min_feedback must be at least 2")
         self.ppo.validate()
         self.generation.validate()
+        self.data.validate()
         return self
 
     def rollout_settings(self) -> GenerationSettings:
@@ -178,6 +180,7 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
         store.update_run_progress(run_id, stage)
 
     job = Job(store, run_id, config, data_dir, model_name, report, progress, dist, store.active_version())
+    snap = None
     try:
         snap = take_snapshot(job, watermark)
         if dist is not None:
@@ -192,8 +195,8 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
             summary["gate"] = verdict.as_dict()
             outcome = "promoted" if verdict.passed else "not promoted"
             report(f"gate: {summary['version']} {outcome}: {verdict.reason()}")
-        summary.update(feedback=snap.counts(), seconds=round(time.perf_counter() - started, 1),
-                       peak_memory_mb=peak_memory_mb())
+        summary.update(feedback=snap.counts(), rater_shares=snap.rater_shares(),
+                       seconds=round(time.perf_counter() - started, 1), peak_memory_mb=peak_memory_mb())
         store.finish_run(run_id, "succeeded", metrics=summary)
         report(f"run {run_id} succeeded: {summary['version']} {outcome} in {summary['seconds']:.0f} s",
                stage="done")
@@ -213,7 +216,8 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
             error += " (another training process stopped first: its error is in the retrain's log)"
         store.finish_run(run_id, "failed", error=error,
                          metrics={"stage": stage.get("stage"), "traceback": traceback.format_exc()[-4000:],
-                                  "seconds": round(time.perf_counter() - started, 1)})
+                                  "seconds": round(time.perf_counter() - started, 1),
+                                  **({"rater_shares": snap.rater_shares()} if snap is not None else {})})
         if isinstance(exc, Exception):
             raise CycleFailed(f"run {run_id} failed during {stage.get('stage')}: {error}") from exc
         raise
@@ -247,9 +251,15 @@ def take_snapshot(job: Job, watermark: int) -> Snapshot:
     job.report(f"snapshot: {counts['examples']} rated replies ({counts['up']} up, {counts['down']} down), "
                f"{counts['train_pairs'] + counts['heldout_pairs']} pairs, {counts['prompts']} prompts, "
                f"{counts['raters']} raters, watermark {watermark}")
+    shares = snap.rater_shares()
+    top = shares["thumbs"]["top"]
+    if top and top[0]["share_before"] > top[0]["share_after"]:
+        job.report(f"snapshot: rater bound {shares['thumbs']['bound']:.0%} of the thumbs: {top[0]['rater']} "
+                   f"down from {top[0]['share_before']:.0%} to {top[0]['share_after']:.0%}")
     if counts["examples"] < job.config.min_feedback or not snap.train:
         raise NotEnoughFeedback(f"not enough feedback to retrain: {counts['examples']} rated replies, at least "
-                                f"{job.config.min_feedback} needed (--min-feedback)", {"feedback": counts})
+                                f"{job.config.min_feedback} needed (--min-feedback)",
+                                {"feedback": counts, "rater_shares": shares})
     return snap
 
 
@@ -334,8 +344,11 @@ def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards,
         policy, parent = PeftModel.from_pretrained(loaded.model, active_path, is_trainable=True), job.active
     else:
         policy, parent = add_lora(loaded.model, ppo), "v0"
-    prompts = snap.prompts or [e.prompt for e in snap.train]
-    anchor = [(e.prompt, e.reply) for e in snap.train if e.label and e.reply.strip()]
+    # Prompts and liked replies are drawn in proportion to their rater-bound weights.
+    prompts, prompt_weights = snap.prompts, snap.prompt_weights
+    if not prompts:
+        prompts, prompt_weights = [e.prompt for e in snap.train], [e.weight for e in snap.train]
+    anchor, anchor_weights = snap.liked()
     job.report(f"ppo: {ppo.steps} steps of {ppo.prompts_per_step} prompts x {ppo.samples_per_prompt} replies on "
                f"{len(prompts)} prompts, {len(anchor)} liked replies as the language anchor, from {parent}, "
                f"KL coefficient {ppo.kl_coef:.3f}", stage="policy")
@@ -344,7 +357,8 @@ def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards,
         job.report(f"ppo: step {record['step']}/{ppo.steps} done", step=record["step"], of=ppo.steps, last=record)
 
     trainer = PPOTrainer(policy, tokenizer, ppo, config.rollout_settings(), progress=job.progress, on_step=on_step)
-    history = trainer.train(prompts, scorer(rewards.policy), anchor)
+    history = trainer.train(prompts, scorer(rewards.policy), anchor, prompt_weights=prompt_weights,
+                            anchor_weights=anchor_weights)
     metrics = {"steps": len(history), "first": history[0], "last": history[-1], "history": history,
                "sharded": trainer.sharded, "stopped": trainer.stopped, "kl_coef": round(trainer.kl.value, 5),
                "score_first": history[0]["score"], "score_last": history[-1]["score"]}

@@ -1,4 +1,4 @@
-"""Training data from feedback: one snapshot of the store, split and capped.
+"""Training data from feedback: one snapshot of the store, split and weighted.
 
 A retrain cycle reads the store once, up to a watermark (the last feedback id
 it will use), and gets:
@@ -14,8 +14,13 @@ it will use), and gets:
 Everything is split by conversation, so a held-out conversation's turns never
 leak into training. The split is a hash of the conversation id, so a
 conversation stays on the same side in every run as feedback accumulates.
-All past feedback is replayed each run (capped per rater), so the bot does not
-forget what it learned from earlier thumbs.
+All past feedback is replayed each run, so the bot does not forget what it
+learned from earlier thumbs.
+
+Every example, pair and pool prompt carries a weight (`online_rl.influence`):
+no rater holds more than ``max(max_rater_share, 1 / raters)`` of the weight
+of each side's thumbs, pairs and prompts, however many rows they gave. A
+rater over the bound keeps every row, down-weighted; nothing is dropped.
 """
 
 from __future__ import annotations
@@ -24,14 +29,26 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from online_rl.influence import rater_shares, rater_weights
 from storage import Store
 
 
 @dataclass
 class DataConfig:
     heldout_fraction: float = 0.2  # share of conversations kept out of training
-    per_rater_cap: int = 2000  # most recent rated replies kept per user or browser session
+    # The most of a run's data (thumbs, pairs, prompts, liked replies) one
+    # rater may hold, as a share of its weight; with fewer raters than
+    # 1 / max_rater_share, an equal share each. 1 turns the bound off.
+    max_rater_share: float = 0.05
     max_prompts: int = 2000  # size of the prompt pool (newest first)
+
+    def validate(self) -> "DataConfig":
+        if not 0 < self.max_rater_share <= 1:
+            raise ValueError(f"max_rater_share is a share of the data in (0, 1] (1 turns the bound off), "
+                             f"got {self.max_rater_share}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        return self
 
 
 @dataclass
@@ -43,6 +60,7 @@ class Example:
     rater: str
     response_id: str
     feedback_id: int
+    weight: float = 1.0  # the rater bound's weight among the examples of its side (they average 1)
 
 
 @dataclass
@@ -51,6 +69,8 @@ class Pair:
     chosen: str
     rejected: str
     conversation_id: str
+    raters: tuple[str, ...] = ()  # who liked the chosen reply and who disliked the rejected one
+    weight: float = 1.0  # the rater bound's weight among the pairs of its side (they average 1)
 
 
 @dataclass
@@ -61,8 +81,25 @@ class Snapshot:
     train_pairs: list[Pair] = field(default_factory=list)
     heldout_pairs: list[Pair] = field(default_factory=list)
     prompts: list[list[dict]] = field(default_factory=list)  # train side of the pool
+    prompt_raters: list[tuple[str, ...]] = field(default_factory=list)  # who sent each of `prompts`
+    prompt_weights: list[float] = field(default_factory=list)  # the rater bound's weight of each of `prompts`
     heldout_prompts: list[list[dict]] = field(default_factory=list)
-    capped: int = 0  # rated replies dropped by the per-rater cap
+    max_rater_share: float = 1.0  # the bound the weights were made with
+
+    def liked(self) -> tuple[list[tuple[list[dict], str]], list[float]]:
+        """The liked replies of the training side as (prompt, reply), and
+        their weights under the same rater bound (the language anchor's data)."""
+        kept = [e for e in self.train if e.label and e.reply.strip()]
+        return [(e.prompt, e.reply) for e in kept], rater_weights([e.rater for e in kept], self.max_rater_share)
+
+    def rater_shares(self) -> dict:
+        """The top raters of the reward model's thumbs and of the policy's
+        prompts (training side), with their share before and after the bound."""
+        return {
+            "max_rater_share": self.max_rater_share,
+            "thumbs": rater_shares([e.rater for e in self.train], self.max_rater_share),
+            "prompts": rater_shares(self.prompt_raters, self.max_rater_share),
+        }
 
     @property
     def examples(self) -> list[Example]:
@@ -82,7 +119,6 @@ class Snapshot:
             "prompts": len(self.prompts),
             "heldout_prompts": len(self.heldout_prompts),
             "raters": len({e.rater for e in self.examples}),
-            "capped": self.capped,
         }
 
 
@@ -92,28 +128,20 @@ def is_heldout(conversation_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def rater_key(user: str | None, session_id: str | None) -> str:
+    """Who a row counts for: the user, else the session (`chatbot.identity` decides which is set)."""
+    return f"user:{user}" if user else f"session:{session_id}"
+
+
 def snapshot(store: Store, config: DataConfig | None = None, watermark: int | None = None) -> Snapshot:
     """Read feedback up to `watermark` (default: all of it) into a `Snapshot`."""
-    config = config or DataConfig()
+    config = (config or DataConfig()).validate()
     if watermark is None:
         watermark = store.latest_feedback_id()
-    rows = store.rated_responses(watermark)
-
-    # Cap per rater: keep each rater's most recent rated replies.
-    by_rater: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        rater = f"user:{row['user']}" if row["user"] else f"session:{row['session_id']}"
-        by_rater[rater].append({**row, "rater": rater})
-    kept, capped = [], 0
-    for rater_rows in by_rater.values():
-        rater_rows.sort(key=lambda r: r["feedback_id"])
-        capped += max(0, len(rater_rows) - config.per_rater_cap)
-        kept.extend(rater_rows[-config.per_rater_cap:] if config.per_rater_cap > 0 else [])
-    kept.sort(key=lambda r: r["feedback_id"])
-
-    snap = Snapshot(watermark=watermark, capped=capped)
+    snap = Snapshot(watermark=watermark, max_rater_share=config.max_rater_share)
     groups: dict[tuple[bool, str], list[dict]] = defaultdict(list)
-    for row in kept:
+    for row in store.rated_responses(watermark):
+        row["rater"] = rater_key(row["user"], row["session_id"])
         held = is_heldout(row["conversation_id"], config.heldout_fraction)
         example = Example(
             prompt=row["prompt"], reply=row["reply"], label=row["value"] > 0,
@@ -128,8 +156,22 @@ def snapshot(store: Store, config: DataConfig | None = None, watermark: int | No
         (snap.heldout_pairs if held else snap.train_pairs).extend(pairs)
 
     for item in store.user_prompts(config.max_prompts):
-        held = is_heldout(item["conversation_id"], config.heldout_fraction)
-        (snap.heldout_prompts if held else snap.prompts).append(item["prompt"])
+        if is_heldout(item["conversation_id"], config.heldout_fraction):
+            snap.heldout_prompts.append(item["prompt"])
+        else:
+            snap.prompts.append(item["prompt"])
+            snap.prompt_raters.append(tuple(rater_key(r["user"], r["session_id"]) for r in item["raters"]))
+
+    # Each side is weighted on its own: the training side trains the policy's
+    # reward model and the policy, the held-out side the judge.
+    share = config.max_rater_share
+    for examples in (snap.train, snap.heldout):
+        for example, weight in zip(examples, rater_weights([e.rater for e in examples], share)):
+            example.weight = weight
+    for pairs in (snap.train_pairs, snap.heldout_pairs):
+        for pair, weight in zip(pairs, rater_weights([p.raters for p in pairs], share)):
+            pair.weight = weight
+    snap.prompt_weights = rater_weights(snap.prompt_raters, share)
     return snap
 
 
@@ -150,7 +192,7 @@ def _pairs(group: list[dict]) -> list[Pair]:
             if down_id in mixed or up["reply"] == down["reply"]:
                 continue
             pairs.append(Pair(prompt=up["prompt"], chosen=up["reply"], rejected=down["reply"],
-                              conversation_id=up["conversation_id"]))
+                              conversation_id=up["conversation_id"], raters=(up["rater"], down["rater"])))
     return pairs
 
 

@@ -8,17 +8,25 @@ a `PeftModel` when no reference model is given).
 The KTO paper recommends weighting so that
 ``desirable_weight * n_up / (undesirable_weight * n_down)`` lies in [1, 4/3];
 the weights here make that ratio exactly 1 whatever the counts.
+
+`KTOTrainer` takes no per-row weights (and its KL estimate needs the rows in
+order), so the rater bound reaches KTO as a draw: it trains on as many rows
+as there are thumbs, drawn in proportion to their weights
+(`online_rl.influence.weighted_draw`). A down-weighted rater's thumbs are
+drawn less often, some of them not at all in a given run.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from online_rl.data import Example
+from online_rl.influence import weighted_draw
 
 ProgressFn = Callable[[str], None]
 
@@ -46,6 +54,15 @@ def class_weights(n_up: int, n_down: int) -> tuple[float, float]:
     return n_down / n_up, 1.0
 
 
+def bounded_rows(examples: list[Example], seed: int = 0) -> list[Example]:
+    """The thumbs KTO trains on: as they are when every weight is the same,
+    else as many drawn in proportion to their rater-bound weights."""
+    weights = [e.weight for e in examples]
+    if not examples or max(weights) - min(weights) <= 1e-9 * max(weights):
+        return list(examples)
+    return weighted_draw(examples, weights, len(examples), random.Random(seed))
+
+
 def to_rows(examples: list[Example]) -> list[dict]:
     """TRL's conversational unpaired format."""
     return [
@@ -68,6 +85,9 @@ def train_kto(model, tokenizer, examples: list[Example], settings: KTOSettings, 
 
     if len(examples) < 2:
         raise ValueError(f"KTO needs at least 2 rated replies, got {len(examples)}")
+    drawn = bounded_rows(examples, settings.seed)
+    distinct = len({id(e) for e in drawn})
+    examples = drawn
     n_up = sum(e.label for e in examples)
     desirable, undesirable = class_weights(n_up, len(examples) - n_up)
     batch_size = max(2, min(settings.batch_size, len(examples)))
@@ -136,6 +156,7 @@ def train_kto(model, tokenizer, examples: list[Example], settings: KTOSettings, 
     metrics = {
         "steps": result.global_step,
         "examples": len(examples),
+        "distinct_examples": distinct,  # fewer when the rater bound drew some thumbs more often than others
         "up": n_up,
         "down": len(examples) - n_up,
         "desirable_weight": round(desirable, 4),

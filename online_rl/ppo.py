@@ -63,6 +63,7 @@ from typing import Callable
 import torch
 
 from online_rl.distributed import GenerateThroughRoot, gather_adapter, prepare, training_accelerator
+from online_rl.influence import weighted_draw
 from online_rl.sampling import encode_replies, full_inputs, sample
 
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
@@ -211,6 +212,7 @@ class PPOTrainer:
         self.history: list[dict] = []
         self.stopped: str | None = None
         self.base_replies: list[tuple[list[dict], str]] = []
+        self.anchor_weights: list[float] | None = None  # of the liked replies, as `train` was given them
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up over `warmup_steps`, then linear decay to a tenth."""
@@ -344,9 +346,11 @@ class PPOTrainer:
         self.kl.update(record["kl_per_token"], cfg.rollouts)
         return record
 
-    def _anchor_batch(self, pairs, rng: random.Random) -> dict:
-        """A few of the (prompt, reply) `pairs`, drawn at random, as a batch."""
-        chosen = [pairs[rng.randrange(len(pairs))] for _ in range(self.config.anchor_batch)]
+    def _anchor_batch(self, pairs, rng: random.Random, weights: list[float] | None = None) -> dict:
+        """A few of the (prompt, reply) `pairs`, drawn at random (in
+        proportion to `weights` when given), as a batch."""
+        chosen = weighted_draw(pairs, weights, self.config.anchor_batch, rng) if weights else \
+            [pairs[rng.randrange(len(pairs))] for _ in range(self.config.anchor_batch)]
         return encode_replies(self.tokenizer, [p for p, _ in chosen], [r for _, r in chosen],
                               max_length=self.config.max_prompt_tokens, device=self.device)
 
@@ -355,7 +359,7 @@ class PPOTrainer:
         pairs in `anchor`; None without any, or at weight 0."""
         if not anchor or not weight:
             return None
-        batch = self._anchor_batch(anchor, rng)
+        batch = self._anchor_batch(anchor, rng, self.anchor_weights)
         logprobs, _ = self._logprobs(batch, temperature=1.0)
         return -masked_mean(logprobs, batch["reply_mask"].float())
 
@@ -384,19 +388,31 @@ class PPOTrainer:
         return out
 
     def train(self, prompts: list[list[dict]], reward_fn: RewardFn,
-              anchor: list[tuple[list[dict], str]] | None = None) -> list[dict]:
-        """Run up to `config.steps` steps on rollouts drawn from `prompts`."""
+              anchor: list[tuple[list[dict], str]] | None = None, *,
+              prompt_weights: list[float] | None = None, anchor_weights: list[float] | None = None) -> list[dict]:
+        """Run up to `config.steps` steps on rollouts drawn from `prompts`.
+
+        With `prompt_weights` (and `anchor_weights`), prompts (and liked
+        replies) are drawn in proportion to them (`influence.weighted_draw`),
+        so each rater's share of the draws is their share of the weight."""
         cfg = self.config
         if not prompts:
             raise ValueError("PPO needs at least one prompt to sample rollouts from")
         acc = self.accelerator
         per_process = max(1, cfg.prompts_per_step // acc.num_processes)
         rng = random.Random(cfg.seed * 1000 + acc.process_index)
+        self.anchor_weights = anchor_weights
+
+        def draw(k: int) -> list[list[dict]]:
+            if prompt_weights:
+                return weighted_draw(prompts, prompt_weights, k, rng)
+            return rng.sample(prompts, k) if len(prompts) >= k else [prompts[rng.randrange(len(prompts))]
+                                                                     for _ in range(k)]
+
         if cfg.base_anchor_coef and not self.base_replies:
-            self.base_replies = self._base_samples(rng.sample(prompts, min(len(prompts), cfg.base_anchor_prompts)))
+            self.base_replies = self._base_samples(draw(min(len(prompts), cfg.base_anchor_prompts)))
         for step in range(1, cfg.steps + 1):
-            chosen = rng.sample(prompts, per_process) if len(prompts) >= per_process else \
-                [prompts[rng.randrange(len(prompts))] for _ in range(per_process)]
+            chosen = draw(per_process)
             record = {"step": step, **self.step(chosen, reward_fn, anchor or [], rng)}
             self.history.append(record)
             if not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):

@@ -7,7 +7,9 @@ and scores the last token.
 
 Loss: binary cross-entropy on the thumbs (each class weighted so that
 unbalanced up/down counts pull equally) plus a Bradley-Terry term on pairs,
-``-log sigmoid(r_chosen - r_rejected)``. Training stops on the loss on
+``-log sigmoid(r_chosen - r_rejected)``. Every thumb and pair counts with its
+weight from the rater bound (`Example.weight`, `Pair.weight`: no rater
+holds more than their bounded share of either term). Training stops on the loss on
 held-out thumbs and keeps its best epoch. Held-out AUC with its 95%
 interval, accuracy, calibration (Brier score, expected calibration error)
 and pair accuracy are reported. When a previous reward model exists its
@@ -185,7 +187,7 @@ def train_reward_model(
             if batch:
                 scores = rm.forward([e.prompt for e in batch], [e.reply for e in batch])
                 labels = torch.tensor([float(e.label) for e in batch], device=device)
-                weights = torch.tensor([w_up if e.label else w_down for e in batch], device=device)
+                weights = torch.tensor([(w_up if e.label else w_down) * e.weight for e in batch], device=device)
                 loss = loss + (torch.nn.functional.binary_cross_entropy_with_logits(
                     scores, labels, reduction="none") * weights).mean()
             if pairs and config.pair_weight > 0:
@@ -194,7 +196,8 @@ def train_reward_model(
                 both = rm.forward([p.prompt for p in chunk] * 2,
                                   [p.chosen for p in chunk] + [p.rejected for p in chunk])
                 margin = both[: len(chunk)] - both[len(chunk):]
-                loss = loss - config.pair_weight * torch.nn.functional.logsigmoid(margin).mean()
+                pair_weights = torch.tensor([p.weight for p in chunk], device=device)
+                loss = loss - config.pair_weight * (torch.nn.functional.logsigmoid(margin) * pair_weights).mean()
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -233,26 +236,30 @@ def train_reward_model(
 
 def class_weights(examples: list[Example]) -> tuple[float, float]:
     """(up, down) weights so that each class carries half the loss however
-    unbalanced the counts."""
-    n_up = sum(e.label for e in examples)
-    n_down = len(examples) - n_up
-    return (len(examples) / (2 * n_up) if n_up else 0.0, len(examples) / (2 * n_down) if n_down else 0.0)
+    unbalanced the counts (counted with the examples' weights)."""
+    total = sum(e.weight for e in examples)
+    up = sum(e.weight for e in examples if e.label)
+    down = total - up
+    return (total / (2 * up) if up > 0 else 0.0, total / (2 * down) if down > 0 else 0.0)
 
 
 def validation_loss(rm: RewardModel, examples: list[Example], pairs: list[Pair], config: RewardConfig):
-    """The training objective on held-out data (class-weighted BCE plus the
-    pair term); None when there is nothing to measure it on."""
+    """The training objective on held-out data (BCE weighted by class and by
+    the rater bound, plus the pair term); None when there is nothing to
+    measure it on."""
     if not examples and not pairs:
         return None
     total = 0.0
     if examples:
         w_up, w_down = class_weights(examples)
         scores = rm.score([e.prompt for e in examples], [e.reply for e in examples])
-        total += sum((w_up if e.label else w_down) * _bce(s, e.label) for s, e in zip(scores, examples)) / len(examples)
+        total += sum((w_up if e.label else w_down) * e.weight * _bce(s, e.label)
+                     for s, e in zip(scores, examples)) / len(examples)
     if pairs and config.pair_weight > 0:
         chosen = rm.score([p.prompt for p in pairs], [p.chosen for p in pairs])
         rejected = rm.score([p.prompt for p in pairs], [p.rejected for p in pairs])
-        total += config.pair_weight * sum(_bce(c - r, True) for c, r in zip(chosen, rejected)) / len(pairs)
+        total += config.pair_weight * sum(p.weight * _bce(c - r, True)
+                                          for p, c, r in zip(pairs, chosen, rejected)) / len(pairs)
     return total
 
 

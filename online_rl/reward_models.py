@@ -98,7 +98,8 @@ def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) 
         message = f"waiting for more feedback: {why}; no policy is trained on it"
         if job.dist is not None:
             broadcast(None)
-        raise NotInformative(message, {"reward_model": metrics, "feedback": snap.counts()})
+        raise NotInformative(message, {"reward_model": metrics, "feedback": snap.counts(),
+                                       "rater_shares": snap.rater_shares()})
     path = directory / f"run-{job.run_id}"
     rm.save(path, metrics)
     if job.dist is not None:

@@ -304,21 +304,49 @@ class Store:
         return rows
 
     def user_prompts(self, limit: int = 1000) -> list[dict]:
-        """Distinct prompts people sent (rated or not), newest first.
+        """Distinct prompts people sent (rated or not): the pool PPO samples
+        rollouts from.
 
-        Each is ``{prompt, prompt_hash, conversation_id}``: the messages up to
-        the user's turn, as the model saw them. The pool PPO samples rollouts from.
+        Each is ``{prompt, prompt_hash, conversation_id, raters}``: the
+        messages up to the user's turn, as the model saw them, and who sent
+        them (``{user, session_id}`` each, as replies record their rater).
+        At most `limit`, taken evenly across raters (user, else session),
+        newest first within each: every rater's newest prompt, then every
+        rater's second newest, and so on, so that one rater sending many
+        prompts cannot push everyone else's out of the pool.
         """
+        # One statement, so the pool and its senders are read at the same moment.
         rows = self._query(
-            "SELECT prompt, prompt_hash, conversation_id, MAX(created_at) AS last"
-            " FROM responses GROUP BY prompt_hash ORDER BY last DESC LIMIT ?",
-            [limit],
+            """
+            WITH sent AS (
+                SELECT prompt_hash, user, session_id, MAX(rowid) AS newest FROM responses
+                GROUP BY prompt_hash, user, session_id
+            ),
+            ranked AS (
+                SELECT prompt_hash, newest, ROW_NUMBER() OVER (
+                    PARTITION BY CASE WHEN COALESCE(user, '') != '' THEN 'user:' || user
+                                      ELSE 'session:' || COALESCE(session_id, '') END
+                    ORDER BY newest DESC) AS turn
+                FROM sent
+            ),
+            pool AS (
+                SELECT prompt_hash, MIN(turn) AS turn, MAX(newest) AS newest FROM ranked
+                GROUP BY prompt_hash ORDER BY turn, newest DESC LIMIT :limit
+            )
+            SELECT pool.prompt_hash, newest.prompt, newest.conversation_id, sent.user, sent.session_id
+            FROM pool JOIN responses newest ON newest.rowid = pool.newest
+            JOIN sent ON sent.prompt_hash = pool.prompt_hash
+            ORDER BY pool.turn, pool.newest DESC, sent.user, sent.session_id
+            """,
+            {"limit": limit},
         )
-        return [
-            {"prompt": json.loads(r["prompt"]), "prompt_hash": r["prompt_hash"],
-             "conversation_id": r["conversation_id"]}
-            for r in rows
-        ]
+        pool: dict[str, dict] = {}
+        for r in rows:
+            item = pool.setdefault(r["prompt_hash"], {
+                "prompt": json.loads(r["prompt"]), "prompt_hash": r["prompt_hash"],
+                "conversation_id": r["conversation_id"], "raters": []})
+            item["raters"].append({"user": r["user"], "session_id": r["session_id"]})
+        return list(pool.values())
 
     # -- export in TRL's shapes ---------------------------------------------
 
@@ -776,8 +804,18 @@ class Store:
                 for a in self.adapters()
             ],
             "recent_runs": [run_summary(r) for r in self.runs(recent_runs)],
+            "rater_shares": self.last_rater_shares(),
             "database": str(self.path),
         }
+
+    def last_rater_shares(self) -> dict | None:
+        """The top raters' shares of the data, before and after the rater
+        bound, as the newest run that took a snapshot recorded them, with
+        that run's id; None before any."""
+        rows = self._query(
+            "SELECT id, json_extract(metrics, '$.rater_shares') AS shares FROM runs"
+            " WHERE json_extract(metrics, '$.rater_shares') IS NOT NULL ORDER BY id DESC LIMIT 1")
+        return {"run_id": rows[0]["id"], **json.loads(rows[0]["shares"])} if rows else None
 
 
 def run_summary(run: dict) -> dict:

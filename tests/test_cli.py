@@ -47,6 +47,35 @@ def test_status_counts_what_the_store_holds(data_dir, store, capsys):
     assert status["feedback_by_value"] == {"up": 1}
 
 
+def test_status_shows_the_last_runs_rater_shares(data_dir, store, capsys):
+    """A run records who holds the most of its data, before and after the
+    rater bound, even one refused for too little feedback."""
+    import pytest
+
+    from online_rl.cycle import CycleConfig, NotEnoughFeedback, run_cycle
+
+    assert app.main(["status", "--data-dir", str(data_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["rater_shares"] is None
+    for session, n in (("loud", 12), ("quiet", 3)):
+        for i in range(n):
+            conv = store.start_conversation(session)
+            rid = store.log_response(conversation_id=conv, prompt=[{"role": "user", "content": f"{session} {i}"}],
+                                     reply="Hello", model_version="v0", session_id=session)
+            store.record_feedback(rid, 1, session_id=session)
+    config = CycleConfig(min_feedback=100, device="cpu")
+    config.data.heldout_fraction = 0.0
+    with pytest.raises(NotEnoughFeedback):
+        run_cycle(store, data_dir=data_dir, config=config, progress=lambda line: None)
+    assert app.main(["status", "--data-dir", str(data_dir)]) == 0
+    shares = json.loads(capsys.readouterr().out)["rater_shares"]
+    assert shares["run_id"] == store.runs(1)[0]["id"] and shares["max_rater_share"] == 0.05
+    assert shares["thumbs"]["bound"] == 0.5 and shares["thumbs"]["raters"] == 2
+    assert shares["thumbs"]["top"] == [
+        {"rater": "session:loud", "rows": 12, "share_before": 0.8, "share_after": 0.5},
+        {"rater": "session:quiet", "rows": 3, "share_before": 0.2, "share_after": 0.5}]
+    assert [r["rater"] for r in shares["prompts"]["top"]] == ["session:loud", "session:quiet"]
+
+
 def test_a_data_dir_that_is_a_file_is_a_one_line_error(tmp_path):
     not_a_dir = tmp_path / "file.txt"
     not_a_dir.write_text("x")

@@ -225,6 +225,28 @@ def test_runs_frame(ops, seeded):
     assert error.startswith("ValueError: <script>") and len(error) == console.ERROR_CHARS
 
 
+def test_rater_shares_of_the_last_run(store, app):
+    """The table of the raters who hold the most of the last run's data,
+    read from the store as `status` reads it."""
+    shares = {"max_rater_share": 0.05,
+              "thumbs": {"bound": 0.05, "raters": 21, "rows": 2000, "top": [
+                  {"rater": "session:loud", "rows": 1000, "share_before": 0.5, "share_after": 0.05},
+                  {"rater": "user:<b>ann</b>", "rows": 50, "share_before": 0.025, "share_after": 0.0476}]},
+              "prompts": {"bound": 0.5, "raters": 2, "rows": 30, "top": [
+                  {"rater": "session:loud", "rows": 20, "share_before": 0.6667, "share_after": 0.5}]}}
+    refused = store.start_run("ppo", watermark=9)
+    store.finish_run(refused, "refused", error="not enough feedback", metrics={"rater_shares": shares})
+    *_, heading, frame, _, _, _ = app.refresh(None)
+    assert f"run {refused}" in heading and "5.0%" in heading and "21 raters, 2000 thumbs" in heading
+    assert list(frame.columns) == console.SHARE_COLUMNS
+    assert frame.values.tolist() == [
+        ["reward model's thumbs", "session:loud", 1000, "50.0%", "5.0%"],
+        ["reward model's thumbs", "user:<b>ann</b>", 50, "2.5%", "4.8%"],
+        ["PPO's prompts", "session:loud", 20, "66.7%", "50.0%"]]
+    assert console.rater_shares_markdown(None).endswith("No run has read the feedback yet.")
+    assert console.rater_shares_frame(None).empty
+
+
 def test_adapters_frame_and_choices(ops):
     adapters = ops.status()["adapters_by_version"]
     frame = console.adapters_frame(adapters)
@@ -250,13 +272,13 @@ def test_console_builds(ops):
 
 def test_refresh_updates_choices_only_when_they_change(app):
     first = app.refresh(None)
-    status, progress, runs, adapters, versions, promote, rollback, shown = first
+    status, progress, runs, adapters, versions, _, _, promote, rollback, shown = first
     assert "**Active** v1" in status and "is running" in progress
     assert len(runs) == 3 and len(adapters) == 2 and len(versions) == 2
     assert [list(c) for c in promote.constructor_args["choices"]] == shown
     assert rollback.constructor_args["choices"][0] == ("the version before the active one", console.PREVIOUS)
     again = app.refresh(shown)
-    assert again[5] == gr.skip() and again[6] == gr.skip()
+    assert again[7] == gr.skip() and again[8] == gr.skip()
 
 
 def test_plots_handler(app):

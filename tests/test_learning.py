@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -51,12 +53,54 @@ def test_one_rater_cannot_dominate(store):
         _chat(store, f"q{i}", [(f"r{i}", 1)], session="loud")
     for i in range(5):
         _chat(store, f"p{i}", [(f"s{i}", -1)], session="quiet")
-    snap = snapshot(store, DataConfig(per_rater_cap=10, heldout_fraction=0.0))
+    snap = snapshot(store, DataConfig(heldout_fraction=0.0))
+    # Every thumb is kept; two raters hold half the weight each.
     raters = [e.rater for e in snap.examples]
-    assert raters.count("session:loud") == 10 and raters.count("session:quiet") == 5
-    assert snap.capped == 20
-    # The most recent ones are kept.
-    assert {e.reply for e in snap.examples if e.rater == "session:loud"} == {f"r{i}" for i in range(20, 30)}
+    assert raters.count("session:loud") == 30 and raters.count("session:quiet") == 5
+    weight = {r: sum(e.weight for e in snap.train if e.rater == r) for r in set(raters)}
+    assert weight["session:loud"] == pytest.approx(weight["session:quiet"])
+    assert all(e.weight > 0 for e in snap.train)
+    # The prompts PPO draws are weighted by the same rule.
+    loud = sum(w for who, w in zip(snap.prompt_raters, snap.prompt_weights) if who == ("session:loud",))
+    assert loud == pytest.approx(sum(snap.prompt_weights) / 2)
+    # What the run records: the top raters, before and after the bound.
+    shares = snap.rater_shares()
+    assert shares["thumbs"]["top"][0] == {"rater": "session:loud", "rows": 30, "share_before": 0.8571,
+                                          "share_after": 0.5}
+    assert shares["prompts"]["top"][0]["share_before"] == 0.8571
+    # With the bound off every row weighs the same.
+    off = snapshot(store, DataConfig(heldout_fraction=0.0, max_rater_share=1.0))
+    assert {e.weight for e in off.train} == {1.0} and set(off.prompt_weights) == {1.0}
+    with pytest.raises(ValueError, match="max_rater_share"):
+        snapshot(store, DataConfig(max_rater_share=0.0))
+
+
+def test_the_liked_replies_of_the_anchor_are_weighted_by_their_raters(store):
+    for i in range(12):
+        _chat(store, f"q{i}", [(f"liked {i}", 1)], session="loud")
+    for i in range(3):
+        _chat(store, f"p{i}", [(f"also liked {i}", 1), (f"disliked {i}", -1)], session="quiet")
+    snap = snapshot(store, DataConfig(heldout_fraction=0.0))
+    anchor, weights = snap.liked()
+    assert len(anchor) == 15 and all(w > 0 for w in weights)
+    quiet = sum(w for (_, reply), w in zip(anchor, weights) if reply.startswith("also"))
+    assert quiet == pytest.approx(sum(weights) / 2)
+    # A pair made of two raters' thumbs counts half for each.
+    _chat(store, "q0", [("another", -1)], session="quiet")
+    shared = [p for p in snapshot(store, DataConfig(heldout_fraction=0.0)).train_pairs if p.chosen == "liked 0"]
+    assert [p.raters for p in shared] == [("session:loud", "session:quiet")]
+
+
+def test_one_rater_sending_many_prompts_cannot_push_the_others_out_of_the_pool(store):
+    for i in range(3):
+        _chat(store, f"mine {i}", [("ok", 0)], session="quiet")
+    for i in range(50):
+        _chat(store, f"flood {i}", [("ok", 0)], session="loud")
+    pool = store.user_prompts(limit=10)
+    texts = [item["prompt"][0]["content"] for item in pool]
+    assert len(texts) == 10 and {"mine 0", "mine 1", "mine 2"} <= set(texts)
+    assert texts[:2] == ["flood 49", "mine 2"]  # each rater's newest first, then each one's second newest
+    assert pool[texts.index("mine 0")]["raters"] == [{"user": None, "session_id": "quiet"}]
 
 
 def test_a_changed_mind_counts_once_with_the_latest_vote(store):
@@ -128,6 +172,64 @@ def test_reward_model_learns_a_separable_preference(tiny_loaded):
     assert metrics["auc_low"] > 0.5 and metrics["brier"] is not None and metrics["ece"] is not None
     up, down = rm.score([[{"role": "user", "content": "help?"}]] * 2, ["yes sure, glad to 3", "no, go away now 3"])
     assert up > down
+
+
+def test_the_reward_models_loss_weights_thumbs_and_pairs_by_rater():
+    """The held-out loss, computed by hand: BCE weighted by class and by the
+    rater bound, plus the pair term weighted by the pairs' weights."""
+    import math
+
+    from online_rl.data import Pair
+    from online_rl.reward import RewardConfig, class_weights, validation_loss
+
+    class Fixed:
+        def score(self, prompts, replies):
+            return [{"good": 2.0, "bad": -1.0, "meh": 0.5}[r] for r in replies]
+
+    def example(reply, label, weight):
+        return Example([{"role": "user", "content": "q"}], reply, label, "c", "r", reply, 1, weight)
+
+    examples = [example("good", True, 0.2), example("bad", False, 1.4), example("meh", True, 1.4)]
+    pairs = [Pair([], "good", "bad", "c", ("a", "b"), 0.5), Pair([], "meh", "good", "c", ("a",), 1.5)]
+    w_up, w_down = class_weights(examples)
+    assert (w_up, w_down) == pytest.approx((3.0 / (2 * 1.6), 3.0 / (2 * 1.4)))
+    bce = lambda z: math.log1p(math.exp(-z))  # noqa: E731 - -log sigmoid(z)
+    expected = (w_up * 0.2 * bce(2.0) + w_down * 1.4 * bce(1.0) + w_up * 1.4 * bce(0.5)) / 3 \
+        + 2.0 * (0.5 * bce(3.0) + 1.5 * bce(-1.5)) / 2
+    assert validation_loss(Fixed(), examples, pairs, RewardConfig(pair_weight=2.0)) == pytest.approx(expected)
+
+
+def _poisoned_thumbs(weighted: bool):
+    """Ten quiet raters like "yes" replies and dislike "no" ones, 4 thumbs
+    each; one loud rater says the opposite 120 times (75% of the rows)."""
+    from online_rl.influence import rater_weights
+
+    rows = []
+    for i in range(40):
+        liked = i % 2 == 0
+        rows.append((f"quiet{i % 10}", ("yes sure, glad to" if liked else "no, go away now") + f" {i % 7}", liked))
+    for i in range(120):
+        liked = i % 2 == 1
+        rows.append(("loud", ("yes sure, glad to" if not liked else "no, go away now") + f" {i % 7}", liked))
+    weights = rater_weights([r for r, _, _ in rows], 0.05 if weighted else 1.0)
+    return [Example([{"role": "user", "content": f"can you help with {i}?"}], reply, liked, f"conv-{i}", rater,
+                    f"r{i}", i, weight) for i, ((rater, reply, liked), weight) in enumerate(zip(rows, weights))]
+
+
+def test_a_down_weighted_rater_moves_the_reward_model_less(tiny_loaded):
+    """Trained on the same thumbs, the reward model follows the loud rater
+    with the bound off and the ten quiet ones with it on."""
+    from online_rl.reward import RewardConfig, train_reward_model
+
+    prompts = [[{"role": "user", "content": "help?"}]] * 2
+    gaps = {}
+    for weighted in (False, True):
+        rm, _ = train_reward_model(tiny_loaded.path, tiny_loaded.tokenizer, _poisoned_thumbs(weighted), [], [], [],
+                                   RewardConfig(epochs=2, lr=5e-3, batch_size=16), device=torch.device("cpu"),
+                                   progress=lambda line: None)
+        yes, no = rm.score(prompts, ["yes sure, glad to 3", "no, go away now 3"])
+        gaps[weighted] = yes - no  # positive: the quiet raters' taste
+    assert gaps[False] < 0 < gaps[True], gaps
 
 
 def test_reward_model_continues_from_its_previous_version(tiny_loaded, tmp_path):
@@ -258,6 +360,39 @@ def test_the_language_anchor_pulls_towards_liked_replies(tiny_trained):
     assert history[0]["anchor_loss"] > 0
 
 
+def test_ppo_draws_prompts_and_liked_replies_in_proportion_to_their_weights(tiny_trained):
+    """A prompt holding half the weight is half of every step's draws, and
+    of the prompts the base answers for the language anchor."""
+    from chatbot.models import GenerationSettings, load_tokenizer
+    from online_rl.ppo import PPOConfig, PPOTrainer
+
+    config = PPOConfig(steps=50, prompts_per_step=4, samples_per_prompt=2, anchor_batch=8, seed=0)
+    trainer = PPOTrainer(_fresh_policy(tiny_trained, config), load_tokenizer(str(tiny_trained)), config,
+                         GenerationSettings(max_new_tokens=4), progress=lambda line: None)
+    asked, anchored, answered = Counter(), Counter(), Counter()
+
+    def step(prompts, reward_fn, anchor, rng):
+        asked.update(p[0]["content"] for p in prompts)
+        batch = trainer._anchor_batch(anchor, rng, trainer.anchor_weights)
+        anchored.update(tuple(row) for row in batch["reply"].tolist())
+        return {"score": 0.0, "kl_per_token": 0.0, "kl_coef": 0.0, "base_nll": 0.0, "reply_tokens": 0.0,
+                "anchor_loss": 0.0, "base_anchor_loss": 0.0, "approx_kl": 0.0, "updates": 0, "seconds": 0.0}
+
+    def base_samples(prompts):
+        answered.update(p[0]["content"] for p in prompts)
+        return []
+
+    trainer.step, trainer._base_samples = step, base_samples
+    weights = [7.0] + [1.0] * 7  # "hello" holds half the weight
+    liked = [(PROMPTS[0], "I am fine."), (PROMPTS[1], "Hi.")]
+    trainer.train(PROMPTS, starts_with_i, liked, prompt_weights=weights, anchor_weights=[3.0, 1.0])
+    assert asked["hello"] == 2 * 50 and sum(asked.values()) == 4 * 50
+    assert len(asked) == 8  # every prompt is still drawn
+    assert answered["hello"] == 4 and sum(answered.values()) == 8
+    fine, hi = sorted(anchored.values(), reverse=True)
+    assert fine == 6 * 50 and hi == 2 * 50
+
+
 # -- KTO ----------------------------------------------------------------------------
 
 
@@ -285,3 +420,19 @@ def test_kto_trains_a_lora_adapter_for_a_few_steps(tiny_model_dir, tiny_loaded):
     lora = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora and any(p.abs().sum() > 0 for p in lora)  # B starts at zero: it moved
     assert any(line.startswith("kto: step") for line in lines)
+
+
+def test_kto_trains_on_a_draw_weighted_by_the_rater_bound():
+    from online_rl.kto import bounded_rows
+
+    snap = _synthetic_snapshot(40)
+    assert bounded_rows(snap.train) == snap.train  # every weight the same: every thumb once, in order
+    for i, example in enumerate(snap.train):
+        example.weight = 3.0 if i < 4 else 0.5
+    drawn = bounded_rows(snap.train, seed=1)
+    assert len(drawn) == len(snap.train)
+    counts = Counter(id(e) for e in drawn)
+    total = sum(e.weight for e in snap.train)
+    for example in snap.train:
+        expected = len(snap.train) * example.weight / total
+        assert int(expected) <= counts[id(example)] <= int(expected) + 1

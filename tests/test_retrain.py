@@ -90,6 +90,13 @@ def test_later_cycles_continue_from_the_active_adapter_and_reward_model(store, d
     assert second["version"] == "v2" and second["parent"] == "v1"
     assert second["reward_model"]["continued_from"] == first["reward_model_path"]
     assert second["feedback"]["examples"] == 40  # all past feedback is replayed
+    # Two raters, 30 thumbs and 10: the first is brought down to half the weight, none dropped.
+    top = second["rater_shares"]["thumbs"]["top"]
+    assert [r["rater"] for r in top] == ["session:s", "session:later"]
+    assert top[0]["share_before"] > 0.6 and top[0]["share_after"] == pytest.approx(0.5, abs=1e-3)
+    assert sum(r["rows"] for r in top) == second["feedback"]["train"]
+    assert second["rater_shares"]["prompts"]["top"][0]["share_after"] == pytest.approx(0.5, abs=1e-3)
+    assert store.get_run(second["run_id"])["metrics"]["rater_shares"] == second["rater_shares"]
     assert second["judge_model"]["continued_from"] == first["judge_model_path"]
     # The KL coefficient the first cycle ended with is where the second starts.
     assert second["train"]["history"][0]["kl_coef"] == pytest.approx(first["kl_coef"], abs=1e-5)
@@ -99,6 +106,9 @@ def test_later_cycles_continue_from_the_active_adapter_and_reward_model(store, d
     third = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small("kto"),
                       progress=lambda line: None)
     assert third["version"] == "v3" and third["parent"] == "v0" and third["train"]["steps"] == 2
+    # KTO takes the bound as a draw: the loud rater's thumbs are drawn less often than once each.
+    assert third["train"]["distinct_examples"] < third["train"]["examples"] == third["feedback"]["train"]
+    assert store.status()["rater_shares"]["run_id"] == third["run_id"]
     assert third["reward_model"]["continued_from"] == second["reward_model_path"]
 
 
@@ -154,6 +164,7 @@ def test_a_failed_run_is_recorded_with_its_error(store, data_dir, tiny_model_dir
     run = store.runs(1)[0]
     assert run["status"] == "failed" and run["error"] == "RuntimeError: the reward model exploded"
     assert run["metrics"]["stage"] == "reward_model" and "Traceback" in run["metrics"]["traceback"]
+    assert run["metrics"]["rater_shares"]["thumbs"]["top"][0]["rater"] == "session:s"
     assert run["finished_at"] and store.adapters() == []
 
 
