@@ -223,7 +223,11 @@ without the gate. *Best epoch* 0 means that no epoch of training lowered the rew
 loss, and the untrained start was kept. *Reward model AUC by a taste*: how well the policy's reward model ranks v0's replies to
 {args.heldout} held-out prompts ({args.samples} each) by that taste's verdicts (0.5: no better than chance).
 *Candidate approval*: the share of the candidate's replies to the same prompts each taste likes, with its
-standard error over prompts. *Cycle*: the retrain's wall time on this machine, which was shared with other jobs.
+standard error over prompts. *Reward model AUC, held-out thumbs* is the cycle's own figure, over both groups'
+held-out thumbs ({' and '.join(str(r['reward_auc_heldout']) for r in summary['results'])}), which contradict each
+other whatever the reward model learned; with the cycle's usual wait for a reward model whose interval there
+lies above 0.5, a run on these thumbs is refused. *Cycle*: the retrain's wall time on this machine, which was
+shared with other jobs.
 """
     write_section("poisoning", "Poisoning: one loud rater against many quiet ones (starter model, CPU)",
                   f"python benchmarks/bench_poisoning.py --data-dir {args.data_dir}{scale}{steps}{epochs}", body)
