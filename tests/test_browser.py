@@ -38,6 +38,16 @@ def need_a_browser() -> None:
 
 
 @pytest.mark.slow
+
+def send(page, url: str, text: str):
+    """Open the chat page and send `text`; the newest bot reply."""
+    page.goto(url + "/")
+    box = page.locator("#message textarea")
+    box.wait_for(timeout=60_000)
+    box.fill(text)
+    box.press("Enter")
+    return page.locator("#chat .message.bot, #chat [data-testid='bot']").last
+
 def test_chat_in_a_real_browser(server, store, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -49,13 +59,8 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
             errors = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("dialog", lambda dialog: (errors.append("dialog: " + dialog.message), dialog.dismiss()))
-            page.goto(server.url + "/")
-            box = page.locator("#message textarea")
-            box.wait_for(timeout=60_000)
-
-            box.fill("Hello <b>there</b> <img src=x onerror=alert(1)> [your bank](https://evil.example/login)")
-            box.press("Enter")
-            bot = page.locator("#chat .message.bot, #chat [data-testid='bot']").last
+            bot = send(page, server.url,
+                            "Hello <b>there</b> <img src=x onerror=alert(1)> [your bank](https://evil.example/login)")
             bot.wait_for(timeout=60_000)
             wait_for(lambda: "model v0" in bot.inner_text(), what="the finished reply with its version label")
             response = wait_for(lambda: store.counts()["responses"] == 1 and
@@ -109,12 +114,7 @@ def test_a_saved_conversation_survives_a_restart(tiny_loaded, chat_options, data
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
             page = browser.new_page()
-            page.goto(server.url + "/")
-            box = page.locator("#message textarea")
-            box.wait_for(timeout=60_000)
-            box.fill("Remember me")
-            box.press("Enter")
-            bot = page.locator("#chat .message.bot, #chat [data-testid='bot']").last
+            bot = send(page, server.url, "Remember me")
             wait_for(lambda: "model v0" in bot.inner_text(), what="the reply")
             time.sleep(1)  # the browser saves the state after the reply
             server.__exit__(None, None, None)
