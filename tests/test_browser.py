@@ -60,7 +60,7 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("dialog", lambda dialog: (errors.append("dialog: " + dialog.message), dialog.dismiss()))
             bot = send(page, server.url,
-                            "Hello <b>there</b> <img src=x onerror=alert(1)> [your bank](https://evil.example/login)")
+                       "Hello <b>there</b> <img src=x onerror=alert(1)> [your bank](https://evil.example/login)")
             bot.wait_for(timeout=60_000)
             wait_for(lambda: "model v0" in bot.inner_text(), what="the finished reply with its version label")
             response = wait_for(lambda: store.counts()["responses"] == 1 and
