@@ -222,8 +222,8 @@ def bench_streams(server: ServerProcess, headers: dict, args) -> tuple[str, dict
              + f" (warm-up: {', '.join(f'{k} {v}' for k, v in sorted(warm_outcomes.items()))}). "
              f"Resources are read from /proc at rest, {args.settle:g} s idle and one request later (the "
              f"server lets a worker thread go once it has been idle 10 s, when the next request comes); under "
-             f"load, as they were. The database's files are those of the store's pooled SQLite connections (at "
-             f"most 8; each holds the database and its WAL file open): {warm['database']} after the warm-up, "
+             f"load, as they were. The database's files are those of the store's pooled SQLite connections (8, "
+             f"all opened at the first request; each holds the database and its WAL file open): {warm['database']} after the warm-up, "
              f"{end['database']} at the end; other open files: {warm['files'] - warm['database']} and "
              f"{end['files'] - end['database']}.")
     return body, {"warm": warm, "end": end, "outcomes": outcomes, "flat": flat}

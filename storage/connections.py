@@ -6,6 +6,14 @@ borrows one for the length of one store call and gives it back. A call made
 while the same thread already holds one (a transaction around several store
 calls) reuses it. Nothing is left open when a thread ends, so open files and
 memory stay flat however many threads come and go.
+
+The first borrow opens all `size` connections at once, and they stay open
+until `close()`. Opening them as needed would leave the process's open files
+growing to its busiest moment and never coming back: on Unix, SQLite cannot
+release the descriptor of a connection closed while another connection of
+the same process holds a lock on the file (in WAL mode an open connection
+always does), so it parks it until the last connection closes. Opened up
+front, the count is the same from the first request to the millionth.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ class ConnectionPool:
         self._opened: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._fill_lock = threading.Lock()
+        self._filled = False
 
     def _open(self) -> sqlite_utils.Database:
         # check_same_thread=False: a connection serves one thread at a time,
@@ -46,9 +56,21 @@ class ConnectionPool:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
+        # A first read opens the WAL file, which the connection then keeps:
+        # opened now, not at the connection's first use.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         with self._lock:
             self._opened.append(conn)
         return sqlite_utils.Database(conn, execute_plugins=False)
+
+    def _fill(self) -> None:
+        if self._filled:
+            return
+        with self._fill_lock:
+            if not self._filled:
+                for _ in range(self.size):
+                    self._idle.put(self._open())
+                self._filled = True
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite_utils.Database]:
@@ -61,9 +83,10 @@ class ConnectionPool:
         if not self._slots.acquire(timeout=self.busy_timeout_s):
             raise PoolTimeout(f"no database connection came free within {self.busy_timeout_s:g} s")
         try:
+            self._fill()
             try:
-                db = self._idle.get_nowait()
-            except queue.Empty:
+                db = self._idle.get_nowait()  # a slot is held, so one is idle
+            except queue.Empty:  # unless close() ran in between
                 db = self._open()
             self._local.held = db
             try:
@@ -72,7 +95,13 @@ class ConnectionPool:
                 self._local.held = None
                 if db.conn.in_transaction:  # never hand on an open transaction
                     db.conn.rollback()
-                self._idle.put(db)
+                with self._lock:
+                    current = any(c is db.conn for c in self._opened)
+                if current:
+                    self._idle.put(db)
+                else:  # the pool was closed while this one was out
+                    with contextlib.suppress(sqlite3.Error):
+                        db.conn.close()
         finally:
             self._slots.release()
 
@@ -88,4 +117,5 @@ class ConnectionPool:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
             self._opened.clear()
-        self._idle = queue.LifoQueue()
+            self._idle = queue.LifoQueue()
+            self._filled = False

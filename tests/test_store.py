@@ -196,6 +196,40 @@ def test_a_thousand_short_lived_threads_leave_open_files_where_they_were(store):
             t.join()
     assert errors == []
     assert store.counts()["feedback"] == 1001
-    assert store.open_connections() <= 8
-    # SQLite's WAL files are shared by the connections: at most a few more descriptors.
-    assert open_files() <= before + 2 * 8
+    # The pool's connections were all open before the threads came, and no more.
+    assert store.open_connections() == 8
+    assert open_files() == before
+
+
+def test_the_pool_opens_its_connections_once_and_lends_each_to_one_thread_at_a_time(tmp_path):
+    import threading
+    import time
+
+    from storage.connections import ConnectionPool
+
+    pool = ConnectionPool(tmp_path / "p.db", size=3)
+    assert pool.open_count() == 0  # nothing opened before the first use
+    held, release = [], threading.Event()
+
+    def hold() -> None:
+        with pool.connection() as db:
+            held.append(db.conn)
+            release.wait(timeout=10)
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(held) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len({id(c) for c in held}) == 3  # three threads, three different connections
+    assert pool.open_count() == 3
+    release.set()
+    for t in threads:
+        t.join()
+    for _ in range(20):
+        with pool.connection() as db:
+            assert db.conn in held  # reused, never a fourth
+    assert pool.open_count() == 3
+    pool.close()
+    assert pool.open_count() == 0
