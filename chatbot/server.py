@@ -15,6 +15,7 @@ schedule (`online_rl.scheduler`, built by ``app.py``) until it stops."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -219,6 +220,11 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None,
         log.info("retrain schedule: off (--retrain-every 0)")
     follower.start()
     scheduler.start()
+    # Loading leaves garbage behind (Gradio's and the loader's spent event
+    # loops, each holding a pair of sockets, and large temporary tensors):
+    # collected now, the process starts serving at its resting size instead
+    # of whenever the collector next happens to run.
+    gc.collect()
     before_listen()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=None)
