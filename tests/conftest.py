@@ -3,7 +3,9 @@ dir, the Hub is switched off, and models are tiny ones built from a config."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +112,64 @@ def tiny_trained(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+PROMPTS = ["hello", "how are you", "what is your name"]
+
+
+def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str:
+    """`prompt`'s greedy reply from transformers' own `generate`, alone: the
+    reference the serving engine's replies are checked against."""
+    import torch
+
+    from chatbot.models import GenerationSettings
+    from chatbot.prompt import encode
+
+    config = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens).generation_config(tokenizer)
+    ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": prompt}])], device=model.device)
+    with torch.inference_mode():
+        sequences = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return tokenizer.decode(sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def make_adapter(base_dir, out: Path, seed: int, base_model: str) -> Path:
+    """A LoRA whose random weights change the base's greedy replies."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    model.save_pretrained(out)
+    (out / "adapter.json").write_text(json.dumps({"version": out.name, "base_model": base_model}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_trained, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {v: make_adapter(tiny_trained, root / v, seed, str(tiny_trained)) for seed, v in ((1, "v1"), (2, "v2"))}
+
+
+@pytest.fixture(scope="session")
+def expected(tiny_trained, adapters):
+    """Each version's greedy reply to each prompt, computed on separate copies
+    of the model with transformers' own `generate`, one prompt at a time:
+    neither the serving engine nor the hot-swap code is involved."""
+    from peft import PeftModel
+
+    from chatbot.models import load_model
+
+    out = {}
+    for version in ("v0", "v1", "v2"):
+        loaded = load_model(str(tiny_trained), tiny_trained, device="cpu")
+        model = loaded.model
+        if version != "v0":
+            model = PeftModel.from_pretrained(model, str(adapters[version])).eval()
+        out[version] = {p: greedy_reply(model, loaded.tokenizer, p) for p in PROMPTS}
+    assert out["v1"] != out["v0"] and out["v2"] != out["v1"], "the adapters must change the replies"
+    return out

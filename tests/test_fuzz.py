@@ -40,11 +40,11 @@ def _first_reply(url: str) -> str:
 
 
 def test_no_fuzzed_request_gets_a_5xx(tiny_loaded, tiny_model_dir, store, chat_options, data_dir):
-    from tests.test_hot_swap import _make_adapter
+    from conftest import make_adapter
 
     # A registry to promote and roll back through: v1 loads, v2's weights are gone.
     for seed, version in ((1, "v1"), (2, "v2")):
-        path = _make_adapter(tiny_model_dir, data_dir / "adapters" / version, seed, str(tiny_model_dir))
+        path = make_adapter(tiny_model_dir, data_dir / "adapters" / version, seed, str(tiny_model_dir))
         store.register_adapter(version, path=str(path), base_model=str(tiny_model_dir))
     (data_dir / "adapters" / "v2" / "adapter_model.safetensors").unlink()
     with _served(tiny_loaded, store, chat_options, data_dir) as server:

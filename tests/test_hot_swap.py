@@ -6,60 +6,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 TOKEN = "test-admin-token-0123456789"
-PROMPTS = ["hello", "how are you", "what is your name"]
-
-
-def _make_adapter(base_dir, out: Path, seed: int, base_model: str) -> Path:
-    """A LoRA whose random weights change the base's greedy replies."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    model.save_pretrained(out)
-    (out / "adapter.json").write_text(json.dumps({"version": out.name, "base_model": base_model}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_trained, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return {v: _make_adapter(tiny_trained, root / v, seed, str(tiny_trained)) for seed, v in ((1, "v1"), (2, "v2"))}
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_trained, adapters):
-    """Each version's greedy reply to each prompt, computed on separate copies
-    of the model, without the hot-swap code."""
-    import torch
-    from peft import PeftModel
-
-    from chatbot.models import load_model
-    from chatbot.policy import GenerationSettings, Policy
-
-    out = {}
-    for version in ("v0", "v1", "v2"):
-        loaded = load_model(str(tiny_trained), tiny_trained, device="cpu")
-        if version != "v0":
-            loaded.model = PeftModel.from_pretrained(loaded.model, str(adapters[version])).eval()
-        policy = Policy(loaded)
-        with torch.inference_mode():
-            out[version] = {p: policy.generate([{"role": "user", "content": p}],
-                                               GenerationSettings(temperature=0, max_new_tokens=12)).text
-                            for p in PROMPTS}
-    assert out["v1"] != out["v0"] and out["v2"] != out["v1"], "the adapters must change the replies"
-    return out
+from conftest import PROMPTS, make_adapter
 
 
 def _register(store, adapters, base_model):
@@ -202,7 +154,7 @@ def test_an_adapter_that_cannot_load_leaves_the_old_version_serving(tiny_trained
     from chatbot.swap import VersionFollower
 
     _register(store, adapters, str(tiny_trained))
-    foreign = _make_adapter(tiny_trained, tmp_path / "v3", 3, base_model="some/other-model")
+    foreign = make_adapter(tiny_trained, tmp_path / "v3", 3, base_model="some/other-model")
     store.register_adapter("v3", path=str(foreign), base_model="some/other-model")
     policy = Policy(load_model(str(tiny_trained), tiny_trained, device="cpu"))
     follower = VersionFollower(policy, store)

@@ -49,7 +49,7 @@ def assert_too_large(r, param=None):
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_oversized_request_is_refused_at_once_while_the_model_is_busy(served, store, stream):
     huge = conversation(200, 8000)
-    with served.policy._lock:  # another generation holds the model
+    with served.policy.engine.between_steps():  # the model is held
         started = time.perf_counter()
         r = served.client.post("/v1/chat/completions", json={"messages": huge, "stream": stream})
         elapsed = time.perf_counter() - started
@@ -133,15 +133,19 @@ def test_serve_takes_the_limits_as_flags_and_refuses_nonsense(tiny_loaded, store
     assert "--max-thumbs-per-minute must be a whole number of at least 0" in capsys.readouterr().err
 
 
-# -- the prompt: tokenized outside the lock, the newest turns kept ---------------
+# -- the prompt: tokenized before it joins the batch, the newest turns kept ---------------
 
 
 def recording_encodes(policy, monkeypatch) -> list[bool]:
-    """Whether the model was locked at each tokenization of a prompt."""
-    locked, encode = [], policy._encode
+    """Whether the model was held (its engine's step lock taken by another
+    thread) at each tokenization of a prompt."""
+    locked, encode, lock = [], policy._encode, policy.engine.step_lock
 
     def spy(messages):
-        locked.append(policy._lock.locked())
+        free = lock.acquire(blocking=False)
+        if free:
+            lock.release()
+        locked.append(not free)
         return encode(messages)
 
     monkeypatch.setattr(policy, "_encode", spy)
@@ -161,7 +165,7 @@ def test_a_prompt_is_tokenized_while_another_request_generates(tiny_loaded, monk
     policy = Policy(tiny_loaded)
     locked = recording_encodes(policy, monkeypatch)
     replies = []
-    with policy._lock:  # another generation holds the model
+    with policy.engine.between_steps():  # the model is held
         waiting = threading.Thread(target=lambda: replies.append(
             policy.generate(conversation(21, 400), GenerationSettings(max_new_tokens=3))), daemon=True)
         waiting.start()

@@ -93,9 +93,9 @@ def _cli(*args, data_dir):
 
 
 def test_promote_and_rollback_from_the_command_line(store, data_dir, tiny_model_dir):
-    from tests.test_hot_swap import _make_adapter
+    from conftest import make_adapter
 
-    path = _make_adapter(tiny_model_dir, data_dir / "adapters" / "v1", 1, str(tiny_model_dir))
+    path = make_adapter(tiny_model_dir, data_dir / "adapters" / "v1", 1, str(tiny_model_dir))
     store.register_adapter("v1", path=str(path), base_model=str(tiny_model_dir))
     done = _cli("promote", "v1", data_dir=data_dir)
     assert done.returncode == 0, done.stderr

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 import app as cli
-from tests.test_hot_swap import TOKEN, _make_adapter, _Scheduler
+from conftest import greedy_reply, make_adapter
+from tests.test_hot_swap import TOKEN, _Scheduler
 
 PROMPT = "how are you"
 
@@ -86,7 +87,7 @@ def test_the_check_names_what_is_wrong(good, tmp_path, tiny_trained):
 def good(tiny_trained, tmp_path_factory):
     """Sound adapters v1-v3, copied into each test's data directory."""
     root = tmp_path_factory.mktemp("good-adapters")
-    return {v: _make_adapter(tiny_trained, root / v, seed, str(tiny_trained))
+    return {v: make_adapter(tiny_trained, root / v, seed, str(tiny_trained))
             for seed, v in ((1, "v1"), (2, "v2"), (3, "v3"))}
 
 
@@ -96,15 +97,14 @@ def replies(tiny_trained, good):
     from peft import PeftModel
 
     from chatbot.models import load_model
-    from chatbot.policy import GenerationSettings, Policy
 
     out = {}
     for version in ("v0", "v1", "v2", "v3"):
         loaded = load_model(str(tiny_trained), tiny_trained, device="cpu")
+        model = loaded.model
         if version != "v0":
-            loaded.model = PeftModel.from_pretrained(loaded.model, str(good[version])).eval()
-        out[version] = Policy(loaded).generate([{"role": "user", "content": PROMPT}],
-                                               GenerationSettings(temperature=0, max_new_tokens=12)).text
+            model = PeftModel.from_pretrained(model, str(good[version])).eval()
+        out[version] = greedy_reply(model, loaded.tokenizer, PROMPT)
     assert len(set(out.values())) == 4, "each version must write its own reply"
     return out
 

@@ -60,11 +60,11 @@ def _version(url) -> str:
 def test_server_follows_the_command_line_and_survives_sigkill(data_dir, tiny_model_dir, tmp_path):
     from storage import Store
 
-    from tests.test_hot_swap import _make_adapter
+    from conftest import make_adapter
 
     store = Store.in_data_dir(data_dir)
     for seed, version in ((1, "v1"), (2, "v2")):
-        path = _make_adapter(tiny_model_dir, data_dir / "adapters" / version, seed, str(tiny_model_dir))
+        path = make_adapter(tiny_model_dir, data_dir / "adapters" / version, seed, str(tiny_model_dir))
         store.register_adapter(version, path=str(path), base_model=str(tiny_model_dir))
     store.promote("v1")
     port = _free_port()
@@ -115,11 +115,11 @@ def test_a_server_restarted_on_a_broken_active_adapter_comes_up_on_the_last_vers
         data_dir, tiny_model_dir, tmp_path):
     from storage import Store
 
-    from tests.test_hot_swap import _make_adapter
+    from conftest import make_adapter
 
     store = Store.in_data_dir(data_dir)
     for seed, version in ((1, "v1"), (2, "v2")):
-        path = _make_adapter(tiny_model_dir, data_dir / "adapters" / version, seed, str(tiny_model_dir))
+        path = make_adapter(tiny_model_dir, data_dir / "adapters" / version, seed, str(tiny_model_dir))
         store.register_adapter(version, path=str(path), base_model=str(tiny_model_dir))
         store.promote(version)
     (data_dir / "adapters" / "v2" / "adapter.json").write_text('{"version": "v2",')  # a disk that filled up

@@ -1,0 +1,318 @@
+"""Continuous batching: every reply being written shares one forward pass a step.
+
+One engine thread owns the model. Requests wait in a bounded line; between
+two decode steps the engine admits as many as the batch has room for (at most
+`max_batch` rows), runs each one's prompt through the model (prefill), and
+adds its row to the running batch; each step then feeds every row's last
+token through the model at once and samples the next token of each. A row
+leaves the batch the step it ends (an end token, its length cap, or its
+`stop` event: a stop button or a client that went away frees its slot at
+once), and the next waiting request takes its place.
+
+**An adapter per row.** Each request is bound, when it is admitted, to the
+version serving at that moment (its peft adapter name, or the base); the
+batch passes peft one adapter name per row (``adapter_names=``), so replies
+that started on v3 finish on v3 while new ones start on v4 in the same
+forward pass. A hot-swap happens between two steps (`between_steps`), never
+inside one, and never waits for the batch to drain.
+
+**The batch's cache.** A `transformers.DynamicCache` with one row per
+request, left-padded: a row that joins with a shorter history than the
+batch's is padded on the left with masked positions (and the batch is padded
+when the newcomer's history is longer); positions are counted per row, so
+padding changes nothing a row sees. When rows leave, their cache rows are
+dropped and the columns that are padding in every remaining row are cut.
+
+**Why not transformers' own continuous batching.** `ContinuousBatchingManager`
+packs every request's tokens into one sequence with paged attention: a packed
+batch has one row, and peft chooses adapters per row, so it cannot serve two
+versions in one batch (docs/serving.md). Sampling uses the same
+`transformers` warpers `generate` applies for our `GenerationConfig`
+(temperature, then top-p; every other field is off), so serving samples
+exactly as the training rollouts do.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class Busy(RuntimeError):
+    """Too many requests are already waiting for the model."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One reply to write. `events` receives each new token id, then None."""
+
+    ids: list[int]
+    settings: object  # chatbot.models.GenerationSettings
+    stop: threading.Event = field(default_factory=threading.Event)
+    version: str = ""  # the version that writes it, bound on admission
+    adapter: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | stopped
+    error: BaseException | None = None
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+class Engine:
+    """The batch and the thread that runs it.
+
+    `serving()` names the (version, adapter) new requests are bound to;
+    `release(in_use)` is called between steps with the adapter names rows
+    still use, so that a retired adapter can be deleted once its last reply
+    is written."""
+
+    def __init__(self, model_fn: Callable, tokenizer, device, *, serving: Callable[[], tuple[str, str | None]],
+                 release: Callable[[set], None] = lambda in_use: None, max_batch: int = 8, max_waiting: int = 32,
+                 idle_exit_s: float = 5.0):
+        if max_batch < 1 or max_waiting < 0:
+            raise ValueError("max_batch must be at least 1 and max_waiting at least 0")
+        self.model_fn, self.tokenizer, self.device = model_fn, tokenizer, device
+        self.serving, self.release = serving, release
+        self.max_batch, self.max_waiting, self.idle_exit_s = max_batch, max_waiting, idle_exit_s
+        self.eos_id = tokenizer.eos_token_id
+        self._cache_kwarg = None  # the forward's name for the KV cache, by transformers version
+        self.step_lock = threading.RLock()  # held for one step; a hot-swap takes it between steps
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._rows: list[Request] = []
+        self._cache = self._mask = self._positions = None
+        self._thread: threading.Thread | None = None
+        self._pausers = 0  # callers waiting for the boundary between two steps
+        self.steps = 0  # decode steps run (metrics and tests)
+
+    # -- the line -----------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; raises `Busy` when the batch is full and
+        `max_waiting` requests already wait."""
+        with self._cv:
+            if self.busy():
+                raise Busy("the model is busy: too many requests are waiting, try again shortly")
+            self._waiting.append(request)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return request
+
+    def in_use(self) -> set:
+        """The adapter names rows in the batch are being written with."""
+        return {r.adapter for r in self._rows if r.adapter}
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def busy(self) -> bool:
+        """A new request would find no free row and no place in the line (the
+        line counts those about to take a free row too)."""
+        return len(self._waiting) + len(self._rows) >= self.max_batch + self.max_waiting
+
+    @contextlib.contextmanager
+    def between_steps(self):
+        """Hold the engine between two decode steps for the length of the
+        block (a hot-swap): waits for the step in progress, not for the batch."""
+        with self._cv:
+            self._pausers += 1
+        try:
+            with self.step_lock:
+                yield
+        finally:
+            with self._cv:
+                self._pausers -= 1
+                self._cv.notify_all()
+
+    # -- the loop ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                idle_since = time.monotonic()
+                while not self._waiting and not self._rows:
+                    left = self.idle_exit_s - (time.monotonic() - idle_since)
+                    if left <= 0:
+                        self._thread = None  # a later submit starts a new thread
+                        return
+                    self._cv.wait(left)
+                while self._pausers:  # a hot-swap goes first, at this boundary
+                    self._cv.wait()
+                admit = []
+                while self._waiting and len(self._rows) + len(admit) < self.max_batch:
+                    admit.append(self._waiting.popleft())
+            with self.step_lock:
+                try:
+                    self._step(admit)
+                except BaseException as exc:  # noqa: BLE001 - every reply in the batch is told
+                    for request in [*admit, *self._rows]:
+                        if request.finish_reason is None and request.error is None:
+                            self._end(request, None, exc)
+                    self._rows, self._cache = [], None
+                self.release(self.in_use())
+
+    def _step(self, admit: list[Request]) -> None:
+        import torch
+
+        with torch.inference_mode():
+            for request in admit:
+                if request.stop.is_set():
+                    self._end(request, "stopped")
+                    continue
+                request.version, request.adapter = self.serving()
+                try:
+                    self._prefill(request)
+                except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+                    self._end(request, None, exc)
+            self._drop_finished()
+            if self._rows:
+                self._decode()
+                self._drop_finished()
+
+    def _forward(self, rows: list[Request], cache, **kwargs):
+        """The next-token logits of each row (only the last position's are
+        computed: `logits_to_keep`)."""
+        model = self.model_fn()
+        if self._cache_kwarg is None:
+            import inspect
+
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            self._cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        if hasattr(model, "peft_config"):
+            kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in rows]
+        kwargs[self._cache_kwarg] = cache
+        return model(**kwargs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+
+    def _prefill(self, request: Request) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        ids = torch.tensor([request.ids], device=self.device)
+        cache = DynamicCache()
+        logits = self._forward([request], cache, input_ids=ids, attention_mask=torch.ones_like(ids),
+                               position_ids=torch.arange(ids.shape[1], device=self.device)[None])
+        self._join(request, cache, ids.shape[1])
+        self._advance([request], self._sample(logits, [request]))
+
+    def _decode(self) -> None:
+        import torch
+
+        rows = self._rows
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)
+        logits = self._forward(rows, self._cache, input_ids=ids, attention_mask=mask,
+                               position_ids=self._positions[:, None])
+        self._mask = mask
+        self._positions = self._positions + 1
+        self.steps += 1
+        self._advance(rows, self._sample(logits, rows))
+
+    def _advance(self, rows: list[Request], tokens) -> None:
+        now = time.perf_counter()
+        for request, token in zip(rows, tokens.tolist()):
+            request.tokens.append(token)
+            if request.first_token_at is None:
+                request.first_token_at = now
+            request.events.put(token)
+            if token == self.eos_id:
+                self._end(request, "stop")
+            elif len(request.tokens) >= int(request.settings.max_new_tokens):
+                self._end(request, "length")
+            elif request.stop.is_set():
+                self._end(request, "stopped")
+
+    def _end(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
+        request.finish_reason, request.error = reason, error
+        request.events.put(None)
+
+    # -- the batch's cache ----------------------------------------------------
+
+    def _join(self, request: Request, cache, length: int) -> None:
+        """Add a prefilled row to the batch, left-padding whichever is shorter."""
+        import torch
+
+        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        position = torch.tensor([length], device=self.device)
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._positions = [request], cache, mask, position
+            return
+        have = self._mask.shape[1]
+        width = max(have, length)
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)])
+        self._positions = torch.cat([self._positions, position])
+        self._rows = [*self._rows, request]
+
+    def _drop_finished(self) -> None:
+        import torch
+
+        keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None and r.error is None]
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._rows, self._cache, self._mask, self._positions = [], None, None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._positions = self._mask[index], self._positions[index]
+        self._rows = [self._rows[i] for i in keep]
+        padding = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row uses
+        if padding:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, padding:], layer.values[:, :, padding:]
+            self._mask = self._mask[:, padding:]
+
+    # -- sampling --------------------------------------------------------------
+
+    def _sample(self, logits, rows: list[Request]):
+        """The next token of each row, with each row's own settings: greedy
+        below the minimum temperature, else temperature then top-p."""
+        import torch
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            s = r.settings
+            key = (True,) if not s.sampling else (False, float(s.temperature), float(s.top_p))
+            groups.setdefault(key, []).append(i)
+        for key, members in groups.items():
+            index = torch.tensor(members, device=logits.device)
+            scores = logits[index]
+            if key[0]:
+                out[index] = scores.argmax(-1)
+                continue
+            scores = TemperatureLogitsWarper(key[1])(None, scores)
+            if key[2] < 1.0:
+                scores = TopPLogitsWarper(key[2])(None, scores)
+            out[index] = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        return out
+
+
+def _pad_left(tensor, width: int, dim: int = 2):
+    """`tensor` padded with zeros on the left of `dim` to `width`."""
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
