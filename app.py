@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-thumbs-per-minute", type=int, default=30,
                        help="thumbs one rater may give in a minute, page and API together; more are refused "
                             "and not stored (default 30; 0: no limit)")
+    serve.add_argument("--max-batch", type=int,
+                       help="replies written at once in one batch (default: as many as the memory plan fits, "
+                            "at most 32 on a GPU and 8 on the CPU)")
+    serve.add_argument("--max-waiting", type=int, default=32,
+                       help="requests waiting for a row in the batch; more get 503 with Retry-After (default 32)")
     serve.add_argument("--system-prompt", default="", help="default system prompt")
     serve.add_argument("--max-message-chars", type=int, default=8000,
                        help="longer messages and system prompts are refused (default 8000)")
@@ -274,14 +279,16 @@ def training_layout(args) -> tuple[int, bool]:
     return int(launch.get("num_processes") or 1), fsdp
 
 
-def check_memory(args, *, serve: bool, train: bool, progress=None) -> str | None:
+def check_memory(args, *, serve: bool, train: bool, progress=None) -> tuple[str | None, int]:
     """Refuse to start (exit 2) when the memory plan does not fit; see chatbot/memory.py.
 
     Returns a note when the plan could not be made (the model's config is not
-    readable here): logged once the model has loaded, since a model that does
-    not load has a clearer error of its own."""
+    readable here; logged once the model has loaded, since a model that does
+    not load has a clearer error of its own), and the serving batch's rows:
+    --max-batch when it fits, else as many as fit (at most a cap per device)."""
+    requested = getattr(args, "max_batch", None)
     if args.no_memory_check:
-        return None
+        return None, requested or _default_batch(args)
     import logging
 
     from chatbot import memory
@@ -302,15 +309,52 @@ def check_memory(args, *, serve: bool, train: bool, progress=None) -> str | None
     except ModelLoadError as exc:
         raise CliError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a config that cannot be read here fails clearly at load
-        return f"memory plan skipped: cannot read the model's config ({exc})"
+        return f"memory plan skipped: cannot read the model's config ({exc})", requested or _default_batch(args)
+    available = memory.budget(args.memory_budget_gib)
+    batch = 0
     try:
-        report = memory.check(plans, available=memory.budget(args.memory_budget_gib), hints=memory.HINTS)
+        if serve:  # one row first: the model itself must fit
+            memory.check(plans, available=available, hints=memory.HINTS)
+            batch = memory.serving_batch(plans, requested, available=available)
+            plans = [memory.with_batch(p, batch) for p in plans]
+        report = memory.check(plans, available=available, hints=memory.HINTS)
     except memory.MemoryPlanError as exc:
         raise CliError(f"memory plan: {exc}", code=2) from None
     for plan in plans:
         logging.getLogger("chatbot").info("memory plan: %s on %s needs %s", plan.name, plan.device, plan.describe())
     logging.getLogger("chatbot").info("memory plan fits: %s", report)
-    return None
+    return None, batch
+
+
+def _default_batch(args) -> int:
+    """The batch's rows when no memory plan says: the cap for the device."""
+    from chatbot import memory
+    from chatbot.models import resolve_device
+
+    return memory.AUTO_BATCH[resolve_device(args.device).type == "cuda"]
+
+
+def serve_settings(args):
+    """The server's settings and the chat's options from the flags; a
+    `CliError` (exit 2) that names the flag when one is out of range."""
+    from chatbot.models import GenerationSettings
+    from chatbot.server import ServeSettings
+    from chatbot.ui import ChatOptions
+
+    try:
+        defaults = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, system_prompt=args.system_prompt)
+        options = ChatOptions(defaults=defaults, max_message_chars=args.max_message_chars,
+                              max_new_tokens_limit=max(args.max_new_tokens, 1024), max_messages=args.max_messages,
+                              max_total_chars=args.max_total_chars,
+                              max_thumbs_per_minute=args.max_thumbs_per_minute).validate()
+        settings = ServeSettings(host=args.host, port=args.port, admin_token=args.admin_token,
+                                 follow_every=args.follow_every,
+                                 max_batch=1 if args.max_batch is None else args.max_batch,
+                                 max_waiting=args.max_waiting).validate()
+    except ValueError as exc:
+        raise CliError(str(exc), code=2) from None
+    return settings, options
 
 
 def cmd_serve(args) -> int:
@@ -319,7 +363,14 @@ def cmd_serve(args) -> int:
     from chatbot.models import ModelLoadError, load_model
     from online_rl.scheduler import RetrainScheduler, ScheduleConfig
 
+    from chatbot.browser_secret import browser_secret
+
     store = open_store(args.data_dir)
+    settings, options = serve_settings(args)
+    try:
+        page_secret = browser_secret(args.data_dir)
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc), code=2) from None
     try:
         args.admin_token = check_token(args.admin_token)
         logins_and_keys = credentials.load(args.auth, args.auth_file, args.api_keys_file)
@@ -351,7 +402,7 @@ def cmd_serve(args) -> int:
     except (OSError, RuntimeError) as exc:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     try:
-        skipped = check_memory(args, serve=True, train=schedule.enabled, progress=progress)
+        skipped, settings.max_batch = check_memory(args, serve=True, train=schedule.enabled, progress=progress)
         loaded = load_model(args.model, args.data_dir, device=args.device, build_progress=progress,
                             quantize=args.quantize)
         if skipped:
@@ -361,8 +412,10 @@ def cmd_serve(args) -> int:
         raise CliError(str(exc), code=getattr(exc, "code", 1)) from None
     log.info("model %r loaded from %s on %s (%s)", loaded.name, loaded.path, loaded.device, loaded.dtype)
     # The loading answerer gives the port up only when the app is built.
-    return serve(args, store, loaded, scheduler, before_listen=lambda: loading.__exit__(None, None, None),
-                 credentials=logins_and_keys)
+    settings.admin_token = args.admin_token
+    serve(settings, options, store, loaded, scheduler, page_secret=page_secret, credentials=logins_and_keys,
+          before_listen=lambda: loading.__exit__(None, None, None))
+    return 0
 
 
 def cmd_retrain(args) -> int:
@@ -385,7 +438,7 @@ def cmd_retrain(args) -> int:
         config.validate()
     except ValueError as exc:
         raise CliError(str(exc), code=2) from None
-    skipped = check_memory(args, serve=False, train=True)
+    skipped, _ = check_memory(args, serve=False, train=True)
     if skipped:
         print(f"warning: {skipped}", file=sys.stderr)
     try:

@@ -92,6 +92,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._pausers = 0  # callers waiting for the boundary between two steps
         self.steps = 0  # decode steps run (metrics and tests)
+        self.rows_stepped = 0  # rows summed over decode steps: steps x mean batch size
+        self.generated = 0  # tokens written
 
     # -- the line -----------------------------------------------------------
 
@@ -220,10 +222,12 @@ class Engine:
         self._mask = mask
         self._positions = self._positions + 1
         self.steps += 1
+        self.rows_stepped += len(rows)
         self._advance(rows, self._sample(logits, rows))
 
     def _advance(self, rows: list[Request], tokens) -> None:
         now = time.perf_counter()
+        self.generated += len(rows)
         for request, token in zip(rows, tokens.tolist()):
             request.tokens.append(token)
             if request.first_token_at is None:

@@ -4,10 +4,11 @@ anything is loaded, and whether the chosen devices have it.
 Estimated from the model's config alone (the model is built on the meta
 device to count its parameters and LoRA targets; no weights are read):
 
-- **serving**: base weights (in the serving dtype, or 8/4 bits), two LoRA
-  adapters (the active one and the one being swapped in), the KV cache of one
-  generation at the longest context served, and a fixed overhead (CUDA
-  context, allocator slack);
+- **serving**: base weights (in the serving dtype, or 8/4 bits), three LoRA
+  adapters (the active one, the one before it while its last replies finish,
+  and one being swapped in), the KV cache of a full batch (`--max-batch` rows)
+  at the longest context served, and a fixed overhead (CUDA context,
+  allocator slack). `largest_batch` says how many rows would fit;
 - **one retrain** (its own process): the policy's copy of the base, the
   reward model's copy (when it is the same base, a second copy: it is a
   different head), for each the LoRA weights with their gradients and AdamW
@@ -56,13 +57,17 @@ class Plan:
     name: str
     device: str
     parts: dict[str, float] = field(default_factory=dict)  # bytes
+    batch: int = 0  # serving: the batch's rows, whose KV cache is parts["KV cache"]
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items() if v >= 0.005 * GIB)
+        def label(k: str) -> str:
+            return f"{k} of {self.batch} rows" if k == "KV cache" and self.batch else k
+
+        parts = ", ".join(f"{label(k)} {v / GIB:.2f}" for k, v in self.parts.items() if v >= 0.005 * GIB)
         return f"{self.total / GIB:.2f} GiB ({parts})"
 
 
@@ -97,15 +102,63 @@ def _weights(shape: Shape, dtype_bytes: int, quantize: str) -> float:
     return shape.params * dtype_bytes
 
 
+def kv_bytes_per_row(shape: Shape, dtype_bytes: int, context_tokens: int = 4096) -> float:
+    """The KV cache of one batch row at the longest context served."""
+    return 2 * shape.layers * shape.kv_width * dtype_bytes * min(context_tokens, shape.max_context)
+
+
 def serving_plan(shape: Shape, device: str, dtype_bytes: int, *, quantize: str = "none",
-                 context_tokens: int = 4096) -> Plan:
-    tokens = min(context_tokens, shape.max_context)
+                 context_tokens: int = 4096, batch: int = 1) -> Plan:
     return Plan("serving", device, {
         "weights": _weights(shape, dtype_bytes, quantize),
-        "adapters": 2 * shape.lora_params * 4,
-        "KV cache": 2 * shape.layers * shape.kv_width * dtype_bytes * tokens,
+        "adapters": 3 * shape.lora_params * 4,
+        "KV cache": batch * kv_bytes_per_row(shape, dtype_bytes, context_tokens),
         "overhead": OVERHEAD["cuda" if device.startswith("cuda") else "cpu"],
-    })
+    }, batch=batch)
+
+
+# The batch's rows when --max-batch is not given: as many as fit, at most
+# this many (on the CPU more rows add latency sooner than throughput).
+AUTO_BATCH = {True: 32, False: 8}  # keyed by "on a GPU"
+
+
+def with_batch(plan: Plan, rows: int) -> Plan:
+    """The serving plan with `rows` batch rows (other plans unchanged)."""
+    if plan.name != "serving":
+        return plan
+    return Plan(plan.name, plan.device, {**plan.parts, "KV cache": _per_row(plan) * rows}, batch=rows)
+
+
+def _per_row(serving: Plan) -> float:
+    return serving.parts["KV cache"] / serving.batch
+
+
+def serving_batch(plans: list[Plan], requested: int | None, *, headroom: float = 0.9, available=None) -> int:
+    """The serving batch's rows: `requested` when it fits beside the rest of
+    the plans (else `MemoryPlanError`, naming the rows that would fit); None:
+    as many as fit, at most `AUTO_BATCH` for the device."""
+    serving = next(p for p in plans if p.name == "serving")
+    fits = largest_batch(plans, headroom=headroom, available=available)
+    if requested is None:
+        return max(1, min(fits, AUTO_BATCH[serving.device.startswith("cuda")]))
+    if requested > fits:
+        per_row = _per_row(serving)
+        raise MemoryPlanError(
+            f"--max-batch {requested} does not fit on {serving.device}: each row's KV cache at the longest "
+            f"context takes {per_row / GIB:.2f} GiB, and {fits} rows fit beside the weights and the rest of the "
+            f"plan; use --max-batch {fits}" if fits else
+            f"--max-batch {requested} does not fit on {serving.device}: not even one row's KV cache fits "
+            f"({per_row / GIB:.2f} GiB) beside the weights and the rest of the plan")
+    return requested
+
+
+def largest_batch(plans: list[Plan], *, headroom: float = 0.9, available=None) -> int:
+    """How many batch rows the serving plan among `plans` could have on its
+    device, beside whatever else the plans put there (0: not even one)."""
+    available = available or available_bytes
+    serving = next(p for p in plans if p.name == "serving")
+    others = sum(p.total for p in plans if p.device == serving.device) - serving.parts["KV cache"]
+    return max(0, int((headroom * available(serving.device) - others) // _per_row(serving)))
 
 
 def training_plan(shape: Shape, device: str, dtype_bytes: int, *, quantize: str = "none", rollouts: int = 32,
@@ -206,12 +259,13 @@ def device_key(device) -> str:
 
 def plan(model_path: str, *, serve_device=None, train_device=None, quantize: str = "none",
          reward_model_path: str | None = None, ppo=None, new_tokens: int = 96, context_tokens: int = 4096,
-         processes: int = 1, sharded: bool = False) -> list[Plan]:
+         processes: int = 1, sharded: bool = False, batch: int = 1) -> list[Plan]:
     """The plans for serving on `serve_device` and/or one retrain on
     `train_device` (None: not planned), from the models' configs. A retrain
     of several `processes` is planned for one of them (`train_device` is
     that process's device); `sharded`: under FSDP; `new_tokens`: the reply
-    cap, which rollouts sample to as the bot serves."""
+    cap, which rollouts sample to as the bot serves; `batch`: the serving
+    batch's rows."""
     from transformers import AutoConfig
 
     def shape_of(path):
@@ -225,7 +279,8 @@ def plan(model_path: str, *, serve_device=None, train_device=None, quantize: str
         key = device_key(device)
         dtype_bytes = 4 if key == "cpu" else 2
         if role == "serve":
-            plans.append(serving_plan(shape, key, dtype_bytes, quantize=quantize, context_tokens=context_tokens))
+            plans.append(serving_plan(shape, key, dtype_bytes, quantize=quantize, context_tokens=context_tokens,
+                                      batch=batch))
         else:
             reward = shape_of(reward_model_path) if reward_model_path and reward_model_path != model_path else None
             extra = {} if ppo is None else dict(rollouts=ppo.rollouts, minibatch=ppo.minibatch,

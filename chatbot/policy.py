@@ -275,11 +275,12 @@ class ReplyStream:
             if tail := pieces.rest():
                 yield tail
             outcome = "stopped" if request.finish_reason == "stopped" else "ok"
+        except GeneratorExit:  # the consumer went away
+            outcome = "stopped"
+            raise
         finally:
-            request.stop.set()  # a consumer that went away: the row leaves at the next step
+            request.stop.set()  # the row leaves the batch at the next step
             self.result = policy._result(request, self.prompt, pieces.text)
-            if outcome == "error" and request.error is None:  # closed early
-                outcome, self.result.finish_reason = "stopped", "stopped"
             policy._notify(outcome, self.result if outcome != "error" else None)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
     document_errors(app)
     app.add_middleware(BodyLimit, limits=options.limits)
     app.include_router(api_router(policy, store, options, credentials=credentials, thumbs=thumbs))
-    metrics = Metrics(store, lambda: policy.version, lambda: thumbs.refused)
+    metrics = Metrics(store, lambda: policy.version, lambda: thumbs.refused, engine=policy.engine)
     policy.listeners.append(metrics.observe)
 
     @app.get("/healthz", include_in_schema=False)
@@ -100,8 +99,8 @@ def create_app(policy: Policy, store: Store, options: ChatOptions, *,
     add_api_not_found(app)  # after every router under /v1
     page_secret = page_secret or browser_secret(store.path.parent)
     pages[""] = ChatUI(policy, store, options, browser_secret=page_secret, thumbs=thumbs).build()
-    # Requests queue in Gradio (people see their place in line); the policy
-    # serialises the model itself, shared with the HTTP routes.
+    # Requests queue in Gradio (people see their place in line); the model
+    # events run as many at once as the serving batch has rows.
     pages[""].queue(default_concurrency_limit=4, max_size=64)
     app.add_middleware(UnknownEndpoints, pages=pages)
     return gr.mount_gradio_app(app, pages[""], path="", auth=credentials.check_login if credentials.logins else None,
@@ -120,11 +119,12 @@ class Serving:
 
 def build_serving(store: Store, loaded, scheduler, options: ChatOptions, *,
                   credentials: Credentials | None = None, admin_token: str | None = None,
-                  follow_every: float = 2.0, page_secret: str | None = None) -> Serving:
+                  follow_every: float = 2.0, page_secret: str | None = None, max_batch: int = 8,
+                  max_waiting: int = 32) -> Serving:
     """The app on the version that loads: the active one, or, when its adapter
     is broken, the last one before it that loads (`VersionFollower.come_up`).
     Nothing in the registry can make this fail."""
-    policy = Policy(loaded)
+    policy = Policy(loaded, max_batch=max_batch, max_waiting=max_waiting)
     follower = VersionFollower(policy, store, interval_s=follow_every)
     follower.come_up()
     ops = Operations(store, follower, scheduler)
@@ -163,52 +163,54 @@ class BackgroundServer:
         self.thread.join(timeout=30)
 
 
-def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None,
-          credentials: Credentials | None = None) -> int:
+@dataclass
+class ServeSettings:
+    """Where and how the server runs, built by ``app.py`` from its flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    admin_token: str | None = None
+    follow_every: float = 2.0  # seconds between looks at the registry
+    max_batch: int = 8  # rows of the serving batch
+    max_waiting: int = 32  # requests waiting for a row before 503
+
+    def validate(self) -> "ServeSettings":
+        if not 1 <= self.max_batch <= 4096:
+            raise ValueError("--max-batch must be between 1 and 4096")
+        if self.max_waiting < 0:
+            raise ValueError("--max-waiting must be at least 0")
+        if self.follow_every <= 0:
+            raise ValueError("--follow-every must be above 0")
+        return self
+
+
+def serve(settings: ServeSettings, options: ChatOptions, store: Store, loaded, scheduler, *,
+          page_secret: str, credentials: Credentials | None = None, before_listen=lambda: None) -> None:
     """Run until interrupted: follow the registry, run the schedule, serve.
     `before_listen` frees the port (the answerer used while loading);
     `credentials` are the logins and keys, read before the model loaded."""
     import uvicorn
 
-    from chatbot.policy import GenerationSettings
-
-    try:
-        defaults = GenerationSettings(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, system_prompt=args.system_prompt,
-        ).validate()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    options = ChatOptions(defaults=defaults, max_message_chars=args.max_message_chars,
-                          max_new_tokens_limit=max(args.max_new_tokens, 1024), max_messages=args.max_messages,
-                          max_total_chars=args.max_total_chars, max_thumbs_per_minute=args.max_thumbs_per_minute)
-    try:
-        options.validate()
-        if len(defaults.system_prompt) > options.max_message_chars:
-            raise ValueError(f"--system-prompt is {len(defaults.system_prompt):,} characters, over "
-                             f"--max-message-chars {options.max_message_chars:,}")
-        secret = browser_secret(args.data_dir)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     log = logging.getLogger("chatbot")
     credentials = credentials or Credentials()
-    serving = build_serving(store, loaded, scheduler, options, credentials=credentials, admin_token=args.admin_token,
-                            follow_every=args.follow_every, page_secret=secret)
+    serving = build_serving(store, loaded, scheduler, options, credentials=credentials,
+                            admin_token=settings.admin_token, follow_every=settings.follow_every,
+                            page_secret=page_secret, max_batch=settings.max_batch,
+                            max_waiting=settings.max_waiting)
     app, follower = serving.app, serving.follower
-    log.info("serving version %s", serving.policy.version)
-    host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-    log.info("chat: http://%s:%s/", host, args.port)
-    log.info("API: http://%s:%s/v1 (OpenAI-compatible; docs at /v1/docs); /healthz and /metrics", host, args.port)
+    log.info("serving version %s; batch of up to %d rows, %d more waiting", serving.policy.version,
+             settings.max_batch, settings.max_waiting)
+    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+    log.info("chat: http://%s:%s/", host, settings.port)
+    log.info("API: http://%s:%s/v1 (OpenAI-compatible; docs at /v1/docs); /healthz and /metrics", host, settings.port)
     if credentials.required:  # how many, never what
         log.info("logins: %d for the chat page and /v1, API keys: %d for /v1", len(credentials.logins),
                  len(credentials.keys))
     else:
         log.info("no logins or API keys: the page and /v1 are open; an API client's rater is the user it "
                  "claims, else its address")
-    if args.admin_token:
-        log.info("operator console: http://%s:%s/admin (password: the admin token)", host, args.port)
+    if settings.admin_token:
+        log.info("operator console: http://%s:%s/admin (password: the admin token)", host, settings.port)
     else:
         log.info("operator API and console: off (no --admin-token)")
     state = scheduler.config
@@ -227,8 +229,7 @@ def serve(args, store: Store, loaded, scheduler, before_listen=lambda: None,
     gc.collect()
     before_listen()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=None)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", log_config=None)
     finally:
         scheduler.shutdown()
         follower.stop()
-    return 0

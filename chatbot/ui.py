@@ -42,9 +42,13 @@ class ChatOptions:
     max_thumbs_per_minute: int = DEFAULT_PER_MINUTE  # from one rater, page and API together; 0: no limit
 
     def validate(self) -> "ChatOptions":
+        self.defaults.validate()
         self.limits.validate()
         if not isinstance(self.max_thumbs_per_minute, int) or self.max_thumbs_per_minute < 0:
             raise ValueError("--max-thumbs-per-minute must be a whole number of at least 0 (0: no limit)")
+        if len(self.defaults.system_prompt) > self.max_message_chars:
+            raise ValueError(f"--system-prompt is {len(self.defaults.system_prompt):,} characters, over "
+                             f"--max-message-chars {self.max_message_chars:,}")
         return self
 
     @property
@@ -340,7 +344,9 @@ class ChatUI:
                 system = gr.Textbox(value=d.system_prompt, label="System prompt", lines=2)
 
             settings = [max_new, temperature, system]
-            model = dict(concurrency_id="model", concurrency_limit=2)
+            # As many replies run at once as the serving batch holds rows: the
+            # page's people share the batch with the API's clients.
+            model = dict(concurrency_id="model", concurrency_limit=self.policy.max_batch)
             demo.load(self.restore, [saved], [chat, state], queue=False, api_name=False)
             box.submit(self.respond, [box, state, *settings], [box, chat, state], **model, api_name="chat")
             send.click(self.respond, [box, state, *settings], [box, chat, state], **model, api_name=False)

@@ -65,7 +65,7 @@ def test_no_fuzzed_request_gets_a_5xx(tiny_loaded, tiny_model_dir, store, chat_o
 def test_the_fuzz_finds_a_route_that_fails(tiny_loaded, store, chat_options, data_dir, monkeypatch):
     """A thumbs-down that raises in the store, and a streamed reply whose
     generation fails half-way, are both found; the 500 is in OpenAI's shape."""
-    from chatbot.policy import ReplyStream
+    from chatbot.policy import Pieces
 
     record = store.record_feedback
 
@@ -75,7 +75,7 @@ def test_the_fuzz_finds_a_route_that_fails(tiny_loaded, store, chat_options, dat
         return record(response_id, value, **kwargs)
 
     monkeypatch.setattr(store, "record_feedback", broken_record)
-    monkeypatch.setattr(ReplyStream, "_finish", lambda *args: 1 / 0)
+    monkeypatch.setattr(Pieces, "rest", lambda self: 1 / 0)
     with _served(tiny_loaded, store, chat_options, data_dir) as server:
         report = fuzz_api(server.url, examples=12, headers=AUTH, response_id=_first_reply(server.url),
                           max_tokens=chat_options.max_new_tokens_limit)

@@ -47,9 +47,20 @@ def test_metrics_parse_as_prometheus_text_and_move_with_a_chat_and_a_thumb(serve
         after = _samples(client.get("/metrics").text)
     ok = ("chatbot_chat_requests_total", (("outcome", "ok"),))
     assert after[ok] == before[ok] + 1
-    assert after[("chatbot_chat_latency_seconds_count", ())] == before[("chatbot_chat_latency_seconds_count", ())] + 1
-    assert after[("chatbot_generated_tokens_total", ())] - before[("chatbot_generated_tokens_total", ())] == \
+    for histogram in ("vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds",
+                      "vllm:time_per_output_token_seconds"):
+        assert after[(histogram + "_count", ())] == before[(histogram + "_count", ())] + 1, histogram
+    assert after[("vllm:generation_tokens_total", ())] - before[("vllm:generation_tokens_total", ())] == \
         reply["usage"]["completion_tokens"]
+    assert after[("vllm:prompt_tokens_total", ())] - before[("vllm:prompt_tokens_total", ())] == \
+        reply["usage"]["prompt_tokens"]
+    # The batch: at rest nothing runs or waits; each token after the reply's first was a decode step.
+    assert after[("vllm:num_requests_running", ())] == after[("vllm:num_requests_waiting", ())] == 0
+    steps = reply["usage"]["completion_tokens"] - 1
+    assert after[("chatbot_decode_steps_total", ())] - before[("chatbot_decode_steps_total", ())] == steps
+    assert after[("chatbot_decode_rows_total", ())] - before[("chatbot_decode_rows_total", ())] == steps
+    assert after[("chatbot_max_batch", ())] == 8
+    assert after[("chatbot_generation_tokens_per_second", ())] > 0 or steps == 0
     up = ("chatbot_feedback_total", (("value", "up"),))
     assert before[up] == 0 and after[up] == 1
     assert after[("chatbot_version_info", (("active", "v0"), ("serving", "v0")))] == 1

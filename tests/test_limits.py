@@ -115,22 +115,26 @@ def test_limits_are_checked_when_the_server_starts():
         Limits(max_message_chars=9000, max_total_chars=8000).validate()
 
 
-def test_serve_takes_the_limits_as_flags_and_refuses_nonsense(tiny_loaded, store, capsys):
+def test_serve_takes_the_limits_as_flags_and_refuses_nonsense():
     import app
-    from chatbot.server import serve
 
     parse = app.build_parser().parse_args
     args = parse(["serve"])
     assert (args.max_message_chars, args.max_messages, args.max_total_chars) == (8000, 64, 32000)
-    args = parse(["serve", "--max-messages", "10", "--max-total-chars", "5000", "--max-message-chars", "6000"])
-    assert serve(args, store, tiny_loaded, scheduler=None) == 2
-    assert "--max-total-chars must be at least --max-message-chars" in capsys.readouterr().err
-    args = parse(["serve", "--max-message-chars", "100", "--system-prompt", "s" * 101])
-    assert serve(args, store, tiny_loaded, scheduler=None) == 2
-    assert "--system-prompt is 101 characters" in capsys.readouterr().err
-    args = parse(["serve", "--max-thumbs-per-minute", "-1"])
-    assert serve(args, store, tiny_loaded, scheduler=None) == 2
-    assert "--max-thumbs-per-minute must be a whole number of at least 0" in capsys.readouterr().err
+    settings, options = app.serve_settings(parse(["serve", "--max-batch", "3", "--max-waiting", "5"]))
+    assert (settings.max_batch, settings.max_waiting, options.max_messages) == (3, 5, 64)
+    for flags, message in [
+        (["--max-messages", "10", "--max-total-chars", "5000", "--max-message-chars", "6000"],
+         "--max-total-chars must be at least --max-message-chars"),
+        (["--max-message-chars", "100", "--system-prompt", "s" * 101], "--system-prompt is 101 characters"),
+        (["--max-thumbs-per-minute", "-1"], "--max-thumbs-per-minute must be a whole number of at least 0"),
+        (["--max-batch", "0"], "--max-batch must be between 1 and 4096"),
+        (["--max-waiting", "-1"], "--max-waiting must be at least 0"),
+        (["--temperature", "3"], "temperature must be between 0 and 2"),
+    ]:
+        with pytest.raises(app.CliError, match=message) as refused:
+            app.serve_settings(parse(["serve", *flags]))
+        assert refused.value.code == 2
 
 
 # -- the prompt: tokenized before it joins the batch, the newest turns kept ---------------

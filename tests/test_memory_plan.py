@@ -45,6 +45,37 @@ def test_quantizing_or_a_second_gpu_makes_it_fit(qwen7b):
     assert set(report) == {"cuda:0", "cuda:1"} and report["cuda:0"]["need_gib"] < 8
 
 
+def test_the_serving_plan_counts_the_batch_s_kv_cache_and_refuses_a_batch_that_cannot_fit(qwen7b):
+    one = memory.serving_plan(qwen7b, "cuda:0", 2)
+    per_row = 2 * 28 * 512 * 2 * 4096  # K and V, layers, kv width, bf16, context
+    assert one.parts["KV cache"] == per_row and one.batch == 1
+    assert memory.with_batch(one, 32).parts["KV cache"] == 32 * per_row
+    free = 24 * memory.GIB
+    fits = memory.largest_batch([one], available=lambda device: free)
+    assert fits == int((0.9 * free - (one.total - per_row)) // per_row)
+    assert memory.check([memory.with_batch(one, fits)], available=lambda device: free)
+    with pytest.raises(memory.MemoryPlanError):
+        memory.check([memory.with_batch(one, fits + 1)], available=lambda device: free)
+    with pytest.raises(memory.MemoryPlanError, match=f"--max-batch 200 does not fit on cuda:0: .* use --max-batch {fits}$"):
+        memory.serving_batch([one], 200, available=lambda device: free)
+    assert memory.serving_batch([one], fits, available=lambda device: free) == fits
+    assert memory.serving_batch([one], None, available=lambda device: free) == min(fits, 32)
+    # a retrain on the same GPU leaves fewer rows
+    beside = memory.largest_batch([one, memory.training_plan(qwen7b, "cuda:0", 2, quantize="4bit")],
+                                  available=lambda device: 80 * memory.GIB)
+    assert 0 < beside < memory.largest_batch([one], available=lambda device: 80 * memory.GIB)
+
+
+def test_serve_refuses_a_batch_that_cannot_fit_with_the_number_that_would(tiny_model_dir, data_dir):
+    done = subprocess.run([sys.executable, str(ROOT / "app.py"), "serve", "--port", "0", "--model",
+                           str(tiny_model_dir), "--device", "cpu", "--memory-budget-gib", "0.86", "--max-batch",
+                           "4096", "--retrain-every", "0", "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: memory plan: --max-batch 4096 does not fit on cpu:") and "use --max-batch" in last
+
+
 def test_serve_and_retrain_refuse_before_loading_when_the_budget_is_too_small(tiny_model_dir, data_dir):
     for command in (["serve", "--port", "0"], ["retrain"]):
         done = subprocess.run([sys.executable, str(ROOT / "app.py"), *command, "--model", str(tiny_model_dir),
