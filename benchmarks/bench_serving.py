@@ -1,17 +1,30 @@
-"""Serving overhead, time to first token and throughput on the starter model.
+"""Serving many people at once: our continuous batching, side by side with the
+one-at-a-time path and `transformers serve --continuous-batching`.
 
-Starts `python app.py serve` as a child process (as an operator would) and
-measures it over HTTP, beside `model.generate` called directly in this process
-on the same prompts and the same token counts:
+For each model (--models): the starter, and a Qwen2.5-0.5B-shaped model built
+from its config (random weights; a word-level tokenizer of Qwen's 151,936
+tokens, so that the output layer costs what Qwen's does and a reply streams
+word by word), four servers take turns on the same prompts:
 
-- overhead: the same 40 prompts, greedy, through `/v1/chat/completions` and
-  through `model.generate` with `max_new_tokens` set to the token count the
-  server produced (so both produce the same tokens), interleaved request by request;
-  total time ratio;
-- time to first streamed token (`stream: true`);
-- requests per second with 1, 4 and 8 concurrent clients.
+- **ours, batched** (`app.py serve --max-batch 32`) on v0, the base;
+- **ours, batched, on an adapter**: v1, a LoRA of rank 16 on every
+  projection, promoted before the server starts;
+- **ours, one at a time** (`--max-batch 1`) on v0;
+- **the peer**: `transformers serve --continuous-batching` on the base.
 
-    python benchmarks/bench_serving.py [--data-dir data] [--requests 24]
+Each serves 1, 8 and 32 concurrent clients, each client streaming greedy
+replies of up to --max-tokens tokens: requests/s, tokens/s (every reply
+re-tokenized with the model's tokenizer, the same count for every server),
+p50/p99 latency, p50 time to first token, failures.
+
+On the starter also:
+
+- **overhead** for one client: ours against `model.generate` in this
+  process, same prompts and token counts, interleaved request by request;
+- **promotions**: 8 clients chat while the operator API promotes v1 and v2
+  in turn --promotions times, against windows without: failures and p99.
+
+    python benchmarks/bench_serving.py --data-dir /work/cache [--models starter,qwen0.5b]
 """
 
 from __future__ import annotations
@@ -19,10 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import socket
-import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +48,16 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.report import table, write_section  # noqa: E402
+from benchmarks.report import percentile, table, write_section  # noqa: E402
+
+TOKEN = "bench-serving-admin-token"
+QWEN_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                tie_word_embeddings=True)
+
+
+def log(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -41,151 +66,385 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: str, db_dir: str, port: int) -> subprocess.Popen:
-    # The model comes from data_dir (built once); the database is a scratch one.
-    model_path = Path(data_dir) / "models" / "starter"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "serve", "--data-dir", db_dir, "--model", str(model_path),
-         "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
+# -- models ------------------------------------------------------------------------
+
+
+def qwen_shaped(cache: Path, starter_dir: Path) -> Path:
+    """A Qwen2.5-0.5B-shaped model with random weights, built once."""
+    out = cache / "models" / "bench-qwen2.5-0.5b-shape"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    starter = AutoTokenizer.from_pretrained(starter_dir)
+    specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|unk|>"]
+    words = [f"w{i}" for i in range(QWEN_05B["vocab_size"] - len(specials))]
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token="<|end|>",
+                                   unk_token="<|unk|>", additional_special_tokens=["<|user|>", "<|assistant|>"])
+    fast.chat_template = starter.chat_template
+    torch.manual_seed(0)
+    config = Qwen2Config(**QWEN_05B, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    model = Qwen2ForCausalLM(config)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    fast.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def random_lora(model_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA of rank 16 on every projection, with random weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    model.save_pretrained(out)
+    (out / "adapter.json").write_text(json.dumps({"version": out.name, "base_model": str(model_dir)}))
+    return out
+
+
+# -- servers -----------------------------------------------------------------------
+
+
+class Server:
+    """A server process: ours (`app.py serve`) or the peer (`transformers serve`)."""
+
+    def __init__(self, name: str, command: list[str], port: int, ready_path: str, model: str, log_path: Path):
+        self.name, self.command, self.port, self.ready_path, self.model = name, command, port, ready_path, model
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
             time.sleep(0.5)
-        if proc.poll() is not None:
-            raise RuntimeError("server exited: " + proc.stderr.read())
-    raise RuntimeError("server did not start")
+        raise RuntimeError(f"{self.name} did not start:\n{self.log_path.read_text()[-3000:]}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
-def chat(client, prompt, **extra):
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}], **extra})
-    r.raise_for_status()
-    return r.json()
+def ours(name: str, model_dir: Path, data_dir: Path, batch: int, log_path: Path) -> Server:
+    port = free_port()
+    return Server(name, [sys.executable, str(ROOT / "app.py"), "serve", "--data-dir", str(data_dir), "--model",
+                         str(model_dir), "--device", "cpu", "--port", str(port), "--retrain-every", "0",
+                         "--max-batch", str(batch), "--max-waiting", "64", "--admin-token", TOKEN,
+                         "--follow-every", "0.5"],
+                  port, "/healthz", str(model_dir), log_path)
 
 
-def first_token_ms(client, prompt, max_tokens) -> float:
-    start = time.perf_counter()
-    with client.stream("POST", "/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": max_tokens,
-    }) as r:
+def peer(model_dir: Path, log_path: Path) -> Server:
+    port = free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    return Server("transformers serve --continuous-batching",
+                  [str(exe), "serve", "--continuous-batching", "--device", "cpu", "--port", str(port),
+                   "--host", "127.0.0.1", str(model_dir)],
+                  port, "/health", str(model_dir), log_path)
+
+
+# -- load ----------------------------------------------------------------------------
+
+
+def stream_reply(client: httpx.Client, server: Server, prompt: str, max_tokens: int) -> tuple[str, float, float]:
+    """(text, seconds to the first content, seconds in all) of one streamed greedy reply."""
+    body = {"model": server.model, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0}
+    start, first, text = time.perf_counter(), None, []
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: {"):
-                delta = json.loads(line[6:])["choices"][0]["delta"]
-                if delta.get("content"):
-                    return (time.perf_counter() - start) * 1000
-    return float("nan")
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            content = (chunk["choices"][0].get("delta") or {}).get("content") if chunk.get("choices") else None
+            if content:
+                first = first or time.perf_counter()
+                text.append(content)
+    end = time.perf_counter()
+    return "".join(text), (first or end) - start, end - start
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default="data", help="where the starter model is (built if missing)")
-    parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of the overhead comparison")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+def load(server: Server, prompts: list[str], clients: int, requests: int, max_tokens: int, count_tokens) -> dict:
+    jobs = [prompts[i % len(prompts)] for i in range(requests)]
+    results, failures = [], []
 
-    import tempfile
+    def one(prompt):
+        with httpx.Client(base_url=server.url, timeout=600) as c:
+            try:
+                results.append(stream_reply(c, server, prompt, max_tokens))
+            except Exception as exc:  # noqa: BLE001 - counted
+                failures.append(repr(exc))
 
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, jobs))
+    wall = time.perf_counter() - start
+    latency = sorted(r[2] for r in results)
+    first = sorted(r[1] for r in results)
+    tokens = sum(count_tokens(r[0]) for r in results)
+    return {"clients": clients, "requests": len(jobs), "failed": len(failures), "wall_s": wall,
+            "rps": len(results) / wall, "tps": tokens / wall, "tokens": tokens,
+            "p50_ms": 1000 * percentile(latency, 0.5) if latency else float("nan"),
+            "p99_ms": 1000 * percentile(latency, 0.99) if latency else float("nan"),
+            "ttft_ms": 1000 * percentile(first, 0.5) if first else float("nan"), "errors": failures[:3]}
+
+
+# -- the runs --------------------------------------------------------------------------
+
+
+def bench_model(label: str, model_dir: Path, work: Path, args, prompts: list[str]) -> dict:
+    from transformers import AutoTokenizer
+
+    from storage import Store
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    data = work / f"data-{label}"
+    store = Store.in_data_dir(data)
+    for version, seed in (("v1", 1), ("v2", 2)):
+        path = random_lora(model_dir, data / "adapters" / version, seed)
+        store.register_adapter(version, path=str(path), base_model=str(model_dir))
+    store.close()
+    runs = {}
+    plan = [("ours, batched, v0", "v0", args.max_batch), ("ours, batched, v1 (adapter)", "v1", args.max_batch),
+            ("ours, one at a time, v0", "v0", 1), ("transformers serve --continuous-batching", None, None)]
+    for name, version, batch in plan:
+        if version is not None:
+            store = Store.in_data_dir(data)
+            store.promote(version, actor="benchmark", reason="bench_serving")
+            store.close()
+            server = ours(name, model_dir, data, batch, work / f"{label}-{version}-{batch}.log")
+        else:
+            server = peer(model_dir, work / f"{label}-peer.log")
+        log(f"{label}: starting {name}")
+        with server:
+            for p in prompts[:2]:  # warm up
+                with httpx.Client(base_url=server.url, timeout=600) as c:
+                    stream_reply(c, server, p, args.max_tokens)
+            levels = []
+            for clients in args.clients:
+                requests = max(args.requests, clients)
+                result = load(server, prompts, clients, requests, args.max_tokens, count_tokens)
+                log(f"{label}: {name}, {clients} clients: {result['rps']:.2f} req/s, {result['tps']:.1f} tok/s, "
+                    f"p50 {result['p50_ms']:.0f} ms, failed {result['failed']} {result['errors']}")
+                levels.append(result)
+            runs[name] = levels
+            if label == "starter" and version == "v0" and batch == args.max_batch:
+                runs["_overhead"] = overhead(server, model_dir, prompts, args)
+                runs["_promotions"] = promotions(server, prompts, args, count_tokens)
+    return runs
+
+
+def overhead(server: Server, model_dir: Path, prompts: list[str], args) -> dict:
+    """One client: ours against `model.generate` in this process, same tokens."""
     import torch
 
-    from chatbot import starter
     from chatbot.models import load_model
 
-    loaded = load_model("starter", args.data_dir)
-    prompts = sorted(starter.corpus_replies())[::25][:40]
-    port = free_port()
-    with tempfile.TemporaryDirectory() as db_dir:
-        proc = start_server(args.data_dir, db_dir, port)
-        try:
-            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-            for p in prompts[:3]:  # warm up
-                chat(client, p, max_tokens=args.max_tokens, temperature=0)
+    loaded = load_model(str(model_dir), model_dir.parent.parent, device="cpu")
+    tok, model = loaded.tokenizer, loaded.model
+    client = httpx.Client(base_url=server.url, timeout=120)
 
-            # 1. overhead: same prompts, same tokens. The machine's speed drifts
-            # (a shared VM), so the two sides are interleaved request by request,
-            # in alternating order, and summed over every round.
-            tok, model = loaded.tokenizer, loaded.model
-            counts = [chat(client, p, max_tokens=args.max_tokens, temperature=0)["usage"]["completion_tokens"]
-                      for p in prompts]
-            inputs = []
-            for p in prompts:
-                text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False)
-                inputs.append(text)
+    def api(prompt):
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                      "max_tokens": args.max_tokens, "temperature": 0})
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
 
-            def direct(i):
-                ids = tok(inputs[i], return_tensors="pt", add_special_tokens=False)
-                with torch.inference_mode():
-                    out = model.generate(**ids, max_new_tokens=counts[i], do_sample=False,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-                assert out.shape[1] - ids["input_ids"].shape[1] == counts[i]
+    chosen = prompts[:40]
+    counts = [api(p) for p in chosen]
+    inputs = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+              for p in chosen]
 
-            def api(i):
-                body = chat(client, prompts[i], max_tokens=args.max_tokens, temperature=0)
-                assert body["usage"]["completion_tokens"] == counts[i]
+    def direct(i):
+        ids = tok(inputs[i], return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            model.generate(**ids, max_new_tokens=counts[i], min_new_tokens=counts[i], do_sample=False,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
-            api_s = direct_s = 0.0
-            for r in range(args.rounds):
-                for i in range(len(prompts)):
-                    for side in ((api, direct) if (r + i) % 2 == 0 else (direct, api)):
-                        start = time.perf_counter()
-                        side(i)
-                        took = time.perf_counter() - start
-                        if side is api:
-                            api_s += took
-                        else:
-                            direct_s += took
-            api_s, direct_s = api_s / args.rounds, direct_s / args.rounds
-
-            # 2. time to first streamed token
-            ttft = [first_token_ms(client, p, args.max_tokens) for p in prompts[:20]]
-
-            # 3. throughput with concurrent clients
-            levels = []
-            for workers in (1, 4, 8):
-                jobs = [prompts[i % len(prompts)] for i in range(args.requests)]
-
-                def one(prompt):
-                    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as c:
-                        t = time.perf_counter()
-                        body = chat(c, prompt, max_tokens=args.max_tokens, temperature=1.0)
-                        return time.perf_counter() - t, body["usage"]["completion_tokens"]
-
+    api_s = direct_s = 0.0
+    for r in range(args.rounds):
+        for i, prompt in enumerate(chosen):
+            for side in ("api", "direct") if (r + i) % 2 == 0 else ("direct", "api"):
                 start = time.perf_counter()
-                with ThreadPoolExecutor(workers) as pool:
-                    results = list(pool.map(one, jobs))
-                wall = time.perf_counter() - start
-                lat = sorted(r[0] for r in results)
-                levels.append([workers, f"{len(jobs) / wall:.2f}", f"{sum(r[1] for r in results) / wall:.0f}",
-                               f"{statistics.median(lat) * 1000:.0f}", f"{lat[int(0.95 * (len(lat) - 1))] * 1000:.0f}"])
-                print(f"{workers} clients: {len(jobs) / wall:.2f} req/s", file=sys.stderr)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+                api(prompt) if side == "api" else direct(i)
+                took = time.perf_counter() - start
+                api_s, direct_s = (api_s + took, direct_s) if side == "api" else (api_s, direct_s + took)
+    client.close()
+    log(f"overhead: api {api_s:.2f} s, direct {direct_s:.2f} s")
+    return {"api_s": api_s / args.rounds, "direct_s": direct_s / args.rounds, "prompts": len(chosen),
+            "tokens": sum(counts)}
 
-    ratio = api_s / direct_s
-    body = table(["path", f"40 prompts, greedy, same tokens (mean of {args.rounds} interleaved rounds)", "per request"], [
-        ["`model.generate` in process", f"{direct_s:.2f} s", f"{direct_s / len(prompts) * 1000:.1f} ms"],
-        ["`POST /v1/chat/completions` (server process, HTTP, logging to SQLite)", f"{api_s:.2f} s",
-         f"{api_s / len(prompts) * 1000:.1f} ms"],
-    ])
-    body += (f"\n\nServing overhead ratio: **{ratio:.2f}** (goal: at most 1.10). "
-             f"{sum(counts)} completion tokens in all, {statistics.mean(counts):.1f} a reply.\n\n")
-    body += (f"Time to first streamed token (20 prompts): median {statistics.median(ttft):.0f} ms, "
-             f"max {max(ttft):.0f} ms.\n\n")
-    body += table(["concurrent clients", "requests/s", "tokens/s", "p50 latency ms", "p95 latency ms"], levels)
-    body += (f"\n\n{args.requests} requests per level, max_tokens {args.max_tokens}, temperature 1. "
-             "Requests take turns on the one model (see README, Serving); more clients only overlap the HTTP "
-             "and logging work with generation, so throughput rises a little and latency grows with the queue.")
+
+def promotions(server: Server, prompts: list[str], args, count_tokens) -> dict:
+    """8 clients chat; windows with promotions (v1, v2 in turn) alternate with windows without."""
+    out = {"with": [], "without": [], "failed": 0, "promotions": 0}
+    stop = threading.Event()
+    lock = threading.Lock()
+    state = {"window": "without"}
+
+    def client_loop(i: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=600) as c:
+            n = i
+            while not stop.is_set():
+                window = state["window"]
+                try:
+                    _, _, took = stream_reply(c, server, prompts[n % len(prompts)], args.max_tokens)
+                    with lock:
+                        out[window].append(took)
+                except Exception:  # noqa: BLE001 - counted
+                    with lock:
+                        out["failed"] += 1
+                n += 8
+
+    workers = [threading.Thread(target=client_loop, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    admin = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})
+    per_window = max(1, args.promotions // 4)
+    try:
+        for window in range(8):
+            state["window"] = "with" if window % 2 else "without"
+            for k in range(per_window):
+                time.sleep(args.promotion_every)
+                if state["window"] == "with" and out["promotions"] < args.promotions:
+                    version = "v1" if out["promotions"] % 2 == 0 else "v2"
+                    r = admin.post("/v1/admin/promote", json={"version": version})
+                    if r.status_code != 200:
+                        raise RuntimeError(f"promotion failed: {r.status_code} {r.text}")
+                    out["promotions"] += 1
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=600)
+        admin.post("/v1/admin/promote", json={"version": "v0"})
+        admin.close()
+    for key in ("with", "without"):
+        lat = sorted(out[key])
+        out[key] = {"requests": len(lat), "p50_ms": 1000 * percentile(lat, 0.5), "p99_ms": 1000 * percentile(lat, 0.99)}
+    log(f"promotions: {out}")
+    return out
+
+
+def report(results: dict, args) -> str:
+    parts = []
+    for label, runs in results.items():
+        rows = []
+        for name, levels in runs.items():
+            if name.startswith("_"):
+                continue
+            for r in levels:
+                rows.append([name, r["clients"], r["requests"], r["failed"], f"{r['rps']:.2f}", f"{r['tps']:.1f}",
+                             f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['ttft_ms']:.0f}"])
+        parts.append(f"### {label}\n\n" + table(["server", "clients", "requests", "failed", "requests/s", "tokens/s",
+                                                    "p50 ms", "p99 ms", "p50 first token ms"], rows))
+        by = {name: {r["clients"]: r for r in levels} for name, levels in runs.items() if not name.startswith("_")}
+        ours_b, single = by["ours, batched, v0"], by["ours, one at a time, v0"]
+        peer_runs, adapter = by["transformers serve --continuous-batching"], by["ours, batched, v1 (adapter)"]
+        lines = []
+        if 8 in ours_b:
+            lines.append(f"At 8 clients ours does {ours_b[8]['tps']:.1f} tokens/s on v0 and {adapter[8]['tps']:.1f} "
+                         f"on the adapter, against the peer's {peer_runs[8]['tps']:.1f} "
+                         f"(**{ours_b[8]['tps'] / peer_runs[8]['tps']:.2f}x** on v0, "
+                         f"{adapter[8]['tps'] / peer_runs[8]['tps']:.2f}x on the adapter; goal at least 1x) and "
+                         f"**{ours_b[8]['tps'] / single[8]['tps']:.2f}x** the one-at-a-time path's "
+                         f"{single[8]['tps']:.1f}.")
+        if 1 in ours_b and 8 in ours_b:
+            lines.append(f"p50 latency at 8 clients against one client: **{ours_b[8]['p50_ms'] / ours_b[1]['p50_ms']:.2f}x** "
+                         f"(goal at most 2x; one at a time: {single[8]['p50_ms'] / single[1]['p50_ms']:.2f}x).")
+        if 32 in ours_b:
+            lines.append(f"32 clients: {ours_b[32]['failed']} failed on v0, {adapter[32]['failed']} on the adapter "
+                         f"(goal 0).")
+        parts.append(" ".join(lines))
+        if "_overhead" in runs:
+            o = runs["_overhead"]
+            parts.append(f"Overhead for one client ({o['prompts']} prompts, greedy, {o['tokens']} tokens, mean of "
+                         f"{args.rounds} interleaved rounds): `model.generate` in process {o['direct_s']:.2f} s, "
+                         f"`POST /v1/chat/completions` (server process, HTTP, the engine, logging to SQLite) "
+                         f"{o['api_s']:.2f} s: **{o['api_s'] / o['direct_s']:.2f}x** (goal at most 1.10).")
+        if "_promotions" in runs:
+            p = runs["_promotions"]
+            parts.append(f"{p['promotions']} promotions (v1 and v2 in turn, through the operator API) while 8 clients "
+                         f"chat: {p['failed']} failed requests; p99 {p['with']['p99_ms']:.0f} ms in the windows with "
+                         f"promotions ({p['with']['requests']} requests) against {p['without']['p99_ms']:.0f} ms "
+                         f"without ({p['without']['requests']}): **{p['with']['p99_ms'] / p['without']['p99_ms']:.2f}x** "
+                         f"(goal at most 1.2x).")
+    parts.append(f"Every client streams greedy replies of up to {args.max_tokens} tokens; tokens are counted by "
+                 f"re-tokenizing each reply with the model's tokenizer (the same count for every server). Servers run "
+                 f"one at a time on this machine, ours with `--max-batch {args.max_batch}` (batched) or 1. The "
+                 f"Qwen2.5-0.5B shape: hidden 896, 24 layers, 14 heads (2 for keys and values), vocabulary 151,936, "
+                 f"random weights, a word-level tokenizer. The adapter: LoRA rank 16 on every projection. No GPU was "
+                 f"available for `benchmarks/bench_gpu.py`.")
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default="data", help="where the starter model is (built there if missing)")
+    parser.add_argument("--models", default="starter,qwen0.5b")
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--requests", type=int, default=32, help="requests per level (at least the clients)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the overhead comparison")
+    parser.add_argument("--promotions", type=int, default=20)
+    parser.add_argument("--promotion-every", type=float, default=1.0, help="seconds between promotions")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+
+    from chatbot import starter
+    from chatbot.models import resolve_model_path
+
+    starter_dir = Path(resolve_model_path("starter", args.data_dir))
+    prompts = sorted(starter.corpus_replies())[::25][:64]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        work = Path(tmp)
+        for label in args.models.split(","):
+            model_dir = starter_dir if label == "starter" else qwen_shaped(Path(args.data_dir), starter_dir)
+            results[label] = bench_model(label, model_dir, work, args, prompts)
+    body = report(results, args)
     print(body)
+    (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "benchmarks" / "results" / "serving.json").write_text(json.dumps(results, indent=1, default=str))
     if not args.no_write:
-        write_section("serving", "Serving: overhead, time to first token, throughput (starter model)",
-                      "python benchmarks/bench_serving.py " + " ".join(sys.argv[1:]), body)
+        write_section("serving", "Serving many people at once: continuous batching beside the one-at-a-time path "
+                      "and transformers serve", "python benchmarks/bench_serving.py " + " ".join(sys.argv[1:]), body)
 
 
 if __name__ == "__main__":

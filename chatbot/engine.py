@@ -196,7 +196,11 @@ class Engine:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             self._cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         if hasattr(model, "peft_config"):
-            kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in rows]
+            names = [r.adapter or BASE_ADAPTER for r in rows]
+            # One adapter for every row, and it is the active one: peft's plain
+            # path, cheaper than its mixed-batch path.
+            if set(names) != {getattr(model, "active_adapter", None)}:
+                kwargs["adapter_names"] = names
         kwargs[self._cache_kwarg] = cache
         return model(**kwargs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
 

@@ -267,6 +267,8 @@ class ReplyStream:
         outcome, pieces = "error", Pieces(policy.tokenizer)
         try:
             while (token := request.events.get()) is not None:
+                if not pieces.tokens:  # admitted: the version that writes this reply is known
+                    self.result.version = request.version
                 piece = pieces.add(token)
                 if piece:
                     yield piece

@@ -77,27 +77,59 @@ def _chat(client, prompt, stream):
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
+            assert model in (None, chunk["model"]), "every chunk names the version that writes the reply"
             model = chunk["model"]
             text += chunk["choices"][0]["delta"].get("content") or ""
     return model, text.strip()
 
 
+def _page_chat(client, prompt):
+    """One greedy reply through the chat page (Gradio's client), in a new chat."""
+    import html
+
+    client.predict(api_name="/new_chat")
+    _box, chat = client.predict(prompt, 12, 0.0, "", api_name="/chat")
+    shown = chat["value"][-1]["content"][0]["text"]
+    text, _, label = shown.rpartition("\n\n<sub>model ")
+    return label.removesuffix("</sub>"), html.unescape(text).replace("\u200b", "").strip()
+
+
+def _hang_up(client, prompt):
+    """A streamed reply the client leaves after its first piece."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 64, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                return
+
+
 def test_swaps_under_concurrent_chat_fail_no_request_and_label_every_reply_right(live, expected, store):
+    """API clients (streaming and not), a client that hangs up mid-stream and
+    a person on the page share the batch while versions are promoted."""
+    from gradio_client import Client
+
     server, policy, follower, _ = live
     results, errors, done = [], [], threading.Event()
 
     def client_loop(worker: int):
         with httpx.Client(base_url=server.url, timeout=60) as client:
+            page = Client(server.url + "/", verbose=False) if worker == 4 else None
             i = 0
             while not done.is_set():
                 prompt = PROMPTS[(worker + i) % len(PROMPTS)]
                 try:
-                    results.append((prompt, *_chat(client, prompt, stream=(worker + i) % 2 == 0)))
+                    if page is not None:
+                        results.append((prompt, *_page_chat(page, prompt)))
+                    elif worker == 5:
+                        _hang_up(client, prompt)
+                    else:
+                        results.append((prompt, *_chat(client, prompt, stream=(worker + i) % 2 == 0)))
                 except Exception as exc:  # noqa: BLE001 - counted as a failed request
                     errors.append(repr(exc))
                 i += 1
 
-    workers = [threading.Thread(target=client_loop, args=(w,)) for w in range(4)]
+    workers = [threading.Thread(target=client_loop, args=(w,)) for w in range(6)]
     for w in workers:
         w.start()
     headers = {"Authorization": f"Bearer {TOKEN}"}

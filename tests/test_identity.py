@@ -228,10 +228,9 @@ def test_serve_passes_the_logins_and_keys_it_read_to_the_server(tiny_loaded, tmp
 
     seen = {}
 
-    def serve(*args, before_listen, credentials):
+    def serve(settings, options, store, loaded, scheduler, *, page_secret, credentials, before_listen):
         before_listen()  # frees the port
         seen["credentials"] = credentials
-        return 0
 
     monkeypatch.setattr(chatbot.models, "load_model", lambda *args, **kwargs: tiny_loaded)
     monkeypatch.setattr(chatbot.server, "serve", serve)
