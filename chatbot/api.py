@@ -16,13 +16,14 @@ allows are answered 429 and not stored.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import json
-import queue
 import threading
 import time
 from typing import Any, Literal
 
-import anyio
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
@@ -186,25 +187,14 @@ def api_router(policy: Policy, store: Store, options, *, credentials: Credential
             stream = policy.stream(prompt, settings)  # tokenized here, before it waits for the model
         except PromptError as exc:
             raise ApiError(400, str(exc), param="messages") from None
-        # Generation runs on one thread of its own, which also logs the reply;
-        # the response reads its pieces from a queue. A client that goes away
-        # sets the stop event, and the reply is logged as stopped.
-        pieces: queue.Queue = queue.Queue()
-
-        def produce():
-            try:
-                for piece in stream:
-                    pieces.put(("piece", piece))
-                log(prompt, stream.result, settings, response_id, identity)
-                pieces.put(("done", stream.result.finish_reason))
-            except Exception as exc:  # noqa: BLE001 - reported in the stream
-                pieces.put(("error", exc))
-
-        threading.Thread(target=produce, daemon=True, name=f"generate-{response_id}").start()
-
+        # Generation is read on a thread of its own, which also logs the
+        # reply; it hands the pieces to the response on the event loop
+        # (`call_soon_threadsafe`: no thread hop per piece). Pieces that
+        # arrive together go out as one chunk. A client that goes away sets
+        # the stop event, and the reply is logged as stopped.
         def chunk(delta: dict, finish=None) -> str:
-            # The version that writes this reply, read when its generation
-            # took the model: a hot-swap meanwhile does not change it.
+            # The version that writes this reply, bound when it joined the
+            # batch: a hot-swap meanwhile does not change it.
             body = {
                 "id": response_id, "object": "chat.completion.chunk", "created": created,
                 "model": stream.result.version,
@@ -212,18 +202,38 @@ def api_router(policy: Policy, store: Store, options, *, credentials: Credential
             }
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        def next_event():
-            while True:
-                try:
-                    return pieces.get(timeout=0.25)
-                except queue.Empty:
-                    continue
-
         async def events():
+            loop = asyncio.get_running_loop()
+            items: collections.deque = collections.deque()  # touched on the event loop only
+            ready = asyncio.Event()
+
+            def push(item) -> None:
+                items.append(item)
+                ready.set()
+
+            def put(item) -> None:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: the server is stopping
+                    loop.call_soon_threadsafe(push, item)
+
+            def produce():
+                try:
+                    for piece in stream:
+                        put(("piece", piece))
+                    log(prompt, stream.result, settings, response_id, identity)
+                    put(("done", stream.result.finish_reason))
+                except Exception as exc:  # noqa: BLE001 - reported in the stream
+                    put(("error", exc))
+
+            threading.Thread(target=produce, daemon=True, name=f"generate-{response_id}").start()
             try:
                 started = False
                 while True:
-                    kind, value = await anyio.to_thread.run_sync(next_event, abandon_on_cancel=True)
+                    if not items:
+                        ready.clear()
+                        await ready.wait()
+                    kind, value = items.popleft()
+                    while kind == "piece" and items and items[0][0] == "piece":
+                        value += items.popleft()[1]
                     if not started and kind != "error":
                         started = True
                         yield chunk({"role": "assistant", "content": ""})

@@ -24,6 +24,7 @@ serves the plain base.
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -266,11 +267,15 @@ class ReplyStream:
         request = policy._submit(self.prompt, self.settings, self.stop)
         outcome, pieces = "error", Pieces(policy.tokenizer)
         try:
-            while (token := request.events.get()) is not None:
-                if not pieces.tokens:  # admitted: the version that writes this reply is known
+            ended = False
+            while not ended:
+                tokens = _drain(request.events)  # under load, several tokens: one decode for all
+                if tokens[-1] is None:
+                    ended = True
+                    tokens.pop()
+                if tokens and not pieces.tokens:  # admitted: the version that writes this reply is known
                     self.result.version = request.version
-                piece = pieces.add(token)
-                if piece:
+                if tokens and (piece := pieces.add(tokens)):
                     yield piece
             if request.error is not None:
                 raise request.error
@@ -298,8 +303,8 @@ class Pieces:
     def text(self) -> str:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
 
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
+    def add(self, tokens: list[int]) -> str:
+        self.tokens.extend(tokens)
         text = self.text
         cut = max(text.rfind(" "), text.rfind("\n")) + 1
         if cut <= self.sent or text.endswith("\ufffd"):
@@ -311,6 +316,17 @@ class Pieces:
         text = self.text
         piece, self.sent = text[self.sent:], len(text)
         return piece
+
+
+def _drain(events: queue.SimpleQueue) -> list:
+    """The next event, waiting for it, and every one already queued after it."""
+    out = [events.get()]
+    while out[-1] is not None:
+        try:
+            out.append(events.get_nowait())
+        except queue.Empty:
+            break
+    return out
 
 
 def _unwrap(peft_model):
