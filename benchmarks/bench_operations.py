@@ -1,8 +1,9 @@
 """Always-learning operations: hot-swap time, chat latency during swaps, and
 chat latency while a retrain runs.
 
-1. **Hot-swap time** (`Policy.swap_to`: read the adapter's files, then add,
-   activate and delete under the model lock), alternating between two
+1. **Hot-swap time** (`Policy.swap_to`: read the adapter's files, then add
+   it between two decode steps; the adapter it replaces is deleted once no
+   reply uses it), alternating between two
    adapters, on the starter model and on a model with the shape of
    Qwen2.5-0.5B built from a config (random weights; LoRA r=16 on every
    projection, the PPO default).
@@ -253,8 +254,8 @@ def main() -> int:
 ### Hot-swap time
 
 `Policy.swap_to` alternating between two adapters, 20 swaps after a first load; read = the adapter's files
-(outside the model lock), switch = add beside the active adapter, activate, delete the old one (under the lock,
-between two generations), total = both.
+(before the engine is held), switch = add beside the others and make it the version new requests start on (between
+two decode steps; the one it replaces is deleted once no reply uses it), total = both.
 
 {table(["model", "parameters", "adapter MB", "swaps", "read ms (median)", "switch ms (median)",
         "total ms (median)", "total ms (max)"], swap_rows)}

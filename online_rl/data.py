@@ -30,7 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from online_rl.influence import rater_shares, rater_weights
-from storage import Store
+from storage import Store, shapes
 
 
 @dataclass
@@ -176,24 +176,10 @@ def snapshot(store: Store, config: DataConfig | None = None, watermark: int | No
 
 
 def _pairs(group: list[dict]) -> list[Pair]:
-    """Every liked reply against every disliked one among replies to one prompt.
-
-    A reply liked by one rater and disliked by another is left out, and two
-    identical texts are never a pair.
-    """
-    ups = {r["response_id"]: r for r in group if r["value"] > 0}
-    downs = {r["response_id"]: r for r in group if r["value"] < 0}
-    mixed = ups.keys() & downs.keys()
-    pairs = []
-    for up_id, up in ups.items():
-        if up_id in mixed:
-            continue
-        for down_id, down in downs.items():
-            if down_id in mixed or up["reply"] == down["reply"]:
-                continue
-            pairs.append(Pair(prompt=up["prompt"], chosen=up["reply"], rejected=down["reply"],
-                              conversation_id=up["conversation_id"], raters=(up["rater"], down["rater"])))
-    return pairs
+    """The pairs among replies to one prompt (`storage.shapes`' rule)."""
+    return [Pair(prompt=up["prompt"], chosen=up["reply"], rejected=down["reply"],
+                 conversation_id=up["conversation_id"], raters=(up["rater"], down["rater"]))
+            for up, down in shapes.preference_pairs(group)]
 
 
 def encode(tokenizer, prompt: list[dict], reply: str | None = None, *, max_length: int = 512):

@@ -27,6 +27,7 @@ from typing import Callable
 
 from online_rl.data import Example
 from online_rl.influence import weighted_draw
+from storage import shapes
 
 ProgressFn = Callable[[str], None]
 
@@ -64,11 +65,8 @@ def bounded_rows(examples: list[Example], seed: int = 0) -> list[Example]:
 
 
 def to_rows(examples: list[Example]) -> list[dict]:
-    """TRL's conversational unpaired format."""
-    return [
-        {"prompt": e.prompt, "completion": [{"role": "assistant", "content": e.reply}], "label": bool(e.label)}
-        for e in examples
-    ]
+    """TRL's conversational unpaired format (`storage.shapes`)."""
+    return [shapes.unpaired_row(e.prompt, e.reply, e.label) for e in examples]
 
 
 def train_kto(model, tokenizer, examples: list[Example], settings: KTOSettings, *,

@@ -83,7 +83,7 @@ def test_later_cycles_continue_from_the_active_adapter_and_reward_model(store, d
     _thumbs(store, 30)
     first = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
                       progress=lambda line: None)
-    store.set_adapter_status(first["version"], "active")
+    store.promote(first["version"])
     _thumbs(store, 10, session="later")
     second = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
                        progress=lambda line: None)

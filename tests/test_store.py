@@ -125,25 +125,37 @@ def test_runs_record_status_metrics_and_errors(store):
         store.finish_run(run, "running")
 
 
-def test_adapter_versions_are_never_reused_and_one_is_active(store):
+def test_adapter_versions_are_never_reused_and_one_is_active(store, tmp_path):
     assert store.active_version() == "v0"
     v1 = store.allocate_version()
-    store.register_adapter(v1, path="/a/v1", base_model="starter", status="active")
+    store.register_adapter(v1, path=str(tmp_path), base_model="starter")
+    store.promote(v1)
     v2 = store.allocate_version()
-    store.register_adapter(v2, path="/a/v2", base_model="starter")
+    store.register_adapter(v2, path=str(tmp_path), base_model="starter")
     assert (v1, v2) == ("v1", "v2")
-    store.set_adapter_status(v2, "active")
+    store.promote(v2)
     assert store.active_version() == "v2"
     assert store.get_adapter("v1")["status"] == "retired"
     store.set_adapter_status(v2, "rejected", reason="worse")
     assert store.active_version() == "v0"
     assert store.allocate_version() == "v3"
-    store.activate_base()
+    store.promote("v0")
     assert store.active_version() == "v0"
     with pytest.raises(StoreError):
-        store.set_adapter_status("v9", "active")
-    with pytest.raises(StoreError):
         store.register_adapter("v0", path="/x", base_model="starter")
+
+
+def test_promote_is_the_only_way_a_version_becomes_active_and_every_change_is_logged(store, tmp_path):
+    store.register_adapter("v1", path=str(tmp_path), base_model="starter")
+    with pytest.raises(StoreError, match="promote"):
+        store.set_adapter_status("v1", "active")
+    with pytest.raises(StoreError, match="promote"):
+        store.register_adapter("v2", path="/a/v2", base_model="starter", status="active")
+    assert store.active_version() == "v0" and store.activations() == []
+    store.promote("v1", actor="test", reason="why not")
+    store.rollback(actor="test")
+    assert [(a["version"], a["previous"], a["action"]) for a in store.activations()][::-1] == [
+        ("v1", "v0", "promote"), ("v0", "v1", "rollback")]
 
 
 def test_status_on_a_blank_store(store):
