@@ -26,11 +26,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from chatbot.credentials import Credentials
 from chatbot.errors import ApiError, ErrorResponse, error_body
 from chatbot.identity import Caller, Identity, api_caller
+from chatbot.limits import TooLarge
 from chatbot.policy import Busy, GenerationSettings, Policy, PromptError
 from chatbot.rate_limit import RateLimit, retry_after
 from storage import ResponseNotFound, Store, StoreError
@@ -81,20 +82,35 @@ class ChatRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
+    """A thumb on a reply, or a correction: the reply the rater would have
+    liked instead (it comes with a thumbs-down, so `value` may be left out)."""
+
     model_config = ConfigDict(extra="forbid")
     response_id: str = Field(min_length=1, max_length=200)
-    value: StrictInt
+    value: StrictInt | None = None
     comment: str | None = Field(default=None, max_length=8000)
+    correction: str | None = Field(default=None, description="a better reply, in place of this one")
     user: str | None = Field(default=None, max_length=200)
 
-    _valid_text = field_validator("response_id", "comment", "user")(classmethod(lambda cls, v: _encodable(v)))
+    _valid_text = field_validator("response_id", "comment", "correction", "user")(
+        classmethod(lambda cls, v: _encodable(v)))
 
     @field_validator("value")
     @classmethod
-    def _plus_or_minus_one(cls, value: int) -> int:
-        if value not in (1, -1):
+    def _plus_or_minus_one(cls, value: int | None) -> int | None:
+        if value is not None and value not in (1, -1):
             raise ValueError("value must be 1 (thumbs-up) or -1 (thumbs-down)")
         return value
+
+    @model_validator(mode="after")
+    def _a_thumb_or_a_correction(self) -> "FeedbackRequest":
+        if self.correction is not None and not self.correction.strip():
+            raise ValueError("correction: an empty correction")
+        if self.value is None and self.correction is None:
+            raise ValueError("value: give a thumb (1 or -1), a correction, or both")
+        if self.correction is not None and self.value == 1:
+            raise ValueError("value: a correction replaces the reply, so it comes with a thumbs-down (-1)")
+        return self
 
 
 def api_router(policy: Policy, store: Store, options, *, credentials: Credentials | None = None,
@@ -256,6 +272,7 @@ def api_router(policy: Policy, store: Store, options, *, credentials: Credential
 
     @router.post("/feedback", responses={
         404: {"model": ErrorResponse, "description": "No response with that id"},
+        413: {"model": ErrorResponse, "description": "A correction over --max-message-chars"},
         429: {"model": ErrorResponse, "description": "Thumbs from this rater faster than the server's limit"}})
     def feedback(req: FeedbackRequest, who: Caller = Depends(caller)):
         identity = who.identity(claimed=req.user)
@@ -263,14 +280,19 @@ def api_router(policy: Policy, store: Store, options, *, credentials: Credential
             raise ApiError(429, f"more than {thumbs.per_minute} thumbs a minute from one rater; this one was "
                                 f"not stored, try again in {retry_after(wait)} s", code="rate_limit_exceeded",
                            headers={"Retry-After": retry_after(wait)})
+        if req.correction is not None and len(req.correction) > options.max_message_chars:
+            raise TooLarge(f"correction: {len(req.correction):,} characters, the limit is "
+                           f"{options.max_message_chars:,}", "correction")
+        value = -1 if req.value is None else req.value
         try:
-            feedback_id = store.record_feedback(req.response_id, req.value, comment=req.comment,
-                                                **identity.columns())
+            feedback_id = store.record_feedback(req.response_id, value, comment=req.comment,
+                                                correction=req.correction, **identity.columns())
         except ResponseNotFound as exc:
             raise ApiError(404, str(exc), code="response_not_found") from None
         except StoreError as exc:
             raise ApiError(400, str(exc)) from None
-        return {"id": feedback_id, "response_id": req.response_id, "value": req.value}
+        return {"id": feedback_id, "response_id": req.response_id, "value": value,
+                "correction": req.correction is not None}
 
     @router.get("/models")
     def models():

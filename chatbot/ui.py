@@ -67,15 +67,24 @@ def new_state() -> dict:
 _LINK_SYNTAX = re.compile(r"\](?=[(\[:])")
 
 
-def render(text: str, version: str | None = None) -> str:
+def render(text: str, version: str | None = None, *, corrected: bool = False) -> str:
     """What the chat shows: the text escaped (HTML in it is shown, never run),
     markdown links and images shown as written, address included, never as a
     link whose address is hidden (a reply can be steered into one), and for a
-    bot reply a small label naming the version that wrote it."""
+    bot reply a small label naming the version that wrote it (or saying the
+    person corrected it)."""
     shown = _LINK_SYNTAX.sub("]\u200b", html.escape(text, quote=False))
     if version:
-        shown += f"\n\n<sub>model {html.escape(version)}</sub>"
+        label = f"your correction of model {version}" if corrected else f"model {version}"
+        shown += f"\n\n<sub>{html.escape(label)}</sub>"
     return shown
+
+
+def unrender(shown: str) -> str:
+    """The text a person typed into a message shown by `render` (an edit):
+    the label cut off, the escaping undone."""
+    text = re.sub(r"\n\n<sub>[^<]*</sub>\s*$", "", shown or "")
+    return html.unescape(text).replace("]\u200b", "]").strip()
 
 
 def display(state: dict, pending_reply: str | None = None) -> list[dict]:
@@ -85,19 +94,23 @@ def display(state: dict, pending_reply: str | None = None) -> list[dict]:
         out.append({"role": "user", "content": render(turn["user"])})
         if turn["replies"]:
             reply = turn["replies"][turn["shown"]]
-            out.append({"role": "assistant", "content": render(reply["text"], reply["version"])})
+            out.append({"role": "assistant", "content": render(reply.get("correction") or reply["text"],
+                                                               reply["version"],
+                                                               corrected="correction" in reply)})
     if pending_reply is not None:
         out.append({"role": "assistant", "content": render(pending_reply) or "…"})
     return out
 
 
 def messages_for(turns: list[dict]) -> list[dict]:
-    """The conversation as the model sees it: each turn's shown reply."""
+    """The conversation as the model sees it: each turn's shown reply (as the
+    person corrected it, if they did)."""
     messages = []
     for turn in turns:
         messages.append({"role": "user", "content": turn["user"]})
         if turn["replies"]:
-            messages.append({"role": "assistant", "content": turn["replies"][turn["shown"]]["text"]})
+            reply = turn["replies"][turn["shown"]]
+            messages.append({"role": "assistant", "content": reply.get("correction") or reply["text"]})
     return messages
 
 
@@ -274,6 +287,40 @@ class ChatUI:
         gr.Info("Thanks, your comment was saved.")
         return "", state
 
+    def correct(self, data: gr.EditData, state: dict, request: gr.Request):
+        """A bot reply the person edited: the text they wrote is stored as its
+        correction (a thumbs-down that carries the better reply), shown in its
+        place, and the conversation goes on from it."""
+        index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+        rater = self.identity(state, request)
+        unchanged = gr.update(value=display(state), feedback_value=self._feedback_value(state, rater))
+        if index % 2 == 0:  # a message of the person's own
+            gr.Info("Only the bot's replies can be corrected; send a new message instead.")
+            return unchanged, state
+        response_id = self._response_at(state, index)
+        value = data.value if isinstance(data.value, str) else (data.value or {}).get("text", "")
+        text = unrender(value)
+        turn = state["turns"][index // 2] if response_id else None
+        shown = turn["replies"][turn["shown"]] if turn else None
+        if shown is None or not text or text == (shown.get("correction") or shown["text"]):
+            return unchanged, state
+        if problem := self._too_long(text, "A correction"):
+            gr.Warning(problem)
+            return unchanged, state
+        if not self._take_thumb(rater):
+            return unchanged, state
+        try:
+            self.store.record_feedback(response_id, -1, correction=text, **rater.columns())
+        except StoreError as exc:
+            raise gr.Error(str(exc)) from None
+        replies = list(turn["replies"])
+        replies[turn["shown"]] = {**shown, "correction": text}
+        turns = list(state["turns"])
+        turns[index // 2] = {**turn, "replies": replies}
+        state = {**state, "turns": turns, "last_rated": response_id}
+        gr.Info("Thanks: the bot learns from your correction.")
+        return gr.update(value=display(state), feedback_value=self._feedback_value(state, rater)), state
+
     def new_chat(self, state: dict, request: gr.Request):
         fresh = {**new_state(), "session_id": self.session_id(state, request)}
         return [], fresh
@@ -325,7 +372,7 @@ class ChatUI:
             state = gr.State(new_state())
             chat = gr.Chatbot(
                 label="Chat", height=480, feedback_options=("Like", "Dislike"),
-                sanitize_html=True, elem_id="chat",
+                sanitize_html=True, elem_id="chat", editable="all",
             )
             with gr.Row():
                 box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
@@ -352,6 +399,7 @@ class ChatUI:
             send.click(self.respond, [box, state, *settings], [box, chat, state], **model, api_name=False)
             chat.retry(self.regenerate, [state, *settings], [box, chat, state], **model, api_name="regenerate")
             chat.like(self.like, [state], [state, chat], api_name="like")
+            chat.edit(self.correct, [state], [chat, state], api_name="correct")
             stop.click(self.stop, [state], None, queue=False, api_name="stop")
             clear.click(self.new_chat, [state], [chat, state], api_name="new_chat")
             note.submit(self.comment, [note, state], [note, state], api_name=False)

@@ -8,6 +8,9 @@ it will use), and gets:
 - **pairs**: two replies to the same prompt, one liked and one disliked (from
   regenerate, or two people sending the same opening line) for the reward
   model's Bradley-Terry term;
+- **corrections**: a reply a rater wrote in place of the bot's becomes a
+  liked example (so the policy's supervised anchor, `Snapshot.liked`, learns
+  to write it) and a pair over the reply it corrects;
 - **a prompt pool**: what people actually asked, rated or not, for PPO
   rollouts and for evaluation.
 
@@ -61,6 +64,7 @@ class Example:
     response_id: str
     feedback_id: int
     weight: float = 1.0  # the rater bound's weight among the examples of its side (they average 1)
+    corrected: bool = False  # a reply a rater wrote in place of the bot's (always liked)
 
 
 @dataclass
@@ -119,6 +123,7 @@ class Snapshot:
             "prompts": len(self.prompts),
             "heldout_prompts": len(self.heldout_prompts),
             "raters": len({e.rater for e in self.examples}),
+            "corrections": sum(e.corrected for e in self.examples),
         }
 
 
@@ -154,6 +159,13 @@ def snapshot(store: Store, config: DataConfig | None = None, watermark: int | No
     for (held, _), group in groups.items():
         pairs = _pairs(group)
         (snap.heldout_pairs if held else snap.train_pairs).extend(pairs)
+        for row, text in shapes.corrections(group):  # a liked reply, and a pair over the one it corrects
+            (snap.heldout if held else snap.train).append(Example(
+                prompt=row["prompt"], reply=text, label=True, conversation_id=row["conversation_id"],
+                rater=row["rater"], response_id=row["response_id"], feedback_id=row["feedback_id"], corrected=True))
+            (snap.heldout_pairs if held else snap.train_pairs).append(Pair(
+                prompt=row["prompt"], chosen=text, rejected=row["reply"], conversation_id=row["conversation_id"],
+                raters=(row["rater"], row["rater"])))
 
     for item in store.user_prompts(config.max_prompts):
         if is_heldout(item["conversation_id"], config.heldout_fraction):

@@ -103,22 +103,31 @@ class FeedbackLog:
         comment: str | None = None,
         claimed_user: str | None = None,
         identified_by: str | None = None,
+        correction: str | None = None,
     ) -> int:
         """Append one thumb (+1, -1, or 0 for a vote taken back); return its id.
 
         A changed mind is a new row: nothing is overwritten, the latest counts.
         The rater is `user`, else `session_id` (`log_response` says the rest).
+        A `correction` is the reply the rater would have liked instead: it
+        comes with a thumbs-down (value -1) and becomes, for training, a pair
+        (the correction over the reply) and a liked reply to the same prompt.
         """
         if isinstance(value, bool) or value not in (-1, 0, 1):
             raise StoreError(f"feedback value must be 1, -1 or 0, not {value!r}")
         if comment is not None:
             comment = comment.strip() or None
+        if correction is not None:
+            correction = correction.strip() or None
+            if correction is not None and value != -1:
+                raise StoreError("a correction replaces the reply: it comes with a thumbs-down (value -1)")
         try:
             with self._write() as db:
                 cursor = db.execute(
-                    "INSERT INTO feedback (response_id, session_id, user, value,"
-                    " comment, claimed_user, identified_by, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [response_id, session_id, user, int(value), comment, claimed_user, identified_by, utcnow()],
+                    "INSERT INTO feedback (response_id, session_id, user, value, comment, claimed_user,"
+                    " identified_by, correction, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [response_id, session_id, user, int(value), comment, claimed_user, identified_by, correction,
+                     utcnow()],
                 )
                 return cursor.lastrowid
         except sqlite3.IntegrityError as exc:
@@ -158,7 +167,9 @@ class FeedbackLog:
         """Each (response, rater) with its latest non-zero thumb.
 
         A rater is the logged-in user, else the browser session. Only feedback
-        with id up to `watermark` is considered when one is given.
+        with id up to `watermark` is considered when one is given. While the
+        rater's latest thumb is down, `correction` is the newest reply they
+        wrote in its place (else None).
         """
         cap = "" if watermark is None else "AND f.id <= :watermark"
         sql = f"""
@@ -166,12 +177,22 @@ class FeedbackLog:
                 SELECT MAX(f.id) AS id FROM feedback f
                 WHERE 1 = 1 {cap}
                 GROUP BY f.response_id, COALESCE(f.user, ''), COALESCE(f.session_id, '')
+            ),
+            corrected AS (
+                SELECT MAX(f.id) AS id, f.response_id, COALESCE(f.user, '') AS user,
+                       COALESCE(f.session_id, '') AS session_id
+                FROM feedback f WHERE f.correction IS NOT NULL {cap}
+                GROUP BY f.response_id, COALESCE(f.user, ''), COALESCE(f.session_id, '')
             )
             SELECT f.id AS feedback_id, f.value, f.comment, f.user, f.session_id,
                    f.created_at AS rated_at, r.id AS response_id, r.conversation_id,
-                   r.prompt, r.prompt_hash, r.reply, r.model_version
+                   r.prompt, r.prompt_hash, r.reply, r.model_version,
+                   CASE WHEN f.value = -1 THEN c.correction END AS correction
             FROM latest JOIN feedback f ON f.id = latest.id
             JOIN responses r ON r.id = f.response_id
+            LEFT JOIN corrected ON corrected.response_id = f.response_id
+                 AND corrected.user = COALESCE(f.user, '') AND corrected.session_id = COALESCE(f.session_id, '')
+            LEFT JOIN feedback c ON c.id = corrected.id
             WHERE f.value != 0
             ORDER BY f.id
         """
@@ -228,17 +249,22 @@ class FeedbackLog:
     # -- export in TRL's shapes ---------------------------------------------
 
     def unpaired_examples(self, watermark: int | None = None) -> list[dict]:
-        """`{prompt, completion, label}` rows, TRL's conversational unpaired format."""
-        return [shapes.unpaired_row(row["prompt"], row["reply"], row["value"] > 0)
-                for row in self.rated_responses(watermark)]
+        """`{prompt, completion, label}` rows, TRL's conversational unpaired
+        format: every rated reply, and every correction as a liked one."""
+        rows = self.rated_responses(watermark)
+        return ([shapes.unpaired_row(row["prompt"], row["reply"], row["value"] > 0) for row in rows]
+                + [shapes.unpaired_row(row["prompt"], text, True) for row, text in shapes.corrections(rows)])
 
     def preference_pairs(self, watermark: int | None = None) -> list[dict]:
-        """`{prompt, chosen, rejected}` rows by `storage.shapes`' pair rule."""
+        """`{prompt, chosen, rejected}` rows by `storage.shapes`' pair rule,
+        then every correction over the reply it corrects."""
+        rows = self.rated_responses(watermark)
         by_prompt: dict[str, list[dict]] = {}
-        for row in self.rated_responses(watermark):
+        for row in rows:
             by_prompt.setdefault(row["prompt_hash"], []).append(row)
-        return [shapes.paired_row(chosen["prompt"], chosen["reply"], rejected["reply"])
-                for rows in by_prompt.values() for chosen, rejected in shapes.preference_pairs(rows)]
+        return ([shapes.paired_row(chosen["prompt"], chosen["reply"], rejected["reply"])
+                 for group in by_prompt.values() for chosen, rejected in shapes.preference_pairs(group)]
+                + [shapes.paired_row(row["prompt"], text, row["reply"]) for row, text in shapes.corrections(rows)])
 
     def export_jsonl(self, path: str | os.PathLike, shape: str = "unpaired") -> int:
         """Write feedback as JSON lines; return the number of rows written.

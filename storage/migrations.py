@@ -146,3 +146,10 @@ def m003_rater_identity(db):
     for table in ("responses", "feedback"):
         db.execute(f"ALTER TABLE {table} ADD COLUMN identified_by TEXT")
         db.execute(f"ALTER TABLE {table} ADD COLUMN claimed_user TEXT")
+
+
+@migrations(name="m004_corrections")
+def m004_corrections(db):
+    # A better reply a person wrote in place of the bot's: a thumbs-down row
+    # that carries the text it should have been.
+    db.execute("ALTER TABLE feedback ADD COLUMN correction TEXT")

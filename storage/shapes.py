@@ -7,6 +7,10 @@ messages are identical (regenerate in the chat, or the same opening line
 from two people). Among the rated replies to one prompt, every liked reply is
 paired with every disliked one; a reply one rater liked and another disliked
 is left out, and two identical texts are never a pair.
+
+**Corrections.** A reply a rater wrote in place of the bot's (with their
+thumbs-down) is preferred to the reply it corrects: one more pair, and one
+more liked reply to that prompt (a supervised target for the policy).
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ def preference_pairs(rows: Iterable[dict]) -> list[tuple[dict, dict]]:
     mixed = ups.keys() & downs.keys()
     return [(ups[up], downs[down]) for up in sorted(ups.keys() - mixed) for down in sorted(downs.keys() - mixed)
             if ups[up]["reply"] != downs[down]["reply"]]
+
+
+def corrections(rows: Iterable[dict]) -> list[tuple[dict, str]]:
+    """(rated row, corrected text) for every row that carries a correction
+    different from the reply it corrects."""
+    return [(r, r["correction"]) for r in rows if r.get("correction") and r["correction"] != r["reply"]]
 
 
 def assistant(text: str) -> list[dict]:
