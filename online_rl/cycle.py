@@ -349,16 +349,18 @@ def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards,
     if not prompts:
         prompts, prompt_weights = [e.prompt for e in snap.train], [e.weight for e in snap.train]
     anchor, anchor_weights = snap.liked()
+    corrections, correction_weights = snap.corrections()
     job.report(f"ppo: {ppo.steps} steps of {ppo.prompts_per_step} prompts x {ppo.samples_per_prompt} replies on "
-               f"{len(prompts)} prompts, {len(anchor)} liked replies as the language anchor, from {parent}, "
-               f"KL coefficient {ppo.kl_coef:.3f}", stage="policy")
+               f"{len(prompts)} prompts, {len(anchor)} liked replies as the language anchor, {len(corrections)} "
+               f"corrections as targets, from {parent}, KL coefficient {ppo.kl_coef:.3f}", stage="policy")
 
     def on_step(record):
         job.report(f"ppo: step {record['step']}/{ppo.steps} done", step=record["step"], of=ppo.steps, last=record)
 
     trainer = PPOTrainer(policy, tokenizer, ppo, config.rollout_settings(), progress=job.progress, on_step=on_step)
     history = trainer.train(prompts, scorer(rewards.policy), anchor, prompt_weights=prompt_weights,
-                            anchor_weights=anchor_weights)
+                            anchor_weights=anchor_weights, corrections=corrections,
+                            correction_weights=correction_weights)
     metrics = {"steps": len(history), "first": history[0], "last": history[-1], "history": history,
                "sharded": trainer.sharded, "stopped": trainer.stopped, "kl_coef": round(trainer.kl.value, 5),
                "score_first": history[0]["score"], "score_last": history[-1]["score"]}

@@ -96,6 +96,13 @@ class Snapshot:
         kept = [e for e in self.train if e.label and e.reply.strip()]
         return [(e.prompt, e.reply) for e in kept], rater_weights([e.rater for e in kept], self.max_rater_share)
 
+    def corrections(self) -> tuple[list[tuple[list[dict], str]], list[float]]:
+        """The training side's corrections as (prompt, the reply a person
+        wrote instead), and their weights under the rater bound: the policy's
+        supervised targets."""
+        kept = [e for e in self.train if e.corrected]
+        return [(e.prompt, e.reply) for e in kept], rater_weights([e.rater for e in kept], self.max_rater_share)
+
     def rater_shares(self) -> dict:
         """The top raters of the reward model's thumbs and of the policy's
         prompts (training side), with their share before and after the bound."""

@@ -113,7 +113,11 @@ class PPOConfig:
     # raises the base's NLL of everything else (measured: 0.15 -> 0.41 nats
     # per token at weight 1); the base anchor below keeps language instead.
     anchor_coef: float = 0.0
-    anchor_batch: int = 8  # liked replies per minibatch
+    anchor_batch: int = 8  # liked replies (and corrections) per minibatch
+    # Weight of a supervised term on corrections: replies people wrote in
+    # place of the bot's (NLL per token). Unlike a liked reply, a correction
+    # is the reply a person asked for in so many words: a target to imitate.
+    correction_coef: float = 1.0
     # Weight of the base's own replies as the language anchor (InstructGPT's
     # "pretraining mix", as distillation): KL(base || policy) over the whole
     # vocabulary along replies the base sampled, at the serving settings, to
@@ -213,6 +217,8 @@ class PPOTrainer:
         self.stopped: str | None = None
         self.base_replies: list[tuple[list[dict], str]] = []
         self.anchor_weights: list[float] | None = None  # of the liked replies, as `train` was given them
+        self.corrections: list[tuple[list[dict], str]] = []  # (prompt, correction): supervised targets
+        self.correction_weights: list[float] | None = None
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up over `warmup_steps`, then linear decay to a tenth."""
@@ -278,8 +284,8 @@ class PPOTrainer:
         advantages = torch.where(advantages < 0, cfg.negative_weight * advantages, advantages)
 
         self.model.train()
-        stats = {"pg_loss": [], "kl_loss": [], "anchor_loss": [], "base_anchor_loss": [], "clipfrac": [],
-                 "approx_kl": [], "entropy": []}
+        stats = {"pg_loss": [], "kl_loss": [], "anchor_loss": [], "base_anchor_loss": [], "correction_loss": [],
+                 "clipfrac": [], "approx_kl": [], "entropy": []}
         n, updates, early = len(batch["texts"]), 0, False
         for _ in range(cfg.epochs):
             order = torch.randperm(n, device=self.device)
@@ -309,6 +315,9 @@ class PPOTrainer:
                 anchor_loss = self._anchor_loss(anchor, rng, cfg.anchor_coef)
                 if anchor_loss is not None:
                     loss = loss + cfg.anchor_coef * anchor_loss
+                target_loss = self._anchor_loss(self.corrections, rng, cfg.correction_coef, self.correction_weights)
+                if target_loss is not None:
+                    loss = loss + cfg.correction_coef * target_loss
                 base_loss = self._distill_loss(self.base_replies, rng, cfg.base_anchor_coef)
                 if base_loss is not None:
                     loss = loss + cfg.base_anchor_coef * base_loss
@@ -324,6 +333,7 @@ class PPOTrainer:
                     stats["kl_loss"].append(kl_loss.item())
                     stats["anchor_loss"].append(anchor_loss.item() if anchor_loss is not None else 0.0)
                     stats["base_anchor_loss"].append(base_loss.item() if base_loss is not None else 0.0)
+                    stats["correction_loss"].append(target_loss.item() if target_loss is not None else 0.0)
                     stats["clipfrac"].append(masked_mean((pg2 > pg1).float(), m).item())
                     stats["approx_kl"].append(approx_kl)
                     stats["entropy"].append(masked_mean(entropy, m).item())
@@ -354,12 +364,13 @@ class PPOTrainer:
         return encode_replies(self.tokenizer, [p for p, _ in chosen], [r for _, r in chosen],
                               max_length=self.config.max_prompt_tokens, device=self.device)
 
-    def _anchor_loss(self, anchor, rng: random.Random, weight: float):
+    def _anchor_loss(self, anchor, rng: random.Random, weight: float, weights: list[float] | None = None):
         """NLL per token (temperature 1) of a few of the (prompt, reply)
-        pairs in `anchor`; None without any, or at weight 0."""
+        pairs in `anchor` (liked replies, drawn by `anchor_weights`, or the
+        `weights` given); None without any, or at weight 0."""
         if not anchor or not weight:
             return None
-        batch = self._anchor_batch(anchor, rng, self.anchor_weights)
+        batch = self._anchor_batch(anchor, rng, weights if weights is not None else self.anchor_weights)
         logprobs, _ = self._logprobs(batch, temperature=1.0)
         return -masked_mean(logprobs, batch["reply_mask"].float())
 
@@ -389,12 +400,16 @@ class PPOTrainer:
 
     def train(self, prompts: list[list[dict]], reward_fn: RewardFn,
               anchor: list[tuple[list[dict], str]] | None = None, *,
-              prompt_weights: list[float] | None = None, anchor_weights: list[float] | None = None) -> list[dict]:
+              prompt_weights: list[float] | None = None, anchor_weights: list[float] | None = None,
+              corrections: list[tuple[list[dict], str]] | None = None,
+              correction_weights: list[float] | None = None) -> list[dict]:
         """Run up to `config.steps` steps on rollouts drawn from `prompts`.
 
-        With `prompt_weights` (and `anchor_weights`), prompts (and liked
-        replies) are drawn in proportion to them (`influence.weighted_draw`),
-        so each rater's share of the draws is their share of the weight."""
+        With `prompt_weights` (and `anchor_weights`, `correction_weights`),
+        prompts (and liked replies, corrections) are drawn in proportion to
+        them (`influence.weighted_draw`), so each rater's share of the draws
+        is their share of the weight. `corrections` (prompt, the reply a
+        person wrote instead) are supervised targets (`correction_coef`)."""
         cfg = self.config
         if not prompts:
             raise ValueError("PPO needs at least one prompt to sample rollouts from")
@@ -402,6 +417,7 @@ class PPOTrainer:
         per_process = max(1, cfg.prompts_per_step // acc.num_processes)
         rng = random.Random(cfg.seed * 1000 + acc.process_index)
         self.anchor_weights = anchor_weights
+        self.corrections, self.correction_weights = list(corrections or []), correction_weights
 
         def draw(k: int) -> list[list[dict]]:
             if prompt_weights:

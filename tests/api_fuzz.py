@@ -89,8 +89,8 @@ def steer(path: str, body, n: int, *, response_id: str | None, max_tokens: int, 
     """Nudge every other positive case past the checks that refuse nearly
     every generated request, so that the paths behind them are fuzzed too:
     a chat whose last message is a user's with text and whose reply cap is
-    within the server's (it reaches the model; every other one streamed), thumbs of +1 or -1 on a
-    reply that exists (they reach the database), a promotion or rollback to
+    within the server's (it reaches the model; every other one streamed), thumbs of +1 or -1 (or a
+    correction) on a reply that exists (they reach the database), a promotion or rollback to
     a version in the registry (it swaps the model, or is refused with 409).
     Everything else stays as generated; the other half is left alone."""
     if n % 2 or not isinstance(body, dict):
@@ -101,8 +101,15 @@ def steer(path: str, body, n: int, *, response_id: str | None, max_tokens: int, 
     if path == "/v1/feedback":
         if response_id and "response_id" in body:
             body["response_id"] = response_id
-        if isinstance(body.get("value"), int):
+        if isinstance(body.get("correction"), str):  # a correction: some text, with a thumbs-down if any
+            body["correction"] = body["correction"].strip()[:200] or f"a better reply {n}"
+            if "value" in body:
+                body["value"] = -1
+        elif isinstance(body.get("value"), int):
             body["value"] = 1 if body["value"] >= 0 else -1
+        elif "response_id" in body and body.get("correction") is None:
+            body.pop("correction", None)
+            body["value"] = 1
     elif path == "/v1/chat/completions":
         messages = body.get("messages")
         if isinstance(messages, list) and messages and isinstance(messages[-1], dict):

@@ -289,7 +289,7 @@ def starts_with_i(prompts, replies):
     return [1.0 if r.startswith("I") else 0.0 for r in replies]
 
 
-def _ppo(tiny_trained, anchor=None, reward=starts_with_i, **overrides):
+def _ppo(tiny_trained, anchor=None, reward=starts_with_i, corrections=None, **overrides):
     from chatbot.models import GenerationSettings, load_tokenizer
     from online_rl.ppo import PPOConfig, PPOTrainer
 
@@ -301,7 +301,7 @@ def _ppo(tiny_trained, anchor=None, reward=starts_with_i, **overrides):
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     trainer = PPOTrainer(policy, load_tokenizer(str(tiny_trained)), config,
                          GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1.0), progress=lambda line: None)
-    history = trainer.train(PROMPTS, reward, anchor)
+    history = trainer.train(PROMPTS, reward, anchor, corrections=corrections)
     return trainer, history, before
 
 
@@ -358,6 +358,28 @@ def test_the_language_anchor_pulls_towards_liked_replies(tiny_trained):
         before = nll(policy)
     assert nll(policy) < before - 0.1
     assert history[0]["anchor_loss"] > 0
+
+
+def test_corrections_are_targets_the_policy_learns_to_write(tiny_trained):
+    """No reward and no liked-reply anchor: the corrections alone teach."""
+    from chatbot.models import load_tokenizer
+    from online_rl.sampling import encode_replies, reply_logprobs
+
+    corrections = [(p, "I am well, thank you for asking.") for p in PROMPTS[:4]]
+    tokenizer = load_tokenizer(str(tiny_trained))
+    batch = encode_replies(tokenizer, [p for p, _ in corrections], [r for _, r in corrections])
+
+    def nll(model):
+        return float(-(reply_logprobs(model, batch).sum() / batch["reply_mask"].sum()))
+
+    flat = lambda prompts, replies: [0.0] * len(replies)  # noqa: E731
+    trainer, history, _ = _ppo(tiny_trained, reward=flat, corrections=corrections, steps=4, anchor_coef=0.0,
+                               base_anchor_coef=0.0, correction_coef=1.0)
+    policy = trainer.unwrapped.policy
+    with policy.disable_adapter():
+        before = nll(policy)
+    assert nll(policy) < before - 0.1
+    assert history[0]["correction_loss"] > 0 and history[0]["anchor_loss"] == 0
 
 
 def test_ppo_draws_prompts_and_liked_replies_in_proportion_to_their_weights(tiny_trained):

@@ -13,7 +13,7 @@ EXPECTED_COLUMNS = {
         "finish_reason", "session_id", "user", "claimed_user", "identified_by", "created_at",
     },
     "feedback": {"id", "response_id", "session_id", "user", "value", "comment", "claimed_user",
-                 "identified_by", "created_at"},
+                 "identified_by", "correction", "created_at"},
     "runs": {
         "id", "kind", "status", "started_at", "finished_at", "watermark", "config",
         "metrics", "progress", "error", "pid", "host", "heartbeat_at",
@@ -62,7 +62,7 @@ def test_feedback_value_is_checked_by_the_schema_too(tmp_path):
         conn.execute("INSERT INTO feedback (response_id, value, created_at) VALUES (?, 5, 'now')", [rid])
 
 
-def test_a_database_from_before_identity_keeps_its_rows(tmp_path):
+def test_a_database_from_before_identity_and_corrections_keeps_its_rows(tmp_path):
     import sqlite_utils
 
     db = sqlite_utils.Database(tmp_path / "old.db")
@@ -76,5 +76,8 @@ def test_a_database_from_before_identity_keeps_its_rows(tmp_path):
     store = Store(tmp_path / "old.db")
     (thumb,) = store.feedback_since(0)
     assert (thumb["user"], thumb["identified_by"], thumb["claimed_user"]) == ("ann", None, None)
+    assert thumb["correction"] is None
     assert store.get_response("r")["identified_by"] is None
     assert [e["label"] for e in store.unpaired_examples()] == [True]
+    store.record_feedback("r", -1, user="bob", correction="hello there")  # the new column takes corrections
+    assert [e["label"] for e in store.unpaired_examples()] == [True, False, True]
