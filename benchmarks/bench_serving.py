@@ -75,14 +75,17 @@ def qwen_shaped(cache: Path, starter_dir: Path) -> Path:
     if (out / "config.json").exists():
         return out
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     starter = AutoTokenizer.from_pretrained(starter_dir)
     specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|unk|>"]
-    words = [f"w{i}" for i in range(QWEN_05B["vocab_size"] - len(specials))]
+    # "Ġ" is a space to the byte-level decoder transformers gives a Qwen2 model's tokenizer, whatever
+    # tokenizer.json says: every token decodes as " w123", so replies are words that stream one by one.
+    words = [f"\u0120w{i}" for i in range(QWEN_05B["vocab_size"] - len(specials))]
     tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<|unk|>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token="<|end|>",
                                    unk_token="<|unk|>", additional_special_tokens=["<|user|>", "<|assistant|>"])
     fast.chat_template = starter.chat_template
@@ -231,6 +234,8 @@ def bench_model(label: str, model_dir: Path, work: Path, args, prompts: list[str
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def count_tokens(text: str) -> int:
+        if label != "starter":  # each of the shape's tokens decodes as one word (see `qwen_shaped`)
+            return len(text.split())
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     data = work / f"data-{label}"
@@ -404,10 +409,10 @@ def report(results: dict, args) -> str:
                          f"without ({p['without']['requests']}): **{p['with']['p99_ms'] / p['without']['p99_ms']:.2f}x** "
                          f"(goal at most 1.2x).")
     parts.append(f"Every client streams greedy replies of up to {args.max_tokens} tokens; tokens are counted by "
-                 f"re-tokenizing each reply with the model's tokenizer (the same count for every server). Servers run "
+                 f"re-tokenizing each reply with the model's tokenizer (the same count for every server; on the Qwen shape, whose every token decodes as one word, by counting words). Servers run "
                  f"one at a time on this machine, ours with `--max-batch {args.max_batch}` (batched) or 1. The "
                  f"Qwen2.5-0.5B shape: hidden 896, 24 layers, 14 heads (2 for keys and values), vocabulary 151,936, "
-                 f"random weights, a word-level tokenizer. The adapter: LoRA rank 16 on every projection. No GPU was "
+                 f"random weights, a tokenizer whose every token is a word ("w123"; transformers loads it as Qwen2's byte-level tokenizer, which reads the prompts' own words as nothing, so every prompt is the chat template's 3 tokens). The adapter: LoRA rank 16 on every projection. No GPU was "
                  f"available for `benchmarks/bench_gpu.py`.")
     return "\n\n".join(parts)
 

@@ -27,6 +27,14 @@ from chatbot.rate_limit import DEFAULT_PER_MINUTE, RateLimit, retry_after
 from storage import Store, StoreError
 
 VALUE_OF = {True: 1, False: -1}
+# The page at any width: the message box grows with the window, the buttons
+# beside it keep their size, and on a phone nothing overflows sideways.
+PAGE_CSS = """
+#composer, #comment-row { flex-wrap: nowrap; gap: 8px; align-items: stretch; }
+#composer > *:first-child, #comment-row > *:first-child { min-width: 0; flex-grow: 1; }
+#top { align-items: center; }
+#intro p { margin: 0; }
+"""
 FEEDBACK_LABEL = {1: "Like", -1: "Dislike"}
 
 
@@ -365,26 +373,33 @@ class ChatUI:
     # -- the page -------------------------------------------------------------------
 
     def build(self) -> gr.Blocks:
+        """The page: the conversation across the width, the message box under
+        it with Send (Stop while a reply is being written) beside it; a
+        comment box that opens under the chat once a reply is rated; New chat
+        at the top; the generation settings in a sidebar, closed."""
         d = self.options.defaults
-        with gr.Blocks(title="Learning chatbot", analytics_enabled=False) as demo:
-            gr.Markdown("### Chat, and rate the replies with thumbs-up or thumbs-down: the bot learns from them.")
+        with gr.Blocks(title="Learning chatbot", analytics_enabled=False, css=PAGE_CSS) as demo:
             saved = gr.BrowserState(new_state(), storage_key="learning-chatbot", secret=self.browser_secret)
             state = gr.State(new_state())
+            with gr.Row(equal_height=True, elem_id="top"):
+                gr.Markdown("**Learning chatbot**: rate replies with a thumb, or edit one into what it should "
+                            "have said. The bot learns from both.", elem_id="intro")
+                clear = gr.Button("New chat", size="sm", variant="secondary", scale=0, min_width=96,
+                                  elem_id="new-chat")
             chat = gr.Chatbot(
-                label="Chat", height=480, feedback_options=("Like", "Dislike"),
+                show_label=False, height="62vh", feedback_options=("Like", "Dislike"),
                 sanitize_html=True, elem_id="chat", editable="all",
             )
-            with gr.Row():
-                box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
-                                 scale=6, elem_id="message", max_lines=8)
-                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                stop = gr.Button("Stop", scale=1, elem_id="stop")
-                clear = gr.Button("New chat", scale=1, elem_id="new-chat")
-            with gr.Row():
-                note = gr.Textbox(placeholder="What would have been better? (optional, about the reply you rated)",
-                                  show_label=False, scale=6, elem_id="comment")
-                note_send = gr.Button("Send comment", scale=1, elem_id="send-comment")
-            with gr.Accordion("Generation settings", open=False):
+            with gr.Row(visible=False, elem_id="comment-row") as comment_row:
+                note = gr.Textbox(placeholder="A comment on the reply you rated (optional)", show_label=False,
+                                  container=False, scale=8, elem_id="comment")
+                note_send = gr.Button("Send comment", size="sm", scale=0, min_width=120, elem_id="send-comment")
+            with gr.Row(equal_height=True, elem_id="composer"):
+                box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, container=False,
+                                 scale=8, elem_id="message", max_lines=8, autofocus=True)
+                send = gr.Button("Send", variant="primary", scale=0, min_width=96, elem_id="send")
+                stop = gr.Button("Stop", variant="stop", scale=0, min_width=96, elem_id="stop", visible=False)
+            with gr.Sidebar(label="Generation settings", open=False, position="right"):
                 max_new = gr.Slider(1, self.options.max_new_tokens_limit, value=d.max_new_tokens, step=1,
                                     label="Max new tokens")
                 temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0: greedy)")
@@ -394,14 +409,24 @@ class ChatUI:
             # As many replies run at once as the serving batch holds rows: the
             # page's people share the batch with the API's clients.
             model = dict(concurrency_id="model", concurrency_limit=self.policy.max_batch)
+            writing = dict(fn=lambda: (gr.update(visible=False), gr.update(visible=True)), inputs=None,
+                           outputs=[send, stop], queue=False, api_name=False, show_progress="hidden")
+            done = {**writing, "fn": lambda: (gr.update(visible=True), gr.update(visible=False))}
             demo.load(self.restore, [saved], [chat, state], queue=False, api_name=False)
-            box.submit(self.respond, [box, state, *settings], [box, chat, state], **model, api_name="chat")
-            send.click(self.respond, [box, state, *settings], [box, chat, state], **model, api_name=False)
-            chat.retry(self.regenerate, [state, *settings], [box, chat, state], **model, api_name="regenerate")
-            chat.like(self.like, [state], [state, chat], api_name="like")
+            box.submit(**writing).then(self.respond, [box, state, *settings], [box, chat, state], **model,
+                                       api_name="chat").then(**done)
+            send.click(**writing).then(self.respond, [box, state, *settings], [box, chat, state], **model,
+                                       api_name=False).then(**done)
+            chat.retry(**writing).then(self.regenerate, [state, *settings], [box, chat, state], **model,
+                                       api_name="regenerate").then(**done)
+            chat.like(self.like, [state], [state, chat], api_name="like").then(
+                lambda: gr.update(visible=True), None, comment_row, queue=False, api_name=False,
+                show_progress="hidden")
             chat.edit(self.correct, [state], [chat, state], api_name="correct")
             stop.click(self.stop, [state], None, queue=False, api_name="stop")
-            clear.click(self.new_chat, [state], [chat, state], api_name="new_chat")
+            clear.click(self.new_chat, [state], [chat, state], api_name="new_chat").then(
+                lambda: gr.update(visible=False), None, comment_row, queue=False, api_name=False,
+                show_progress="hidden")
             note.submit(self.comment, [note, state], [note, state], api_name=False)
             note_send.click(self.comment, [note, state], [note, state], api_name="comment")
             state.change(lambda s: s, [state], [saved], queue=False, api_name=False, show_progress="hidden")

@@ -37,8 +37,6 @@ def need_a_browser() -> None:
         pytest.skip(f"no browser installed: `{install}` (Debian's Chromium) to run this test")
 
 
-@pytest.mark.slow
-
 def send(page, url: str, text: str):
     """Open the chat page and send `text`; the newest bot reply."""
     page.goto(url + "/")
@@ -48,6 +46,25 @@ def send(page, url: str, text: str):
     box.press("Enter")
     return page.locator("#chat .message.bot, #chat [data-testid='bot']").last
 
+
+def box_of(page, selector: str) -> dict:
+    return page.locator(selector).first.bounding_box()
+
+
+def check_layout(page, width: int) -> None:
+    """The message box spans the chat's width with Send beside it, on one
+    line; Stop is hidden while nothing is being written; nothing overflows
+    sideways (a phone's width included)."""
+    chat, message, send_button = box_of(page, "#chat"), box_of(page, "#message"), box_of(page, "#send")
+    assert message["width"] + send_button["width"] >= 0.85 * chat["width"], (width, chat, message, send_button)
+    assert abs((message["y"] + message["height"] / 2) - (send_button["y"] + send_button["height"] / 2)) < 24
+    assert send_button["x"] > message["x"] + message["width"] - 4
+    assert not page.locator("#stop").first.is_visible()
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 1, (width, overflow)
+
+
+@pytest.mark.slow
 def test_chat_in_a_real_browser(server, store, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -79,9 +96,18 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
             assert (row["response_id"], row["value"]) == (response["id"], -1)
             assert row["session_id"] == response["session_id"] and row["session_id"].startswith("web-")
 
-            shot = tmp_path / "chat.png"
-            page.screenshot(path=str(shot))
-            assert shot.read_bytes().startswith(b"\x89PNG")
+            # the comment box opens under the chat once a reply is rated
+            wait_for(lambda: page.locator("#comment textarea, #comment input").first.is_visible(),
+                     what="the comment box")
+            # Screenshots at a desktop's and a phone's width: into docs/ with
+            # CHATBOT_SCREENSHOTS=docs (how docs/chat.png is made), else a scratch directory.
+            out = Path(os.environ.get("CHATBOT_SCREENSHOTS") or tmp_path)
+            for name, width, height in (("chat.png", 1100, 900), ("chat-phone.png", 390, 844)):
+                page.set_viewport_size({"width": width, "height": height})
+                page.wait_for_timeout(500)
+                check_layout(page, width)
+                page.screenshot(path=str(out / name))
+                assert (out / name).read_bytes().startswith(b"\x89PNG")
             assert errors == []
         finally:
             browser.close()
