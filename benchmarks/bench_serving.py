@@ -2,8 +2,8 @@
 one-at-a-time path and `transformers serve --continuous-batching`.
 
 For each model (--models): the starter, and a Qwen2.5-0.5B-shaped model built
-from its config (random weights; a word-level tokenizer of Qwen's 151,936
-tokens, so that the output layer costs what Qwen's does and a reply streams
+from its config (random weights; a tokenizer of Qwen's 151,936 tokens, each
+a word, so that the output layer costs what Qwen's does and a reply streams
 word by word), four servers take turns on the same prompts:
 
 - **ours, batched** (`app.py serve --max-batch 32`) on v0, the base;
@@ -409,11 +409,14 @@ def report(results: dict, args) -> str:
                          f"without ({p['without']['requests']}): **{p['with']['p99_ms'] / p['without']['p99_ms']:.2f}x** "
                          f"(goal at most 1.2x).")
     parts.append(f"Every client streams greedy replies of up to {args.max_tokens} tokens; tokens are counted by "
-                 f"re-tokenizing each reply with the model's tokenizer (the same count for every server; on the Qwen shape, whose every token decodes as one word, by counting words). Servers run "
-                 f"one at a time on this machine, ours with `--max-batch {args.max_batch}` (batched) or 1. The "
-                 f"Qwen2.5-0.5B shape: hidden 896, 24 layers, 14 heads (2 for keys and values), vocabulary 151,936, "
-                 f"random weights, a tokenizer whose every token is a word ("w123"; transformers loads it as Qwen2's byte-level tokenizer, which reads the prompts' own words as nothing, so every prompt is the chat template's 3 tokens). The adapter: LoRA rank 16 on every projection. No GPU was "
-                 f"available for `benchmarks/bench_gpu.py`.")
+                 "re-tokenizing each reply with the model's tokenizer (the same count for every server; on the "
+                 "Qwen shape, whose every token decodes as one word, by counting words). Servers run one at a time "
+                 f"on this machine, ours with `--max-batch {args.max_batch}` (batched) or 1. The Qwen2.5-0.5B "
+                 "shape: hidden 896, 24 layers, 14 heads (2 for keys and values), vocabulary 151,936, random "
+                 "weights, a tokenizer whose every token is a word (w123; transformers loads it as Qwen2's "
+                 "byte-level tokenizer, which reads the prompts' own words as nothing, so every prompt is the chat "
+                 "template's 3 tokens). The adapter: LoRA rank 16 on every projection. No GPU was available for "
+                 "`benchmarks/bench_gpu.py`.")
     return "\n\n".join(parts)
 
 
