@@ -32,7 +32,8 @@ VALUE_OF = {True: 1, False: -1}
 PAGE_CSS = """
 #composer, #comment-row { flex-wrap: nowrap; gap: 8px; align-items: stretch; }
 #composer > *:first-child, #comment-row > *:first-child { min-width: 0; flex-grow: 1; }
-#top { align-items: center; }
+#top { align-items: center; flex-wrap: nowrap; }
+#new-chat { align-self: center; flex-grow: 0; }
 #intro p { margin: 0; }
 """
 FEEDBACK_LABEL = {1: "Like", -1: "Dislike"}
@@ -381,7 +382,7 @@ class ChatUI:
         with gr.Blocks(title="Learning chatbot", analytics_enabled=False, css=PAGE_CSS) as demo:
             saved = gr.BrowserState(new_state(), storage_key="learning-chatbot", secret=self.browser_secret)
             state = gr.State(new_state())
-            with gr.Row(equal_height=True, elem_id="top"):
+            with gr.Row(elem_id="top"):
                 gr.Markdown("**Learning chatbot**: rate replies with a thumb, or edit one into what it should "
                             "have said. The bot learns from both.", elem_id="intro")
                 clear = gr.Button("New chat", size="sm", variant="secondary", scale=0, min_width=96,

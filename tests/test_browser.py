@@ -64,8 +64,21 @@ def check_layout(page, width: int) -> None:
     assert overflow <= 1, (width, overflow)
 
 
+@pytest.fixture
+def trained_server(tiny_trained, store, chat_options):
+    """The whole app on the tiny trained model, which writes word-like replies
+    (the screenshots in docs/ show them)."""
+    from chatbot.models import load_model
+    from chatbot.policy import Policy
+    from chatbot.server import BackgroundServer, create_app
+
+    app = create_app(Policy(load_model(str(tiny_trained), tiny_trained, device="cpu")), store, chat_options)
+    with BackgroundServer(app) as running:
+        yield running
+
+
 @pytest.mark.slow
-def test_chat_in_a_real_browser(server, store, tmp_path):
+def test_chat_in_a_real_browser(trained_server, store, tmp_path):
     from playwright.sync_api import sync_playwright
 
     need_a_browser()
@@ -76,6 +89,7 @@ def test_chat_in_a_real_browser(server, store, tmp_path):
             errors = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("dialog", lambda dialog: (errors.append("dialog: " + dialog.message), dialog.dismiss()))
+            server = trained_server
             bot = send(page, server.url,
                        "Hello <b>there</b> <img src=x onerror=alert(1)> [your bank](https://evil.example/login)")
             bot.wait_for(timeout=60_000)
