@@ -84,6 +84,7 @@ class Engine:
         self.max_batch, self.max_waiting, self.idle_exit_s = max_batch, max_waiting, idle_exit_s
         self.eos_id = tokenizer.eos_token_id
         self._cache_kwarg = None  # the forward's name for the KV cache, by transformers version
+        self._last_only: dict = {}  # logits of the last position only, where the model can
         self.step_lock = threading.RLock()  # held for one step; a hot-swap takes it between steps
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -194,7 +195,9 @@ class Engine:
             import inspect
 
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            self._cache_kwarg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+            parameters = inspect.signature(base.forward).parameters
+            self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+            self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         if hasattr(model, "peft_config"):
             names = [r.adapter or BASE_ADAPTER for r in rows]
             # One adapter for every row, and it is the active one: peft's plain
@@ -202,7 +205,7 @@ class Engine:
             if set(names) != {getattr(model, "active_adapter", None)}:
                 kwargs["adapter_names"] = names
         kwargs[self._cache_kwarg] = cache
-        return model(**kwargs, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        return model(**kwargs, use_cache=True, **self._last_only).logits[:, -1, :].float()
 
     def _prefill(self, request: Request) -> None:
         import torch
