@@ -336,10 +336,15 @@ def promotions(server: Server, prompts: list[str], args, count_tokens) -> dict:
                         out["failed"] += 1
                 n += 8
 
+    admin = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})
+    # Every window serves an adapter (v1, then v1 and v2 in turn), so that
+    # only the promotions differ between the windows with and without them.
+    r = admin.post("/v1/admin/promote", json={"version": "v1"})
+    if r.status_code != 200:
+        raise RuntimeError(f"promotion failed: {r.status_code} {r.text}")
     workers = [threading.Thread(target=client_loop, args=(i,)) for i in range(8)]
     for w in workers:
         w.start()
-    admin = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})
     per_window = max(1, args.promotions // 4)
     try:
         for window in range(8):
@@ -347,7 +352,7 @@ def promotions(server: Server, prompts: list[str], args, count_tokens) -> dict:
             for k in range(per_window):
                 time.sleep(args.promotion_every)
                 if state["window"] == "with" and out["promotions"] < args.promotions:
-                    version = "v1" if out["promotions"] % 2 == 0 else "v2"
+                    version = "v2" if out["promotions"] % 2 == 0 else "v1"
                     r = admin.post("/v1/admin/promote", json={"version": version})
                     if r.status_code != 200:
                         raise RuntimeError(f"promotion failed: {r.status_code} {r.text}")
@@ -403,7 +408,8 @@ def report(results: dict, args) -> str:
                          f"{o['api_s']:.2f} s: **{o['api_s'] / o['direct_s']:.2f}x** (goal at most 1.10).")
         if "_promotions" in runs:
             p = runs["_promotions"]
-            parts.append(f"{p['promotions']} promotions (v1 and v2 in turn, through the operator API) while 8 clients "
+            parts.append(f"{p['promotions']} promotions (v2 and v1 in turn, through the operator API, after v1 was "
+                         f"promoted before the first window, so that every window serves an adapter) while 8 clients "
                          f"chat: {p['failed']} failed requests; p99 {p['with']['p99_ms']:.0f} ms in the windows with "
                          f"promotions ({p['with']['requests']} requests) against {p['without']['p99_ms']:.0f} ms "
                          f"without ({p['without']['requests']}): **{p['with']['p99_ms'] / p['without']['p99_ms']:.2f}x** "
