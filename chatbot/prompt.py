@@ -2,8 +2,8 @@
 
 `fit` keeps every system message and the newest other turns that fit the
 model's context beside the reply, and tokenizes them: on the request's own
-thread, outside the generation lock, so that tokenizing a long conversation
-never holds up the reply being generated. Fewer turns never take more
+thread, before it joins the serving batch, so that tokenizing a long
+conversation never holds up the replies being generated. Fewer turns never take more
 tokens, so the earliest turn that fits is found in a few encodings however
 long the conversation.
 """
