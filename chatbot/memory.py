@@ -65,7 +65,7 @@ class Plan:
 
     def describe(self) -> str:
         def label(k: str) -> str:
-            return f"{k} of {self.batch} rows" if k == "KV cache" and self.batch else k
+            return f"{k} of {self.batch} row{'s' if self.batch != 1 else ''}" if k == "KV cache" and self.batch else k
 
         parts = ", ".join(f"{label(k)} {v / GIB:.2f}" for k, v in self.parts.items() if v >= 0.005 * GIB)
         return f"{self.total / GIB:.2f} GiB ({parts})"
