@@ -92,6 +92,7 @@ class Engine:
         self._cache = self._mask = self._positions = None
         self._thread: threading.Thread | None = None
         self._pausers = 0  # callers waiting for the boundary between two steps
+        self._admitting = 0  # requests taken from the line, joining the batch in this step
         self.steps = 0  # decode steps run (metrics and tests)
         self.rows_stepped = 0  # rows summed over decode steps: steps x mean batch size
         self.generated = 0  # tokens written
@@ -126,7 +127,7 @@ class Engine:
     def busy(self) -> bool:
         """A new request would find no free row and no place in the line (the
         line counts those about to take a free row too)."""
-        return len(self._waiting) + len(self._rows) >= self.max_batch + self.max_waiting
+        return len(self._waiting) + self._admitting + len(self._rows) >= self.max_batch + self.max_waiting
 
     @contextlib.contextmanager
     def between_steps(self):
@@ -159,6 +160,7 @@ class Engine:
                 admit = []
                 while self._waiting and len(self._rows) + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
+                self._admitting = len(admit)
             with self.step_lock:
                 try:
                     self._step(admit)
@@ -167,6 +169,8 @@ class Engine:
                         if request.finish_reason is None and request.error is None:
                             self._end(request, None, exc)
                     self._rows, self._cache = [], None
+                finally:
+                    self._admitting = 0
                 self.release(self.in_use())
 
     def _step(self, admit: list[Request]) -> None:
