@@ -48,6 +48,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_operations import make_adapter  # noqa: E402
 from benchmarks.report import percentile, table, write_section  # noqa: E402
 
 TOKEN = "bench-serving-admin-token"
@@ -97,24 +98,6 @@ def qwen_shaped(cache: Path, starter_dir: Path) -> Path:
     model.save_pretrained(tmp)
     fast.save_pretrained(tmp)
     tmp.rename(out)
-    return out
-
-
-def random_lora(model_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA of rank 16 on every projection, with random weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.01)
-    model.save_pretrained(out)
-    (out / "adapter.json").write_text(json.dumps({"version": out.name, "base_model": str(model_dir)}))
     return out
 
 
@@ -241,7 +224,10 @@ def bench_model(label: str, model_dir: Path, work: Path, args, prompts: list[str
     data = work / f"data-{label}"
     store = Store.in_data_dir(data)
     for version, seed in (("v1", 1), ("v2", 2)):
-        path = random_lora(model_dir, data / "adapters" / version, seed)
+        from transformers import AutoModelForCausalLM
+
+        path = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), data / "adapters" / version, seed,
+                            str(model_dir))
         store.register_adapter(version, path=str(path), base_model=str(model_dir))
     store.close()
     runs = {}
