@@ -25,17 +25,19 @@ from storage import Store
 Check = Callable[[str, dict], None]
 
 
-def promote(store: Store, version: str, check: Check, *, actor: str, reason: str | None = None) -> dict:
+def promote(store: Store, version: str, check: Check, *, actor: str, reason: str | None = None,
+            action: str = "promote", evidence: dict | None = None) -> dict:
     """`Store.promote`, once `version` passed `check`."""
     _check(store, version, check)
-    return store.promote(version, actor=actor, reason=reason)
+    return store.promote(version, action=action, actor=actor, reason=reason, evidence=evidence)
 
 
-def rollback(store: Store, to: str | None, check: Check, *, actor: str) -> dict:
+def rollback(store: Store, to: str | None, check: Check, *, actor: str, reason: str | None = None,
+             evidence: dict | None = None) -> dict:
     """`Store.rollback`, once the version it goes back to passed `check`."""
     target = store.rollback_target(to)
     _check(store, target, check)
-    return store.rollback(target, actor=actor)
+    return store.rollback(target, actor=actor, reason=reason, evidence=evidence)
 
 
 def on_disk(data_dir: str | os.PathLike) -> Check:

@@ -153,3 +153,33 @@ def m004_corrections(db):
     # A better reply a person wrote in place of the bot's: a thumbs-down row
     # that carries the text it should have been.
     db.execute("ALTER TABLE feedback ADD COLUMN correction TEXT")
+
+
+@migrations(name="m005_live_trials")
+def m005_live_trials(db):
+    # A version tried on live thumbs against another: a canary (a candidate
+    # on a share of new conversations beside the active version) or the
+    # watch after a promotion (the new version against the one before it).
+    db.execute(
+        """
+        CREATE TABLE trials (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL CHECK (kind IN ('canary', 'watch')),
+            -- the version on trial, and the one it is compared with
+            version TEXT NOT NULL,
+            other TEXT NOT NULL,
+            -- canary: the share of new conversations it serves
+            share REAL,
+            status TEXT NOT NULL,
+            reason TEXT,
+            -- the sequential test's last look, as JSON
+            evidence TEXT NOT NULL DEFAULT '{}',
+            started_at TEXT NOT NULL,
+            ended_at TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX idx_trials_status ON trials(status)")
+    # The sequential test's figures behind a canary's or a watch's decision.
+    db.execute("ALTER TABLE activations ADD COLUMN evidence TEXT")
+    db.execute("CREATE INDEX idx_responses_version ON responses(model_version, created_at)")

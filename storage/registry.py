@@ -13,8 +13,11 @@ from storage.common import BASE_VERSION, StoreError, dumps as _dumps, loads as _
 
 ADAPTER_STATUSES = ("candidate", "active", "retired", "rejected")
 # fallback: a serving process started on a version that failed to load and
-# came up on the last one that loads instead.
-ACTIVATION_ACTIONS = ("promote", "gate", "rollback", "fallback")
+# came up on the last one that loads instead; canary: promoted on live thumbs.
+ACTIVATION_ACTIONS = ("promote", "gate", "canary", "rollback", "fallback")
+# Logged beside them, though no version becomes active: a canary rejected on
+# live thumbs (`storage.trials`), so that every decision is in the log.
+NOT_ACTIVATING = ("canary_reject",)
 
 
 class Registry:
@@ -71,13 +74,16 @@ class Registry:
             )
 
     def promote(self, version: str, *, action: str = "promote", actor: str | None = None,
-                reason: str | None = None) -> dict:
+                reason: str | None = None, evidence: dict | None = None) -> dict:
         """Make `version` the active one (``v0``: the base) and log the change.
 
         Any adapter may be promoted, a rejected candidate included: an
         operator's decision overrides the gate. The adapter's directory must
         still exist; its files are not read here (the store imports neither
         torch nor peft): `chatbot.promotion` checks them before it calls this.
+        Running live trials end (`storage.trials`), and a promotion starts a
+        watch of the new version. `evidence` (the live test's figures, for a
+        decision made on thumbs) is kept on the activation row.
         Returns ``{"active", "previous"}``.
         """
         if action not in ACTIVATION_ACTIONS:
@@ -104,22 +110,24 @@ class Registry:
                     [reason, now, version],
                 )
             db.execute(
-                "INSERT INTO activations (version, previous, action, actor, reason, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [version, previous, action, actor, reason, now],
+                "INSERT INTO activations (version, previous, action, actor, reason, evidence, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [version, previous, action, actor, reason, None if evidence is None else _dumps(evidence), now],
             )
+            self._close_trials(db, version, previous, action, evidence)
         return {"active": version, "previous": previous, "changed": True}
 
-    def rollback(self, to: str | None = None, *, actor: str | None = None) -> dict:
+    def rollback(self, to: str | None = None, *, actor: str | None = None, reason: str | None = None,
+                 evidence: dict | None = None) -> dict:
         """Go back to `to`, or to the version that was active before the
         current one was promoted. The version left is retired with a reason."""
         with self._write() as db:
             current = self._active(db)
             to = self._rollback_target(db, current, to)
-            result = self.promote(to, action="rollback", actor=actor, reason=None)
+            result = self.promote(to, action="rollback", actor=actor, reason=reason, evidence=evidence)
             if current != BASE_VERSION:
                 db.execute("UPDATE adapters SET reason = ?, updated_at = ? WHERE version = ?",
-                           [f"rolled back to {to}", utcnow(), current])
+                           [reason or f"rolled back to {to}", utcnow(), current])
         return result
 
     def rollback_target(self, to: str | None = None) -> str:
@@ -132,7 +140,8 @@ class Registry:
         if to is None:
             # A fallback is no promotion: what came before it is the version that broke.
             rows = list(db.query(
-                "SELECT previous FROM activations WHERE version = ? AND action NOT IN ('rollback', 'fallback')"
+                "SELECT previous FROM activations WHERE version = ?"
+                " AND action NOT IN ('rollback', 'fallback', 'canary_reject')"
                 " ORDER BY id DESC LIMIT 1", [current]))
             if not rows:
                 raise StoreError(f"nothing to roll back to: no record of what was active before "
@@ -162,7 +171,8 @@ class Registry:
         return result
 
     def activations(self, limit: int = 50) -> list[dict]:
-        return (self._query("SELECT * FROM activations ORDER BY id DESC LIMIT ?", [limit]))
+        rows = self._query("SELECT * FROM activations ORDER BY id DESC LIMIT ?", [limit])
+        return [{**r, "evidence": _loads(r["evidence"]) if r["evidence"] else None} for r in rows]
 
     @staticmethod
     def _active(db) -> str:

@@ -29,11 +29,12 @@ from storage.feedback import FeedbackLog, new_response_id
 from storage.migrations import migrations
 from storage.registry import Registry
 from storage.runs import RunLog, run_summary
+from storage.trials import Trials
 
 __all__ = ["BASE_VERSION", "BUSY_TIMEOUT_S", "DB_FILENAME", "ResponseNotFound", "RunInProgress", "Store", "StoreError",
            "new_response_id", "prompt_hash", "run_summary", "utcnow"]
 
-class Store(FeedbackLog, RunLog, Registry):
+class Store(FeedbackLog, RunLog, Registry, Trials):
     """Speaks the domain: conversations, responses, feedback, runs, adapters.
 
     Build it with the path of the database file, or with `Store.in_data_dir`.
@@ -157,5 +158,6 @@ class Store(FeedbackLog, RunLog, Registry):
             ],
             "recent_runs": [run_summary(r) for r in self.runs(recent_runs)],
             "rater_shares": self.last_rater_shares(),
+            "live_trials": self.trials(5),
             "database": str(self.path),
         }

@@ -18,7 +18,9 @@ EXPECTED_COLUMNS = {
         "id", "kind", "status", "started_at", "finished_at", "watermark", "config",
         "metrics", "progress", "error", "pid", "host", "heartbeat_at",
     },
-    "activations": {"id", "version", "previous", "action", "actor", "reason", "created_at"},
+    "activations": {"id", "version", "previous", "action", "actor", "reason", "evidence", "created_at"},
+    "trials": {"id", "kind", "version", "other", "share", "status", "reason", "evidence", "started_at",
+               "ended_at"},
     "settings": {"key", "value", "updated_at"},
     "adapters": {
         "version", "number", "path", "base_model", "run_id", "status", "reason",
