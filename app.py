@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch threads of the training process (default: half the cores)")
     serve.add_argument("--log-json", action="store_true",
                        help="log one JSON object per line on stderr (for a log collector)")
+    ops.add_argument("--canary-confidence", type=float, default=0.95,
+                     help="live trials (canary, and the watch after a promotion): the confidence of their "
+                          "sequential test, held however long a trial runs (default 0.95)")
+    ops.add_argument("--canary-margin", type=float, default=0.05,
+                     help="live trials: a version at most this much lower in approval counts as not worse "
+                          "(default 0.05)")
+    ops.add_argument("--no-watch", action="store_true",
+                     help="do not watch live approval after a promotion (by default a significant fall "
+                          "rolls back by itself)")
     ops.add_argument("--follow-every", type=float, default=2.0, metavar="SECONDS",
                      help="how often to check the registry for a new active version (default 2)")
 
@@ -155,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--min-win-rate", type=float, default=0.5,
                        help="gate: the candidate's win rate against the active version must be above this "
                             "under its own reward model and at least this under the judge (default 0.5)")
+        p.add_argument("--canary", type=float, default=0.0, metavar="SHARE",
+                       help="a candidate that passes the gate serves this share of new conversations (e.g. 0.1) "
+                            "until live thumbs promote or reject it, instead of going live at once "
+                            "(default 0: off; see README)")
         p.add_argument("--max-kl", type=float, default=0.2,
                        help="gate: mean KL to the base at most this many nats per reply token (default 0.2)")
 
@@ -233,7 +246,8 @@ def retrain_command(args):
         retrain = [app, "retrain", "--data-dir", os.path.abspath(args.data_dir),
                    "--model", args.model, "--device", device, "--quantize", args.quantize, "--method", method,
                    "--threads", str(threads), "--min-win-rate", str(args.min_win_rate),
-                   "--max-kl", str(args.max_kl), "--max-new-tokens", str(args.max_new_tokens),
+                   "--max-kl", str(args.max_kl), "--canary", str(args.canary),
+                   "--max-new-tokens", str(args.max_new_tokens),
                    "--temperature", str(args.temperature), "--top-p", str(args.top_p)]
         if args.train_launcher == "python":
             return [sys.executable, *retrain]
@@ -338,6 +352,8 @@ def serve_settings(args):
     """The server's settings and the chat's options from the flags; a
     `CliError` (exit 2) that names the flag when one is out of range."""
     from chatbot.models import GenerationSettings
+    from chatbot.live_trials import TrialSettings
+    from online_rl.gate import check_canary_share
     from chatbot.server import ServeSettings
     from chatbot.ui import ChatOptions
 
@@ -351,7 +367,10 @@ def serve_settings(args):
         settings = ServeSettings(host=args.host, port=args.port, admin_token=args.admin_token,
                                  follow_every=args.follow_every,
                                  max_batch=1 if args.max_batch is None else args.max_batch,
-                                 max_waiting=args.max_waiting).validate()
+                                 max_waiting=args.max_waiting,
+                                 trials=TrialSettings(confidence=args.canary_confidence, margin=args.canary_margin,
+                                                      watch=not args.no_watch)).validate()
+        check_canary_share(args.canary)
     except ValueError as exc:
         raise CliError(str(exc), code=2) from None
     return settings, options
@@ -429,7 +448,8 @@ def cmd_retrain(args) -> int:
                                     top_p=args.top_p)
     config = CycleConfig(method=args.method, min_feedback=args.min_feedback, device=args.device,
                          reward_model=args.reward_model, threads=args.threads, seed=args.seed,
-                         promote=not args.no_promote, quantize=args.quantize, generation=generation)
+                         promote=not args.no_promote, quantize=args.quantize, generation=generation,
+                         canary=args.canary)
     config.gate.min_win_rate = config.gate.min_judge_win_rate = args.min_win_rate
     config.gate.max_kl = args.max_kl
     if args.ppo_steps is not None:

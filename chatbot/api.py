@@ -32,7 +32,7 @@ from chatbot.credentials import Credentials
 from chatbot.errors import ApiError, ErrorResponse, error_body
 from chatbot.identity import Caller, Identity, api_caller
 from chatbot.limits import TooLarge
-from chatbot.policy import Busy, GenerationSettings, Policy, PromptError
+from chatbot.policy import Busy, GenerationSettings, Policy, PromptError, Route
 from chatbot.rate_limit import RateLimit, retry_after
 from storage import ResponseNotFound, Store, StoreError
 from storage.store import new_response_id
@@ -173,7 +173,7 @@ def api_router(policy: Policy, store: Store, options, *, credentials: Credential
         response_id, created = new_response_id(), int(time.time())
         if not req.stream:
             try:
-                result = policy.generate(prompt, settings)
+                result = policy.generate(prompt, settings, route=Route(key=identity.key))
             except Busy as exc:
                 raise busy(exc) from None
             except PromptError as exc:
@@ -200,7 +200,7 @@ def api_router(policy: Policy, store: Store, options, *, credentials: Credential
         if policy.busy():
             raise busy()
         try:
-            stream = policy.stream(prompt, settings)  # tokenized here, before it waits for the model
+            stream = policy.stream(prompt, settings, route=Route(key=identity.key))  # tokenized here, before it waits for the model
         except PromptError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         # Generation is read on a thread of its own, which also logs the

@@ -58,6 +58,7 @@ class Request:
     stop: threading.Event = field(default_factory=threading.Event)
     version: str = ""  # the version that writes it, bound on admission
     adapter: str | None = None
+    route: object = None  # who asks, for the choice between arms while a canary runs (chatbot.policy.Route)
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | stopped
     error: BaseException | None = None
@@ -69,12 +70,13 @@ class Request:
 class Engine:
     """The batch and the thread that runs it.
 
-    `serving()` names the (version, adapter) new requests are bound to;
+    `serving(request)` names the (version, adapter) a new request is bound to;
     `release(in_use)` is called between steps with the adapter names rows
     still use, so that a retired adapter can be deleted once its last reply
     is written."""
 
-    def __init__(self, model_fn: Callable, tokenizer, device, *, serving: Callable[[], tuple[str, str | None]],
+    def __init__(self, model_fn: Callable, tokenizer, device, *,
+                 serving: Callable[[Request], tuple[str, str | None]],
                  release: Callable[[set], None] = lambda in_use: None, max_batch: int = 8, max_waiting: int = 32,
                  idle_exit_s: float = 5.0):
         if max_batch < 1 or max_waiting < 0:
@@ -181,7 +183,7 @@ class Engine:
                 if request.stop.is_set():
                     self._end(request, "stopped")
                     continue
-                request.version, request.adapter = self.serving()
+                request.version, request.adapter = self.serving(request)
                 try:
                     self._prefill(request)
                 except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on

@@ -19,12 +19,21 @@ reply uses any more is deleted between steps, so at rest only the serving
 version is loaded. Each reply's version label is bound when it joins the
 batch, so it always names the adapter that wrote it. Going back to v0
 serves the plain base.
+
+**Canary.** `start_canary` loads a candidate beside the serving version;
+a request whose `Route` falls in the canary's share is bound to it on
+admission (a conversation stays on the arm it started on; the same key
+always gets the same arm). Promoting the canary's version moves the serving
+label onto the adapter already loaded; ending the canary deletes it once
+its last reply is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +46,37 @@ from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa
 
 
 BASE_VERSION = "v0"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Who asks, for the choice of arm while a canary runs. `pinned`: the
+    version a conversation's first reply came from (the conversation stays
+    on that arm); else `key` (an identity: the same key always gets the same
+    arm); neither: a fresh draw."""
+
+    key: str | None = None
+    pinned: str | None = None
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A candidate served to `share` of new conversations during live trial `trial`."""
+
+    trial: int
+    version: str
+    adapter: str
+    share: float
+
+    def takes(self, route: Route | None) -> bool:
+        if route is None:  # no arm asked for (internal callers): the serving version
+            return False
+        if route.pinned is not None:
+            return route.pinned == self.version
+        if route.key is None:
+            return random.random() < self.share
+        digest = hashlib.sha256(f"{self.trial}:{route.key}".encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2.0**64 < self.share
 
 
 @dataclass
@@ -66,6 +106,7 @@ class Policy:
         self.version = version
         self._adapter: str | None = None  # the peft adapter new requests start on, None for the base
         self._loaded_adapters: set[str] = set()
+        self.canary: Canary | None = None
         self._loads = itertools.count(1)
         self._swap_lock = threading.Lock()
         # Called as fn(outcome, generation) after every request: outcome is ok,
@@ -98,10 +139,11 @@ class Policy:
         steps). Raises `AdapterLoadError` and leaves the serving version as it
         was if anything is wrong."""
         started = time.perf_counter()
-        prepared = None if version == BASE_VERSION else self._read_adapter(version, path)
+        canary = self.canary if self.canary is not None and self.canary.version == version else None
+        prepared = None if version == BASE_VERSION or canary else self._read_adapter(version, path)
         read_s = time.perf_counter() - started
         with self._swap_lock:
-            name = None if prepared is None else f"{version}_{next(self._loads)}"
+            name = canary.adapter if canary else None if prepared is None else f"{version}_{next(self._loads)}"
             waiting = time.perf_counter()
             with self.engine.between_steps():
                 locked = time.perf_counter()
@@ -110,12 +152,41 @@ class Policy:
                     self._add(name, prepared)
                 except Exception as exc:  # noqa: BLE001 - the old version keeps serving
                     raise AdapterLoadError(f"cannot load adapter {version} from {path}: {exc}") from exc
+                if canary:  # promoted: the canary's adapter serves everyone now
+                    self.canary = None
+                    self.model.set_adapter(name)
                 self.version, self._adapter = version, name
                 self._release(self.engine.in_use())
                 done = time.perf_counter()
         return {"version": version, "previous": previous, "read_s": round(read_s, 4),
                 "wait_s": round(locked - waiting, 4), "switch_s": round(done - locked, 4),
                 "total_s": round(done - started, 4)}
+
+    def start_canary(self, trial: int, version: str, path: str, share: float) -> None:
+        """Serve `version` (the adapter in `path`) to `share` of new
+        conversations beside the serving version, in place of any canary
+        before it. Raises `AdapterLoadError` and changes nothing when the
+        files do not load."""
+        if version == BASE_VERSION or version == self.version:
+            raise AdapterLoadError(f"{version} cannot be a canary beside {self.version}")
+        prepared = self._read_adapter(version, path)
+        with self._swap_lock:
+            name = f"{version}_{next(self._loads)}"
+            with self.engine.between_steps():
+                try:
+                    self._add(name, prepared, serve=False)
+                except Exception as exc:  # noqa: BLE001 - the serving version goes on alone
+                    raise AdapterLoadError(f"cannot load adapter {version} from {path}: {exc}") from exc
+                self.canary = Canary(trial, version, name, share)
+                self._release(self.engine.in_use())
+
+    def end_canary(self) -> None:
+        """New requests all go to the serving version; the canary's adapter is
+        deleted once its last reply is written."""
+        with self._swap_lock:
+            with self.engine.between_steps():
+                self.canary = None
+                self._release(self.engine.in_use())
 
     def loaded_versions(self) -> list[str]:
         """The adapters in memory now (the serving one, and those whose last
@@ -132,11 +203,15 @@ class Policy:
                                 served=(self.loaded.name, self.loaded.path))
         return checked.config, checked.weights
 
-    def _serving(self) -> tuple[str, str | None]:
+    def _serving(self, request: Request) -> tuple[str, str | None]:
+        canary = self.canary
+        if canary is not None and canary.takes(request.route):
+            return canary.version, canary.adapter
         return self.version, self._adapter
 
-    def _add(self, name: str | None, prepared: tuple | None) -> None:
-        """Between steps: load adapter `name` beside the others. On failure,
+    def _add(self, name: str | None, prepared: tuple | None, *, serve: bool = True) -> None:
+        """Between steps: load adapter `name` beside the others (and make it
+        peft's active one when it is to `serve` everyone). On failure,
         whatever was half-added is removed."""
         from peft import PeftModel
         from peft.utils import set_peft_model_state_dict
@@ -155,7 +230,8 @@ class Policy:
             if result.unexpected_keys or missing:
                 raise ValueError(f"weights do not fit the base: unexpected {result.unexpected_keys[:3]}, "
                                  f"missing {missing[:3]}")
-            self.model.set_adapter(name)
+            if serve or wrapped_here:
+                self.model.set_adapter(name)
         except Exception:
             if wrapped_here:
                 self.model = _unwrap(self.model) if hasattr(self.model, "unload") else self.base
@@ -167,14 +243,17 @@ class Policy:
         self._loaded_adapters.add(name)
 
     def _release(self, in_use: set) -> None:
-        """Between steps: delete every adapter neither serving nor in use by a
-        reply still being written; back to the plain base when none is left."""
-        for name in sorted(self._loaded_adapters - in_use - {self._adapter}):
+        """Between steps: delete every adapter neither serving (or on canary)
+        nor in use by a reply still being written; back to the plain base
+        when none is left."""
+        keep = {self._adapter, self.canary.adapter if self.canary else None}
+        for name in sorted(self._loaded_adapters - in_use - keep):
             if len(self._loaded_adapters) == 1:
                 self.model = _unwrap(self.model)
             else:
                 if self.model.active_adapter == name:
-                    self.model.set_adapter(next(iter(self._loaded_adapters - {name})))
+                    rest = self._loaded_adapters - {name}
+                    self.model.set_adapter(self._adapter if self._adapter in rest else next(iter(rest)))
                 self.model.delete_adapter(name)
             self._loaded_adapters.discard(name)
 
@@ -205,9 +284,10 @@ class Policy:
             except Exception:  # noqa: BLE001 - counting must never fail a reply
                 pass
 
-    def _submit(self, prompt: Prompt, settings: GenerationSettings, stop: threading.Event) -> Request:
+    def _submit(self, prompt: Prompt, settings: GenerationSettings, stop: threading.Event,
+                route: Route | None = None) -> Request:
         try:
-            return self.engine.submit(Request(list(prompt.ids), settings, stop))
+            return self.engine.submit(Request(list(prompt.ids), settings, stop, route=route))
         except Busy:
             self._notify("busy", None)
             raise
@@ -221,12 +301,14 @@ class Policy:
             latency_ms=(time.perf_counter() - request.submitted) * 1000,
             first_token_ms=None if first is None else (first - request.submitted) * 1000)
 
-    def generate(self, messages: list[dict] | Prompt, settings: GenerationSettings | None = None) -> Generation:
+    def generate(self, messages: list[dict] | Prompt, settings: GenerationSettings | None = None, *,
+                 route: Route | None = None) -> Generation:
         """The whole reply at once (the API's non-streaming path): no per-token
-        decoding. `messages` may be a `Prompt` already built."""
+        decoding. `messages` may be a `Prompt` already built; `route` says
+        who asks, for the canary's share."""
         settings = (settings or GenerationSettings()).validate()
         prompt = messages if isinstance(messages, Prompt) else self.build_prompt(messages, settings)
-        request = self._submit(prompt, settings, threading.Event())
+        request = self._submit(prompt, settings, threading.Event(), route)
         try:
             while request.events.get() is not None:
                 pass
@@ -242,13 +324,13 @@ class Policy:
         return result
 
     def stream(self, messages: list[dict] | Prompt, settings: GenerationSettings | None = None,
-               stop: threading.Event | None = None) -> "ReplyStream":
+               stop: threading.Event | None = None, *, route: Route | None = None) -> "ReplyStream":
         """A reply to iterate over; its prompt is built here, on the calling
         thread, so `prompt` (what is sent, what was left out) is known before
         the first piece."""
         settings = (settings or GenerationSettings()).validate()
         prompt = messages if isinstance(messages, Prompt) else self.build_prompt(messages, settings)
-        return ReplyStream(self, prompt, settings, stop or threading.Event())
+        return ReplyStream(self, prompt, settings, stop or threading.Event(), route)
 
 
 class ReplyStream:
@@ -257,14 +339,15 @@ class ReplyStream:
     Closing the iterator early (a client went away) stops the generation:
     the reply's row leaves the batch at the next step."""
 
-    def __init__(self, policy: Policy, prompt: Prompt, settings: GenerationSettings, stop: threading.Event):
-        self.policy, self.prompt, self.settings, self.stop = policy, prompt, settings, stop
+    def __init__(self, policy: Policy, prompt: Prompt, settings: GenerationSettings, stop: threading.Event,
+                 route: Route | None = None):
+        self.policy, self.prompt, self.settings, self.stop, self.route = policy, prompt, settings, stop, route
         self.result = Generation(prompt=prompt.messages, truncated_messages=prompt.dropped,
                                  prompt_tokens=len(prompt.ids))
 
     def __iter__(self) -> Iterator[str]:
         policy = self.policy
-        request = policy._submit(self.prompt, self.settings, self.stop)
+        request = policy._submit(self.prompt, self.settings, self.stop, self.route)
         outcome, pieces = "error", Pieces(policy.tokenizer)
         try:
             ended = False

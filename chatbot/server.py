@@ -19,7 +19,7 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gradio as gr
 from fastapi import FastAPI
@@ -33,6 +33,7 @@ from chatbot.credentials import Credentials
 from chatbot.errors import add_api_not_found, document_errors, install_error_handlers
 from chatbot.gradio_routes import UnknownEndpoints
 from chatbot.limits import BodyLimit
+from chatbot.live_trials import LiveJudge, TrialSettings
 from chatbot.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatbot.metrics import Metrics
 from chatbot.policy import Policy
@@ -120,12 +121,13 @@ class Serving:
 def build_serving(store: Store, loaded, scheduler, options: ChatOptions, *,
                   credentials: Credentials | None = None, admin_token: str | None = None,
                   follow_every: float = 2.0, page_secret: str | None = None, max_batch: int = 8,
-                  max_waiting: int = 32) -> Serving:
+                  max_waiting: int = 32, trials: TrialSettings | None = None) -> Serving:
     """The app on the version that loads: the active one, or, when its adapter
     is broken, the last one before it that loads (`VersionFollower.come_up`).
     Nothing in the registry can make this fail."""
     policy = Policy(loaded, max_batch=max_batch, max_waiting=max_waiting)
-    follower = VersionFollower(policy, store, interval_s=follow_every)
+    judge = LiveJudge(store, lambda version, row: policy.check_adapter(version, row["path"]), trials)
+    follower = VersionFollower(policy, store, interval_s=follow_every, judge=judge)
     follower.come_up()
     ops = Operations(store, follower, scheduler)
     app = create_app(policy, store, options, credentials=credentials, ops=ops, admin_token=admin_token,
@@ -173,8 +175,10 @@ class ServeSettings:
     follow_every: float = 2.0  # seconds between looks at the registry
     max_batch: int = 8  # rows of the serving batch
     max_waiting: int = 32  # requests waiting for a row before 503
+    trials: TrialSettings = field(default_factory=TrialSettings)  # deciding canaries and watches
 
     def validate(self) -> "ServeSettings":
+        self.trials.validate()
         if not 1 <= self.max_batch <= 4096:
             raise ValueError("--max-batch must be between 1 and 4096")
         if self.max_waiting < 0:
@@ -196,7 +200,7 @@ def serve(settings: ServeSettings, options: ChatOptions, store: Store, loaded, s
     serving = build_serving(store, loaded, scheduler, options, credentials=credentials,
                             admin_token=settings.admin_token, follow_every=settings.follow_every,
                             page_secret=page_secret, max_batch=settings.max_batch,
-                            max_waiting=settings.max_waiting)
+                            max_waiting=settings.max_waiting, trials=settings.trials)
     app, follower = serving.app, serving.follower
     log.info("serving version %s; batch of up to %d rows, %d more waiting", serving.policy.version,
              settings.max_batch, settings.max_waiting)

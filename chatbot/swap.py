@@ -12,6 +12,12 @@ version serving. The reason is logged once and kept for the operator status;
 the version is not tried again while its files stay as they are (rewritten
 files are tried at the next poll) or until the active version changes.
 
+It also keeps the canary arm on the trial the registry says runs
+(`storage.trials`): a candidate on canary is loaded beside the serving
+version, and unloaded when its trial ends; one whose files do not load ends
+its trial as failed. With a `judge` (`chatbot.live_trials`), each poll first
+lets it decide the running trials on live thumbs.
+
 At start (`come_up`, before the server takes requests) the follower swaps in
 the active version; when that version does not load, the server comes up on
 the last version that does (the versions active before it, most recently
@@ -37,9 +43,10 @@ log = logging.getLogger("chatbot.swap")
 
 
 class VersionFollower:
-    def __init__(self, policy: Policy, store: Store, *, interval_s: float = 2.0):
+    def __init__(self, policy: Policy, store: Store, *, interval_s: float = 2.0, judge=None):
         self.policy = policy
         self.store = store
+        self.judge = judge  # a chatbot.live_trials.LiveJudge, or None
         self.interval_s = interval_s
         self.error: dict | None = None  # the active version that could not be loaded, and why
         self.fallback: dict | None = None  # the fallback this process made at start, if any
@@ -50,9 +57,31 @@ class VersionFollower:
         self._thread: threading.Thread | None = None
 
     def sync(self) -> dict | None:
-        """Swap to the active version if needed; return the swap's timings, or None."""
+        """Swap to the active version if needed, then follow the canary;
+        return the swap's timings, or None."""
         with self._lock:
-            return self._sync()
+            info = self._sync()
+            self._sync_canary()
+            return info
+
+    def _sync_canary(self) -> None:
+        if not hasattr(self.policy, "start_canary"):  # a policy that cannot serve two arms
+            return
+        trial = self.store.running_canary()
+        serving = self.policy.canary
+        if serving is not None and (trial is None or serving.trial != trial["id"]):
+            self.policy.end_canary()
+            log.info("canary of %s ended", serving.version)
+        if trial is None or (serving is not None and serving.trial == trial["id"]):
+            return
+        try:
+            self.policy.start_canary(trial["id"], trial["version"], self._path(trial["version"]), trial["share"])
+        except Exception as exc:  # noqa: BLE001 - the serving version goes on alone
+            self.store.end_trial(trial["id"], "failed", reason=f"does not load: {exc}")
+            log.error("canary of %s does not load: %s", trial["version"], exc)
+            return
+        log.info("canary: %s serves %.0f%% of new conversations beside %s", trial["version"],
+                 100 * trial["share"], self.policy.version)
 
     def come_up(self) -> dict | None:
         """At start: serve the active version, or fall back to the last version
@@ -133,12 +162,17 @@ class VersionFollower:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
+                if self.judge is not None:
+                    self.judge.look()
                 self.sync()
             except Exception:  # noqa: BLE001 - a database hiccup must not stop following
                 log.exception("checking the active version failed")
 
     def state(self) -> dict:
+        canary = getattr(self.policy, "canary", None)
         return {"serving_version": self.policy.version, "error": self.error, "fallback": self.fallback,
+                "canary": None if canary is None else {"version": canary.version, "share": canary.share,
+                                                       "trial": canary.trial},
                 "last_swap": self.swaps[-1] if self.swaps else None, "swaps": len(self.swaps)}
 
 

@@ -22,7 +22,7 @@ import gradio as gr
 from chatbot.credentials import Verified
 from chatbot.identity import Identity, identify
 from chatbot.limits import Limits, TooLarge
-from chatbot.policy import Busy, GenerationSettings, Policy, PromptError
+from chatbot.policy import Busy, GenerationSettings, Policy, PromptError, Route
 from chatbot.rate_limit import DEFAULT_PER_MINUTE, RateLimit, retry_after
 from storage import Store, StoreError
 
@@ -109,6 +109,13 @@ def display(state: dict, pending_reply: str | None = None) -> list[dict]:
     if pending_reply is not None:
         out.append({"role": "assistant", "content": render(pending_reply) or "…"})
     return out
+
+
+def route_of(state: dict) -> Route:
+    """A conversation stays on the version its first reply came from (the
+    canary's arm or the serving one); a new one draws its arm."""
+    first = next((reply for turn in state["turns"] for reply in turn["replies"]), None)
+    return Route(pinned=first["version"]) if first else Route()
 
 
 def messages_for(turns: list[dict]) -> list[dict]:
@@ -220,7 +227,7 @@ class ChatUI:
         text = ""
         try:
             yield "", display(state, pending_reply=""), state
-            stream = self.policy.stream(prompt, settings, stop=stop)
+            stream = self.policy.stream(prompt, settings, stop=stop, route=route_of(state))
             for piece in stream:
                 text += piece
                 yield "", display(state, pending_reply=text), state

@@ -46,7 +46,7 @@ from chatbot.models import GenerationSettings
 from online_rl.data import DataConfig, Snapshot, snapshot
 from online_rl.distributed import broadcast, check_engine, process_group
 from online_rl.evaluate import EvalConfig
-from online_rl.gate import GateConfig
+from online_rl.gate import GateConfig, check_canary_share
 from online_rl.kto import KTOSettings
 from online_rl.ppo import PPOConfig
 from online_rl.registration import register
@@ -88,12 +88,14 @@ class CycleConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     promote: bool = False  # apply the gate: promote the candidate if it passes, else reject it
+    canary: float = 0.0  # above 0: a candidate that passes goes on canary on this share of conversations
 
     def validate(self) -> CycleConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.min_feedback < 2:
             raise ValueError("min_feedback must be at least 2")
+        check_canary_share(self.canary)
         self.ppo.validate()
         self.generation.validate()
         self.data.validate()
@@ -191,9 +193,9 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
             from online_rl.gate import apply
 
             report(f"gate: judging {summary['version']}", stage="gate")
-            verdict = apply(store, summary["version"], summary["evaluation"], config.gate)
+            verdict = apply(store, summary["version"], summary["evaluation"], config.gate, canary=config.canary)
             summary["gate"] = verdict.as_dict()
-            outcome = "promoted" if verdict.passed else "not promoted"
+            outcome = ("on canary" if config.canary else "promoted") if verdict.passed else "not promoted"
             report(f"gate: {summary['version']} {outcome}: {verdict.reason()}")
         summary.update(feedback=snap.counts(), rater_shares=snap.rater_shares(),
                        seconds=round(time.perf_counter() - started, 1), peak_memory_mb=peak_memory_mb())

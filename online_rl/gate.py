@@ -130,9 +130,20 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     return Verdict(passed=not reasons, reasons=reasons, checks=checks)
 
 
-def apply(store, version: str, evaluation: dict, config: GateConfig | None = None) -> Verdict:
+def check_canary_share(share: float) -> float:
+    """The `--canary` share, checked: 0 (off) up to below 1."""
+    if not 0 <= share < 1:
+        raise ValueError("--canary is a share of new conversations: 0 (off) up to below 1, e.g. 0.1")
+    return share
+
+
+def apply(store, version: str, evaluation: dict, config: GateConfig | None = None, *,
+          canary: float = 0.0) -> Verdict:
     """Decide on a registered candidate and record the outcome in the registry:
     active (a logged promotion by the gate) or rejected with the reasons.
+    With `canary` above 0 a candidate that passes is not promoted but put on
+    canary on that share of new conversations (`storage.trials`): live
+    thumbs decide (`chatbot.live_trials`).
 
     The candidate must have been compared with the version active now; if an
     operator changed the active version in the meantime, it is left a
@@ -144,11 +155,13 @@ def apply(store, version: str, evaluation: dict, config: GateConfig | None = Non
         return Verdict(False, [f"it was evaluated against {compared_with}, but {current} became active "
                                "meanwhile; left as a candidate"], {})
     verdict = decide(evaluation, config, active=current)
-    if verdict.passed:
-        store.promote(version, action="gate", actor="gate",
-                      reason=f"passed the gate against {current}: win rate {_fmt(evaluation.get('win_rate'))}, "
-                             f"judge {_fmt(evaluation.get('judge_win_rate'))}, "
-                             f"KL {_fmt(evaluation.get('kl_per_token'), 3)} nats per token")
+    passed = (f"passed the gate against {current}: win rate {_fmt(evaluation.get('win_rate'))}, "
+              f"judge {_fmt(evaluation.get('judge_win_rate'))}, "
+              f"KL {_fmt(evaluation.get('kl_per_token'), 3)} nats per token")
+    if verdict.passed and canary:
+        store.start_canary(version, canary, reason=passed)
+    elif verdict.passed:
+        store.promote(version, action="gate", actor="gate", reason=passed)
     else:
         store.set_adapter_status(version, "rejected", reason=verdict.reason())
     return verdict
