@@ -28,6 +28,7 @@ import gradio as gr
 import pandas as pd
 
 from chatbot.admin import OperationError, Operations
+from chatbot.trials_view import trials_frame, trials_markdown
 
 BUCKETS = ("minute", "hour", "day")
 DEFAULT_BUCKET = "hour"
@@ -339,10 +340,11 @@ class Console:
         else:
             promote_update = gr.Dropdown(choices=version_choices(adapters))
             rollback_update = gr.Dropdown(choices=rollback_choices(adapters))
-        shares = status.get("rater_shares")
+        shares, trials = status.get("rater_shares"), status.get("live_trials") or []
         return (status_markdown(status), progress_html(current, runs[0] if runs else None), runs_frame(runs),
                 adapters_frame(adapters), versions_table(status["approval_by_version"]),
-                rater_shares_markdown(shares), rater_shares_frame(shares), promote_update, rollback_update, choices)
+                rater_shares_markdown(shares), rater_shares_frame(shares), trials_markdown(trials),
+                trials_frame(trials), promote_update, rollback_update, choices)
 
     def plots(self, bucket: str):
         bucket = bucket if bucket in BUCKETS else DEFAULT_BUCKET
@@ -428,13 +430,15 @@ class Console:
                 with gr.Column(scale=2):
                     gr.Markdown("### Approval per version")
                     versions = gr.Dataframe(versions_table([]), interactive=False)
+            trials_heading = gr.Markdown(trials_markdown([]), elem_id="console-trials-heading")
+            trials = gr.Dataframe(trials_frame([]), interactive=False, wrap=True, elem_id="console-trials")
             shares_heading = gr.Markdown(rater_shares_markdown(None), elem_id="console-shares-heading")
             shares = gr.Dataframe(rater_shares_frame(None), interactive=False, elem_id="console-shares")
             shown_choices = gr.State(None)
 
             fast, slow = gr.Timer(REFRESH_S), gr.Timer(PLOT_REFRESH_S)
-            live = [status, progress, runs, adapters, versions, shares_heading, shares, version, target,
-                    shown_choices]
+            live = [status, progress, runs, adapters, versions, shares_heading, shares, trials_heading, trials,
+                    version, target, shown_choices]
             plots = [thumbs_plot, approval_plot, version_plot]
             quiet = {"api_visibility": "private", "show_progress": "hidden"}
             refresh = dict(fn=self.refresh, inputs=[shown_choices], outputs=live, queue=False, **quiet)

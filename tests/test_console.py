@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 import pytest
 
-from chatbot import console
+from chatbot import console, trials_view
 from chatbot.adapters import AdapterLoadError
 from chatbot.admin import Operations
 from chatbot.swap import VersionFollower
@@ -236,7 +236,7 @@ def test_rater_shares_of_the_last_run(store, app):
                   {"rater": "session:loud", "rows": 20, "share_before": 0.6667, "share_after": 0.5}]}}
     refused = store.start_run("ppo", watermark=9)
     store.finish_run(refused, "refused", error="not enough feedback", metrics={"rater_shares": shares})
-    *_, heading, frame, _, _, _ = app.refresh(None)
+    *_, heading, frame, _, _, _, _, _ = app.refresh(None)
     assert f"run {refused}" in heading and "5.0%" in heading and "21 raters, 2000 thumbs" in heading
     assert list(frame.columns) == console.SHARE_COLUMNS
     assert frame.values.tolist() == [
@@ -272,13 +272,34 @@ def test_console_builds(ops):
 
 def test_refresh_updates_choices_only_when_they_change(app):
     first = app.refresh(None)
-    status, progress, runs, adapters, versions, _, _, promote, rollback, shown = first
+    status, progress, runs, adapters, versions, _, _, _, _, promote, rollback, shown = first
     assert "**Active** v1" in status and "is running" in progress
     assert len(runs) == 3 and len(adapters) == 2 and len(versions) == 2
     assert [list(c) for c in promote.constructor_args["choices"]] == shown
     assert rollback.constructor_args["choices"][0] == ("the version before the active one", console.PREVIOUS)
     again = app.refresh(shown)
-    assert again[7] == gr.skip() and again[8] == gr.skip()
+    assert again[9] == gr.skip() and again[10] == gr.skip()
+
+
+def test_live_trials_show_both_arms_with_their_intervals(store, app):
+    """A running canary, with the evidence of the judge's last look, and the
+    watch of the last promotion, as the console lists them."""
+    from online_rl.sequential import compare
+
+    trial = store.start_canary("v2", 0.1)
+    store.record_evidence(trial["id"], compare([1, 1, 0, 1] * 10, [1, 0] * 50))
+    *_, heading, frame, _, _, _ = app.refresh(None)
+    assert "canary v2 on 10% of new conversations beside v1" in heading
+    assert "v2 0.75 [" in heading and "of 40" in heading and "v1 0.50 [" in heading
+    assert list(frame.columns) == trials_view.TRIAL_COLUMNS
+    row = frame.values.tolist()[0]
+    assert row[:6] == [trial["id"], "canary", "v2", "v1", "10%", "running"]
+    assert row[6].startswith("0.75 [") and row[8].startswith("+0.25 [") and row[9] == "undecided"
+    store.reject_canary(trial["id"], reason="worse than v1 on live thumbs", evidence={})
+    *_, heading, frame, _, _, _ = app.refresh(None)
+    assert heading == "### Live trials\nwatching v1 against v0: v1 no thumbs yet, v0 no thumbs yet"
+    assert frame.values.tolist()[0][5:] == ["rejected", "no thumbs yet", "no thumbs yet", "",
+                                            "worse than v1 on live thumbs"]
 
 
 def test_plots_handler(app):
