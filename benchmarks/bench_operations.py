@@ -46,8 +46,9 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def make_adapter(model, out: Path, seed: int, base_model: str) -> Path:
-    """A LoRA as PPO makes it (r=16, every projection), with random weights."""
+def make_adapter(model, out: Path, seed: int, base_model: str, scale: float = 0.02) -> Path:
+    """A LoRA as PPO makes it (r=16, every projection), with random weights
+    (normal, standard deviation `scale`: 0 leaves the base's replies as they are)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -60,7 +61,7 @@ def make_adapter(model, out: Path, seed: int, base_model: str) -> Path:
     with torch.no_grad():
         for name, param in peft.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.02)
+                param.normal_(0, scale)
     peft.save_pretrained(out)
     (out / "adapter.json").write_text(json.dumps({"version": out.name, "base_model": base_model}))
     peft.unload()
