@@ -7,14 +7,17 @@ words (at least 90% of its words known to the corpus, `online_rl.language`),
 flipped for a tenth of the thumbs (`--noise`). Versions differ only in how
 much random noise their LoRA adds to the starter (`--scales`), which makes
 them babble more or less; each version's true approval is measured beside.
-Three live decisions, one after the other, on one server:
+Five live decisions, one after the other, on one server:
 
-1. **a better candidate**: the active version is a noisy adapter; a clean
-   one goes on canary (`Store.start_canary`, as the gate does with
-   `--canary`) on `--share` of new conversations, until live thumbs decide;
-2. **a worse candidate**: the clean version is active; a very noisy one goes
-   on canary;
-3. **the watch**: an operator promotes the noisy version over the clean one,
+1. **a better candidate**: the active version is a noisy adapter (v1); a
+   clean one (v2) goes on canary (`Store.start_canary`, as the gate does
+   with `--canary`) on `--share` of new conversations, until live thumbs
+   decide;
+2. **a much worse candidate**: v2 is active; a very noisy v3 goes on canary;
+3. **a slightly worse candidate**: a mildly noisy v4;
+4. **a candidate as good**: v5, clean like v2 (what a non-inferiority test
+   costs when there is no difference to find);
+5. **the watch**: an operator promotes the noisy v1 over the clean version,
    and the watch compares its live approval with the clean version's.
 
 For each: the decision and the thumbs it took (each arm), the conversations
@@ -52,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--people", type=int, default=2000, help="distinct identities (default 2000)")
     parser.add_argument("--share", type=float, default=0.1, help="the canary's share of conversations")
     parser.add_argument("--noise", type=float, default=0.1, help="share of thumbs flipped (default 0.1)")
-    parser.add_argument("--scales", type=float, nargs=3, default=[0.12, 0.0, 0.2], metavar=("NOISY", "CLEAN", "WORSE"),
-                        help="LoRA noise of the three versions (default 0.12 0.0 0.2)")
+    parser.add_argument("--scales", type=float, nargs=4, default=[0.12, 0.0, 0.2, 0.08],
+                        metavar=("NOISY", "CLEAN", "WORSE", "SLIGHTLY_WORSE"),
+                        help="LoRA noise of v1 to v4 (default 0.12 0.0 0.2 0.08); v5 is as clean as v2")
     parser.add_argument("--max-seconds", type=float, default=900, help="give a trial up after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
@@ -135,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-canary-"))
     data = work / "data"
     store = Store.in_data_dir(data)
-    noisy, clean, worse = args.scales
-    for number, scale in ((1, noisy), (2, clean), (3, worse)):
+    for number, scale in enumerate([*args.scales, args.scales[1]], start=1):
         path = make_adapter(AutoModelForCausalLM.from_pretrained(model_dir), data / "adapters" / f"v{number}",
                             number, str(model_dir), scale=scale)
         store.register_adapter(f"v{number}", path=str(path), base_model=str(model_dir))
@@ -150,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         admin = httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})
         admin.post("/v1/admin/promote", json={"version": "v1"}).raise_for_status()
         plan = [("a better candidate (clean v2 beside noisy v1)", lambda: store.start_canary("v2", args.share)),
-                ("a worse candidate (very noisy v3 beside clean v2)", lambda: store.start_canary("v3", args.share)),
-                ("the watch (an operator promotes noisy v1 over clean v2)", lambda: _promote(admin, store, "v1"))]
+                ("a much worse candidate (very noisy v3 beside v2)", lambda: store.start_canary("v3", args.share)),
+                ("a slightly worse candidate (mildly noisy v4 beside v2)",
+                 lambda: store.start_canary("v4", args.share)),
+                ("a candidate as good (clean v5 beside v2)", lambda: store.start_canary("v5", args.share)),
+                ("the watch (an operator promotes noisy v1 over the clean active version)",
+                 lambda: _promote(admin, store, "v1"))]
         for phase, (name, start) in enumerate(plan, start=1):
             trial = start()
             log(f"{name}: trial {trial['id']} ({trial['kind']} of {trial['version']} against {trial['other']})")
@@ -192,7 +199,7 @@ def report(results: list[dict], store, args) -> str:
     return (f"The starter served by `app.py serve --canary {args.share}` in a child process; {args.clients} "
             f"simulated people at a time out of {args.people} identities, each reply rated by whether it is "
             f"written in real words, a {args.noise:.0%} share of thumbs flipped; confidence 0.95, margin 0.05 "
-            f"(the defaults). LoRA noise of v1, v2, v3: {args.scales}. Approvals are the share of thumbs up "
+            f"(the defaults). LoRA noise of v1 to v5: {[*args.scales, args.scales[1]]}. Approvals are the share of thumbs up "
             f"with the confidence sequence's interval at the decision; *true* is the share of the arm's "
             f"replies in real words, without noise.\n\n"
             + table(["decision", "outcome", "thumbs (candidate)", "thumbs (other)", "candidate approval",
