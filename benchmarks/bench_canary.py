@@ -117,11 +117,17 @@ def until_decided(server: Server, store, trial_id: int, prompts: list[str], args
     return {**counts, "trial": trial, "served": served, "seconds": round(time.monotonic() - started, 1)}
 
 
-def true_approval(store, version: str, since: str) -> float | None:
-    """The share of `version`'s replies since `since` that are in real words (no noise)."""
+def true_approval(store, version: str, since: str | None = None, before: str | None = None) -> float | None:
+    """The share of `version`'s replies (since `since`, or the last 1,000
+    before `before`) that are in real words, without noise."""
     from online_rl.language import known_word_fraction
 
-    rows = store._query("SELECT reply FROM responses WHERE model_version = ? AND created_at >= ?", [version, since])
+    if before is not None:
+        rows = store._query("SELECT reply FROM responses WHERE model_version = ? AND created_at < ?"
+                            " ORDER BY created_at DESC LIMIT 1000", [version, before])
+    else:
+        rows = store._query("SELECT reply FROM responses WHERE model_version = ? AND created_at >= ?",
+                            [version, since])
     good = [bool(r["reply"].strip()) and (known_word_fraction([r["reply"]]) or 0.0) >= 0.9 for r in rows]
     return round(sum(good) / len(good), 3) if good else None
 
@@ -164,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: trial {trial['id']} ({trial['kind']} of {trial['version']} against {trial['other']})")
             result = until_decided(server, store, trial["id"], prompts, args, seed=phase)
             t = result["trial"]
-            result.update(name=name, true_new=true_approval(store, t["version"], t["started_at"]),
-                          true_other=true_approval(store, t["other"], t["started_at"]))
+            # A canary's arms ran side by side; a watch compares with the version before's past replies.
+            other_replies = ({"since": t["started_at"]} if t["kind"] == "canary" else {"before": t["started_at"]})
+            result.update(name=name, true_new=true_approval(store, t["version"], since=t["started_at"]),
+                          true_other=true_approval(store, t["other"], **other_replies))
             log(f"{name}: {t['status']} after {result['seconds']} s: {t['reason']}; served {result['served']}, "
                 f"failed {result['failed']} {result['errors']}")
             results.append(result)
