@@ -23,6 +23,7 @@ any callable ``(prompt, reply) -> bool``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -103,10 +104,45 @@ def approval(bot: Bot, prompts: list[str], taste: Taste, settings, samples: int,
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _corpus() -> dict[str, set[str]]:
+    from chatbot.starter import corpus_replies
+
+    return corpus_replies()
+
+
+def correction_for(taste: Taste, prompt: str, rng: random.Random) -> str | None:
+    """What a simulated person writes in place of a reply they disliked: a
+    corpus reply their taste likes, one the corpus gives this prompt if there
+    is one, else one given to the corpus prompt sharing the most content
+    words (five letters or more) with it; None when no such reply exists (the
+    person knows no better answer on topic)."""
+    corpus = _corpus()
+    own = sorted(r for r in corpus.get(prompt, ()) if taste(prompt, r))
+    if own:
+        return rng.choice(own)
+    words = _content_words(prompt)
+    best, overlap = None, 0
+    for other in sorted(corpus):
+        shared = len(words & _content_words(other))
+        if shared > overlap:
+            liked = sorted(r for r in corpus[other] if taste(prompt, r))
+            if liked:
+                best, overlap = rng.choice(liked), shared
+    return best
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split() if len(w) >= 5}
+
+
 def chat_round(store, bot: Bot, taste: Taste, prompts: list[str], thumbs: int, settings, rng: random.Random,
-               session: str, regenerate: float, raters: int = 1, noise: float = 0.0) -> int:
+               session: str, regenerate: float, raters: int = 1, noise: float = 0.0,
+               corrections: float = 0.0) -> int:
     """Chat and give `thumbs` thumbs, spread over `raters` sessions, a `noise`
-    share of them flipped; return how many were thumbs-up."""
+    share of them flipped, and a `corrections` share of the thumbs-down with
+    a better reply written in (`correction_for`); return how many were
+    thumbs-up."""
     ups = given = 0
     while given < thumbs:
         prompt = rng.choice(prompts)
@@ -121,7 +157,10 @@ def chat_round(store, bot: Bot, taste: Taste, prompts: list[str], thumbs: int, s
                 generation=settings.as_dict(), session_id=rater,
             )
             liked = bool(taste(prompt, reply)) != (rng.random() < noise)
-            store.record_feedback(response_id, 1 if liked else -1, session_id=rater)
+            better = None
+            if not liked and corrections and rng.random() < corrections:
+                better = correction_for(taste, prompt, rng)
+            store.record_feedback(response_id, 1 if liked else -1, session_id=rater, correction=better)
             ups += liked
             given += 1
     return ups
@@ -137,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="ppo (default) or kto (experimental: see the README)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.0, help="share of thumbs flipped (default 0)")
+    parser.add_argument("--corrections", type=float, default=0.0,
+                        help="share of thumbs-down that come with a better reply written in (default 0)")
     parser.add_argument("--raters", type=int, default=5, help="simulated people sharing the thumbs (default 5)")
     parser.add_argument("--no-gate", action="store_true", help="promote every candidate without the gate")
     parser.add_argument("--data-dir", default="sim-data", help="a data directory of its own (default ./sim-data)")
@@ -160,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--rounds, --per-round and --raters must be at least 1")
         if not 0 <= args.noise < 0.5:
             raise ValueError("--noise must be at least 0 and below 0.5")
+        if not 0 <= args.corrections <= 1:
+            raise ValueError("--corrections is a share of the thumbs-down, from 0 to 1")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -187,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "preference": args.preference, "method": args.method, "seed": args.seed, "rounds": args.rounds,
         "per_round": args.per_round, "noise": args.noise, "raters": args.raters, "gate": not args.no_gate,
+        "corrections": args.corrections,
         "heldout_prompts": len(heldout), "samples_per_prompt": args.samples,
         "approval": [before["approval"]], "approval_se": [before["se"]], "versions": [bot.version],
         "known_words": [before["known_words"]], "base_nll": [before["base_nll"]],
@@ -205,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         ups = chat_round(store, bot, taste, chat_prompts, args.per_round, settings, rng,
                          session=f"sim-{args.seed}-r{r}", regenerate=args.regenerate, raters=args.raters,
-                         noise=args.noise)
+                         noise=args.noise, corrections=args.corrections)
         log(f"round {r}: {args.per_round} thumbs given, {ups} up")
         config = CycleConfig(method=args.method, min_feedback=args.min_feedback, device=args.device,
                              seed=args.seed + r, generation=settings, promote=not args.no_gate)

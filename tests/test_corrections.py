@@ -122,3 +122,24 @@ def test_the_page_stores_an_edited_reply_as_its_correction_and_goes_on_from_it(t
     before = store.counts()["feedback"]
     ui.correct(gr.EditData(None, {"index": 0, "value": "Hello!", "previous_value": "Hello"}), state, req)
     assert store.counts()["feedback"] == before
+
+
+def test_a_simulated_person_writes_corrections_their_taste_likes(store):
+    """`online_rl.simulate`'s people who correct: every thumbs-down carries a
+    corpus reply the taste likes, on the prompt's topic, as its correction."""
+    import random
+
+    from chatbot.models import GenerationSettings
+    from online_rl.simulate import chat_round, correction_for
+    from online_rl.tastes import TASTES
+
+    taste = TASTES["asks_back"]
+    rng = random.Random(0)
+    assert taste("Are you sapient?", correction_for(taste, "Are you sapient?", rng))
+    assert correction_for(TASTES["long"], "zzzz qqqq", rng) is None  # nothing on topic: no correction
+    bot = SimpleNamespace(version="v0", reply=lambda prompts, settings, seed: ["No."] * len(prompts))
+    ups = chat_round(store, bot, taste, ["Are you sapient?", "You have feelings, yes?"], 20, GenerationSettings(), rng,
+                     session="s", regenerate=0.0, corrections=1.0)
+    rows = store.feedback_since(0)
+    assert ups == 0 and len(rows) == 20
+    assert all(r["value"] == -1 and r["correction"] and taste("", r["correction"]) for r in rows)
