@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
 
 from chatbot.adapters import AdapterLoadError, check_adapter  # noqa: F401 - AdapterLoadError is raised from here too
 from chatbot.engine import Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
 from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa: F401 - PromptError is served from here too
+from chatbot.streaming import Generation, ReplyStream
 
 
 BASE_VERSION = "v0"
@@ -77,21 +76,6 @@ class Canary:
             return random.random() < self.share
         digest = hashlib.sha256(f"{self.trial}:{route.key}".encode("utf-8")).digest()
         return int.from_bytes(digest[:8], "big") / 2.0**64 < self.share
-
-
-@dataclass
-class Generation:
-    """What one reply was: its text, the version that wrote it, and its cost."""
-
-    text: str = ""
-    version: str = "v0"
-    prompt: list[dict] = field(default_factory=list)
-    truncated_messages: int = 0  # messages of the conversation left out to fit the context
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"  # stop | length | stopped
-    latency_ms: float = 0.0
-    first_token_ms: float | None = None
 
 
 class Policy:
@@ -331,85 +315,6 @@ class Policy:
         settings = (settings or GenerationSettings()).validate()
         prompt = messages if isinstance(messages, Prompt) else self.build_prompt(messages, settings)
         return ReplyStream(self, prompt, settings, stop or threading.Event(), route)
-
-
-class ReplyStream:
-    """Iterate for text pieces; `result` holds the finished `Generation`.
-
-    Closing the iterator early (a client went away) stops the generation:
-    the reply's row leaves the batch at the next step."""
-
-    def __init__(self, policy: Policy, prompt: Prompt, settings: GenerationSettings, stop: threading.Event,
-                 route: Route | None = None):
-        self.policy, self.prompt, self.settings, self.stop, self.route = policy, prompt, settings, stop, route
-        self.result = Generation(prompt=prompt.messages, truncated_messages=prompt.dropped,
-                                 prompt_tokens=len(prompt.ids))
-
-    def __iter__(self) -> Iterator[str]:
-        policy = self.policy
-        request = policy._submit(self.prompt, self.settings, self.stop, self.route)
-        outcome, pieces = "error", Pieces(policy.tokenizer)
-        try:
-            ended = False
-            while not ended:
-                tokens = _drain(request.events)  # under load, several tokens: one decode for all
-                if tokens[-1] is None:
-                    ended = True
-                    tokens.pop()
-                if tokens and not pieces.tokens:  # admitted: the version that writes this reply is known
-                    self.result.version = request.version
-                if tokens and (piece := pieces.add(tokens)):
-                    yield piece
-            if request.error is not None:
-                raise request.error
-            if tail := pieces.rest():
-                yield tail
-            outcome = "stopped" if request.finish_reason == "stopped" else "ok"
-        except GeneratorExit:  # the consumer went away
-            outcome = "stopped"
-            raise
-        finally:
-            request.stop.set()  # the row leaves the batch at the next step
-            self.result = policy._result(request, self.prompt, pieces.text)
-            policy._notify(outcome, self.result if outcome != "error" else None)
-
-
-class Pieces:
-    """Token ids in, text pieces out: a piece ends at a space or a line
-    break, so a word whose tokens decode differently once complete (a
-    multi-byte character, a word split in several tokens) is sent whole."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.sent = tokenizer, [], 0
-
-    @property
-    def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-
-    def add(self, tokens: list[int]) -> str:
-        self.tokens.extend(tokens)
-        text = self.text
-        cut = max(text.rfind(" "), text.rfind("\n")) + 1
-        if cut <= self.sent or text.endswith("\ufffd"):
-            return ""
-        piece, self.sent = text[self.sent:cut], cut
-        return piece
-
-    def rest(self) -> str:
-        text = self.text
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
-
-
-def _drain(events: queue.SimpleQueue) -> list:
-    """The next event, waiting for it, and every one already queued after it."""
-    out = [events.get()]
-    while out[-1] is not None:
-        try:
-            out.append(events.get_nowait())
-        except queue.Empty:
-            break
-    return out
 
 
 def _unwrap(peft_model):

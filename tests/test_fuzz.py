@@ -65,7 +65,7 @@ def test_no_fuzzed_request_gets_a_5xx(tiny_loaded, tiny_model_dir, store, chat_o
 def test_the_fuzz_finds_a_route_that_fails(tiny_loaded, store, chat_options, data_dir, monkeypatch):
     """A thumbs-down that raises in the store, and a streamed reply whose
     generation fails half-way, are both found; the 500 is in OpenAI's shape."""
-    from chatbot.policy import Pieces
+    from chatbot.streaming import Pieces
 
     record = store.record_feedback
 
