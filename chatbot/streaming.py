@@ -1,8 +1,8 @@
-"""A reply as it is written, and what it was (`Generation`): `Policy.stream`
-returns a `ReplyStream`, which
-submits the request to the engine when iterated and turns the token ids it
-receives into text pieces (`Pieces`), one decode for all the tokens that
-arrived together."""
+"""A reply as it is written, and what it was (`Generation`).
+
+`Policy.stream` returns a `ReplyStream`, which submits the request to the
+engine when iterated and turns the token ids it receives into text pieces
+(`Pieces`), one decode for all the tokens that arrived together."""
 
 from __future__ import annotations
 
