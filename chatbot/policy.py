@@ -205,11 +205,14 @@ class Policy:
         config, weights = prepared
         wrapped_here = not self._loaded_adapters and not hasattr(self.model, "peft_config")
         try:
+            # The new LoRA layers are made on the meta device and take the
+            # checked weights as they are (no random init to overwrite, no
+            # copy): this runs between two decode steps, while the batch waits.
             if wrapped_here:
-                self.model = PeftModel(self.base, config, adapter_name=name)
+                self.model = PeftModel(self.base, config, adapter_name=name, low_cpu_mem_usage=True)
             else:
-                self.model.add_adapter(name, config)
-            result = set_peft_model_state_dict(self.model, weights, adapter_name=name)
+                self.model.add_adapter(name, config, low_cpu_mem_usage=True)
+            result = set_peft_model_state_dict(self.model, weights, adapter_name=name, low_cpu_mem_usage=True)
             missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
             if result.unexpected_keys or missing:
                 raise ValueError(f"weights do not fit the base: unexpected {result.unexpected_keys[:3]}, "
