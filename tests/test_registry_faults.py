@@ -81,6 +81,13 @@ def test_the_check_names_what_is_wrong(good, tmp_path, tiny_trained):
         check(elsewhere)
     with pytest.raises(AdapterLoadError, match="directory .* does not exist"):
         check(tmp_path / "nowhere")
+    # The expected shapes are kept per adapter config: a config of another
+    # rank is checked against its own, and the first one's still hold.
+    ranked = shutil.copytree(good["v1"], tmp_path / "ranked")
+    (ranked / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}))
+    with pytest.raises(AdapterLoadError, match="weights do not fit the base"):
+        check(ranked)
+    assert check(good["v1"]).weights
 
 
 @pytest.fixture(scope="module")
