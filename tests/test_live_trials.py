@@ -277,3 +277,35 @@ def test_a_server_serves_the_canary_the_store_names_to_its_share_of_callers(tiny
         assert serving.policy.canary is None
         data = client.post("/v1/chat/completions", json={**body, "user": "caller-0"}).json()
         assert data["model"] == "v1"
+
+
+def test_on_the_page_a_conversation_keeps_the_arm_it_started_on(tiny_trained, adapters, store, chat_options):
+    """Through the chat page's handlers: a conversation begun before the
+    canary stays on the serving version, a new one draws its arm (here a
+    share of all but one in a million), and keeps it while the canary runs."""
+    from types import SimpleNamespace
+
+    from chatbot.models import load_model
+    from chatbot.policy import Policy
+    from chatbot.ui import ChatUI, new_state
+
+    policy = Policy(load_model(str(tiny_trained), tiny_trained, device="cpu"))
+    policy.swap_to("v1", str(adapters["v1"]))
+    ui = ChatUI(policy, store, chat_options)
+    request = SimpleNamespace(session_hash="browser-1", username=None)
+
+    def say(text, state):
+        return list(ui.respond(text, state, 8, 0.0, "", request))[-1][2]
+
+    def versions(state):
+        return [reply["version"] for turn in state["turns"] for reply in turn["replies"]]
+
+    earlier = say("hello", new_state())
+    policy.start_canary(1, "v2", str(adapters["v2"]), 0.999999)
+    earlier = say("how are you", earlier)
+    fresh = say("how are you", say("hello", new_state()))
+    assert versions(earlier) == ["v1", "v1"] and versions(fresh) == ["v2", "v2"]
+    logged = [store.get_response(reply["id"])["model_version"] for turn in fresh["turns"] for reply in turn["replies"]]
+    assert logged == ["v2", "v2"]
+    policy.end_canary()  # rejected: its conversations go on with the serving version
+    assert versions(say("what is your name", fresh)) == ["v2", "v2", "v1"]
