@@ -87,7 +87,7 @@ class LiveJudge:
             self.store.reject_canary(trial["id"], reason=f"worse than {other} on live thumbs: {words}",
                                      evidence=evidence)
         elif verdict == WORSE:  # a watch: the promoted version does worse than the one before
-            if self.store.active_version() != version:
+            if self.store.active_version() != version:  # promoted past since this look began: not ours to undo
                 return None
             promotion.rollback(self.store, other, self.check, actor="watch",
                                reason=f"approval fell after its promotion: {words}", evidence=evidence)

@@ -65,8 +65,6 @@ class VersionFollower:
             return info
 
     def _sync_canary(self) -> None:
-        if not hasattr(self.policy, "start_canary"):  # a policy that cannot serve two arms
-            return
         trial = self.store.running_canary()
         serving = self.policy.canary
         if serving is not None and (trial is None or serving.trial != trial["id"]):
@@ -169,7 +167,7 @@ class VersionFollower:
                 log.exception("checking the active version failed")
 
     def state(self) -> dict:
-        canary = getattr(self.policy, "canary", None)
+        canary = self.policy.canary
         return {"serving_version": self.policy.version, "error": self.error, "fallback": self.fallback,
                 "canary": None if canary is None else {"version": canary.version, "share": canary.share,
                                                        "trial": canary.trial},

@@ -20,6 +20,10 @@ from chatbot.swap import VersionFollower
 class StubPolicy:
     def __init__(self):
         self.version = "v0"
+        self.canary = None  # serves no canary: the console's tests start none that a sync would load
+
+    def end_canary(self) -> None:
+        self.canary = None
 
     def check_adapter(self, version: str, path: str) -> None:
         """Any adapter passes but one marked broken (the real check: tests/test_registry_faults.py)."""
