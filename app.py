@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+from online_rl import METHODS
+
 DATA_DIR_ENV = "CHATBOT_DATA_DIR"
 MODEL_ENV = "CHATBOT_MODEL"
 ADMIN_TOKEN_ENV = "CHATBOT_ADMIN_TOKEN"
@@ -98,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="check on a crontab schedule instead, in UTC (e.g. '0 3 * * *')")
     ops.add_argument("--min-new-feedback", type=int, default=50,
                      help="feedback rows since the last run needed to start one (default 50)")
-    ops.add_argument("--retrain-method", choices=["ppo", "kto"], default="ppo",
-                     help="method of scheduled retrains (default ppo; kto is experimental, see the README)")
+    ops.add_argument("--retrain-method", choices=METHODS, default=METHODS[0],
+                     help="method of scheduled retrains (default tilt; ppo and kto learn less, see the README)")
     ops.add_argument("--train-device",
                      help="device of the training process (default: the same as --device), e.g. cuda:1")
     ops.add_argument("--train-launcher", choices=["python", "accelerate"], default="python",
@@ -138,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrain = sub.add_parser("retrain", parents=[common, with_model],
                              help="run one retrain cycle now; prints progress, then one JSON summary line")
-    retrain.add_argument("--method", choices=["ppo", "kto"], default="ppo",
-                         help="ppo: reward models, then PPO (default); kto: KTO straight from the thumbs "
-                              "(experimental: on the taste suite it learns less than PPO, see the README)")
+    retrain.add_argument("--method", choices=METHODS, default=METHODS[0],
+                         help="tilt (default): reward models, then the bot's own replies re-weighted by them; "
+                              "ppo: reward models, then PPO; kto: KTO straight from the thumbs "
+                              "(ppo and kto learn less on the taste suite, see the README)")
     retrain.add_argument("--min-feedback", type=int, default=20,
                          help="refuse (exit 2) with fewer rated replies than this (default 20)")
     retrain.add_argument("--reward-model",

@@ -16,7 +16,7 @@ data directory, and writes into docs/benchmarks.md (section "learning"):
 - the curves as docs/learning.png.
 
     python benchmarks/bench_learning.py [--tastes all] [--rounds 5] [--per-round 100] \\
-        [--seeds 0] [--noise 0] [--extra "long,computers,one_sentence:1:0.2"]
+        [--seeds 0] [--noise 0] [--extra "long:1:0.2,computers:1:0"] [--method tilt]
 """
 
 from __future__ import annotations
@@ -33,17 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import table, write_section  # noqa: E402
+from online_rl import METHODS  # noqa: E402
 
 
 def run_one(taste: str, seed: int, noise: float, args, starter: Path, out_dir: Path) -> dict:
-    name = f"{taste}-s{seed}-n{noise:g}"
+    name = f"{args.method}-{taste}-s{seed}-n{noise:g}"
     out = out_dir / f"{name}.json"
     if args.reuse and out.exists():
         return json.loads(out.read_text())
     with tempfile.TemporaryDirectory(prefix=f"sim-{name}-") as data_dir:
         cmd = [sys.executable, "-m", "online_rl.simulate", "--preference", taste, "--rounds", str(args.rounds),
                "--per-round", str(args.per_round), "--seed", str(seed), "--noise", str(noise),
-               "--data-dir", data_dir, "--model", str(starter), "--out", str(out)]
+               "--method", args.method, "--data-dir", data_dir, "--model", str(starter), "--out", str(out)]
         print(" ".join(cmd[1:]), file=sys.stderr, flush=True)
         started = time.perf_counter()
         with open(out_dir / f"{name}.log", "w") as fp:
@@ -104,6 +105,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="data", help="where the starter model is (built if missing)")
     parser.add_argument("--tastes", default="all", help="comma-separated built-in tastes, or all")
+    parser.add_argument("--method", choices=METHODS, default=METHODS[0], help="how each retrain updates the policy")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--seeds", default="0")
@@ -150,7 +152,7 @@ def main():
              f"than chance). Promoted candidates: {totals['promoted']}; of them truly worse than the version "
              f"they replaced (true approval lower by more than two standard errors): **{totals['worse']}**; "
              f"lower at all: {totals['lower']}.\n\n"
-             f"{args.rounds} rounds of {args.per_round} thumbs from 5 raters; approval on "
+             f"Method `{args.method}`; {args.rounds} rounds of {args.per_round} thumbs from 5 raters; approval on "
              f"{results[0]['heldout_prompts']} held-out corpus prompts × {results[0]['samples_per_prompt']} replies "
              "at the serving settings (temperature 0.8, top-p 0.95, 96 tokens), always on the true taste; "
              "round 0 is the base. *Language kept*: every round's base NLL per token at most 10% above the "

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chatbot import promotion
 from chatbot.adapters import AdapterLoadError
 from chatbot.api import ApiError
+from online_rl import METHODS
 from chatbot.swap import VersionFollower
 from storage import RunInProgress, Store, StoreError
 
@@ -72,7 +73,7 @@ class Operations:
             "approval_by_version": self.store.approval_by_version(),
         }
 
-    def retrain(self, method: str = "ppo") -> dict:
+    def retrain(self, method: str = METHODS[0]) -> dict:
         try:
             return self.scheduler.retrain_now(method, trigger="operator")
         except RunInProgress as exc:
@@ -124,7 +125,7 @@ def _refusals():
 
 class RetrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["ppo", "kto"] = "ppo"
+    method: Literal[METHODS] = METHODS[0]  # type: ignore[valid-type]
 
 
 class PromoteRequest(BaseModel):

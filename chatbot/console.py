@@ -29,10 +29,10 @@ import pandas as pd
 
 from chatbot.admin import OperationError, Operations
 from chatbot.trials_view import trials_frame, trials_markdown
+from online_rl import METHODS
 
 BUCKETS = ("minute", "hour", "day")
 DEFAULT_BUCKET = "hour"
-METHODS = ("ppo", "kto")
 REFRESH_S = 3.0  # status, progress, tables
 PLOT_REFRESH_S = 15.0  # plots: one query over all feedback each time
 RUNS_SHOWN = 20
@@ -353,7 +353,7 @@ class Console:
 
     def retrain(self, method: str) -> str:
         try:
-            started = self.ops.retrain(method or "ppo")
+            started = self.ops.retrain(method or METHODS[0])
         except OperationError as exc:
             return refused(exc)
         pid = started.get("pid") if isinstance(started, dict) else None

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from chatbot.models import GenerationSettings
+from online_rl import METHODS
 from online_rl.data import DataConfig, Snapshot, snapshot
 from online_rl.distributed import broadcast, check_engine, process_group
 from online_rl.evaluate import EvalConfig
@@ -52,10 +53,10 @@ from online_rl.ppo import PPOConfig
 from online_rl.registration import register
 from online_rl.reward import RewardConfig
 from online_rl.reward_models import NotInformative, Rewards, scorer, train_reward_models
+from online_rl.tilt import TiltConfig
 from storage import Store
 
 ProgressFn = Callable[[str], None]
-METHODS = ("ppo", "kto")
 
 
 class NotEnoughFeedback(Exception):
@@ -73,7 +74,7 @@ class CycleFailed(Exception):
 
 @dataclass
 class CycleConfig:
-    method: str = "ppo"
+    method: str = METHODS[0]
     min_feedback: int = 20  # rated replies needed
     device: str = "auto"
     quantize: str = "none"  # none, 8bit or 4bit: the base loaded through bitsandbytes (a GPU)
@@ -85,6 +86,7 @@ class CycleConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     kto: KTOSettings = field(default_factory=KTOSettings)
+    tilt: TiltConfig = field(default_factory=TiltConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     promote: bool = False  # apply the gate: promote the candidate if it passes, else reject it
@@ -97,6 +99,7 @@ class CycleConfig:
             raise ValueError("min_feedback must be at least 2")
         check_canary_share(self.canary)
         self.ppo.validate()
+        self.tilt.validate()
         self.generation.validate()
         self.data.validate()
         return self
@@ -334,6 +337,8 @@ def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards,
                                     progress=lambda line: job.report(line), device=str(device.type))
         policy.eval()
         return policy, "v0", metrics
+    if config.method == "tilt":
+        return tilt_policy(job, snap, loaded.model, tokenizer, rewards, active_path)
 
     from online_rl.distributed import gather_sharded_adapter, reload_with_adapter
     from online_rl.ppo import PPOTrainer, add_lora
@@ -381,6 +386,30 @@ def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards,
     policy.eval()
     if not job.main:
         return None, parent, metrics
+    return policy, parent, metrics
+
+
+def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, active_path: str | None):
+    """The active adapter (or a fresh one) trained towards its own replies
+    re-weighted by the policy's reward model (`online_rl.tilt`)."""
+    from peft import PeftModel
+
+    from online_rl.ppo import add_lora
+    from online_rl.tilt import train_tilt
+
+    config = job.config
+    prompts, weights = snap.prompts, snap.prompt_weights
+    if not prompts:
+        prompts, weights = [e.prompt for e in snap.train], [e.weight for e in snap.train]
+    if active_path:
+        policy, parent = PeftModel.from_pretrained(model, active_path, is_trainable=True), job.active
+    else:
+        policy, parent = add_lora(model, config.tilt), "v0"
+    job.report(f"tilt: {config.tilt.prompts} prompts drawn from {len(prompts)} x {config.tilt.samples_per_prompt} "
+               f"replies, from {parent}", stage="policy")
+    metrics = train_tilt(policy, tokenizer, prompts, scorer(rewards.policy), config.rollout_settings(),
+                         config.tilt, prompt_weights=weights, progress=lambda line: job.report(line))
+    policy.eval()
     return policy, parent, metrics
 
 

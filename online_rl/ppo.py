@@ -171,8 +171,9 @@ class AdaptiveKL:
         self.value = max(1e-4, self.value * (1 + error * n / self.horizon))
 
 
-def add_lora(model, config: PPOConfig):
-    """A fresh trainable LoRA on every linear layer of the base."""
+def add_lora(model, config):
+    """A fresh trainable LoRA on every linear layer of the base, of the rank
+    and alpha of `config` (a `PPOConfig`, or any with `lora_r` and `lora_alpha`)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.lora_r, lora_alpha=config.lora_alpha,

@@ -31,12 +31,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
+from online_rl import METHODS
 from storage import RunInProgress, Store, StoreError
 
 log = logging.getLogger("chatbot.scheduler")
 
 PAUSED_KEY = "schedule_paused"
-METHODS = ("ppo", "kto")
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ScheduleConfig:
     every_s: float = 900.0  # seconds between checks; 0 turns the periodic check off
     cron: str | None = None  # a crontab expression ("0 3 * * *"), instead of every_s
     min_new_feedback: int = 50  # feedback rows since the last run's watermark needed to start one
-    method: str = "ppo"
+    method: str = METHODS[0]
     threads: int = 0  # torch threads in the training process; 0: half the cores, at least 1
     nice: int = 10  # CPU priority of the training process (higher: yields more to the chat)
     first_check_s: float = 30.0  # the first check after start (the model is loading meanwhile)

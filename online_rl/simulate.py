@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from online_rl import METHODS
 from online_rl.tastes import TASTES, Taste, resolve
 
 
@@ -172,8 +173,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"built-in taste ({', '.join(TASTES)}) or module:function (default concise)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=100, help="thumbs given per round")
-    parser.add_argument("--method", choices=["ppo", "kto"], default="ppo",
-                        help="ppo (default) or kto (experimental: see the README)")
+    parser.add_argument("--method", choices=METHODS, default=METHODS[0],
+                        help="tilt (default), ppo or kto (see the README)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.0, help="share of thumbs flipped (default 0)")
     parser.add_argument("--corrections", type=float, default=0.0,

@@ -1,0 +1,135 @@
+"""The tilt: the policy's own replies re-weighted by a reward, distilled into LoRA."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+PROMPTS = [[{"role": "user", "content": p}] for p in ("hello", "how are you", "what is AI", "tell me a joke",
+                                                      "good morning", "who are you", "bye", "thanks")]
+
+
+def starts_with_i(prompts, replies):
+    """A scripted reward: 1 for a reply that starts with "I"."""
+    return [1.0 if r.startswith("I") else 0.0 for r in replies]
+
+
+def test_weights_are_a_softmax_within_each_prompt_of_score_and_language():
+    from online_rl.tilt import tilt_weights
+
+    scores = torch.tensor([1.0, 0.0, 0.0, 5.0, 2.0, 2.0])
+    nll = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.2, 1.2])
+    usable = torch.tensor([True, True, True, False, True, True])
+    w = tilt_weights(scores, nll, usable, group=3, beta=0.5, language_coef=1.0)
+    groups = w.view(2, 3)
+    assert torch.allclose(groups.sum(-1), torch.ones(2))
+    assert w[3] == 0  # a cut-off or empty reply gets nothing, however it scores
+    # By hand: scores standardized over the usable replies, / beta, - NLL.
+    usable_scores = scores[usable]
+    z = (scores - usable_scores.mean()) / usable_scores.std()
+    logits = z[:3] / 0.5 - nll[:3]
+    assert torch.allclose(groups[0], torch.softmax(logits, -1), atol=1e-6)
+    # Equal scores: the better-formed reply (lower NLL per token) weighs more.
+    assert w[4] / w[5] == pytest.approx(math.exp(1.0), rel=1e-5)
+    # A prompt without a usable reply is left out altogether.
+    none = tilt_weights(scores, nll, torch.tensor([True, True, True, False, False, False]), 3, 0.5, 1.0)
+    assert torch.equal(none[3:], torch.zeros(3))
+
+
+def _tilt(tiny_trained, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.models import GenerationSettings, load_tokenizer
+    from online_rl.ppo import add_lora
+    from online_rl.tilt import TiltConfig, train_tilt
+
+    config = TiltConfig(**{**dict(prompts=32, samples_per_prompt=8, epochs=3, minibatch=8, lr=3e-3,
+                                  max_nll_increase=10.0, seed=0), **overrides})
+    torch.manual_seed(0)
+    policy = add_lora(AutoModelForCausalLM.from_pretrained(str(tiny_trained)), config)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    tokenizer = load_tokenizer(str(tiny_trained))
+    tokenizer.padding_side = "left"
+    # Long enough for most replies to end: a reply cut off at the cap is not chosen.
+    settings = GenerationSettings(max_new_tokens=24, temperature=1.0, top_p=1.0)
+    lines = []
+    metrics = train_tilt(policy, tokenizer, PROMPTS, starts_with_i, settings, config, progress=lines.append)
+    return policy, tokenizer, settings, metrics, before, lines
+
+
+def _share_starting_with_i(policy, tokenizer, settings, n=16) -> float:
+    from online_rl.sampling import sample_many
+
+    torch.manual_seed(1)
+    batches = sample_many(policy, tokenizer, [p for p in PROMPTS for _ in range(n)], settings)
+    texts = [t for b in batches for t in b["texts"]]
+    return sum(starts_with_i(None, texts)) / len(texts)
+
+
+def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
+    policy, tokenizer, settings, metrics, before, lines = _tilt(tiny_trained)
+    after = _share_starting_with_i(policy, tokenizer, settings)
+    with policy.disable_adapter():
+        base = _share_starting_with_i(policy, tokenizer, settings)
+    assert after > base + 0.15, (base, after)
+    # The target is above what was sampled, and the validation score rises.
+    assert metrics["score_target"] > metrics["score_sampled"]
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and metrics["epoch_kept"] == 3
+    assert history[-1]["val_score"] > metrics["validation"]["start_score"]
+    for key in ("choice_nll", "anchor_kl", "choice_share", "val_nll", "val_known_words", "within_bound"):
+        assert key in history[-1]
+    assert 0 < history[-1]["choice_share"] < 1  # some tokens are choices, the rest are held to the base
+    assert any(line.startswith("tilt: epoch 3/3") for line in lines)
+    moved_lora = moved_base = 0
+    for name, param in policy.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        if "lora_" in name:
+            moved_lora += changed
+        else:
+            moved_base += changed
+    assert moved_lora > 0 and moved_base == 0
+
+
+def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_trained):
+    # A bound no reply can meet (NLL below half the base's): every epoch fails it.
+    policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_nll_increase=-0.5, epochs=2)
+    history = metrics["history"]
+    assert not any(h["within_bound"] for h in history)
+    closest = min(history, key=lambda h: h["val_nll"])
+    assert metrics["epoch_kept"] == closest["epoch"]
+    assert any("no epoch stayed within the language bound" in line for line in lines)
+
+
+def test_a_tilt_cycle_continues_from_the_active_adapter(store, data_dir, tiny_model_dir):
+    from online_rl.cycle import CycleConfig, run_cycle
+    from tests.test_retrain import _thumbs
+
+    def small():
+        config = CycleConfig(method="tilt", min_feedback=10, device="cpu")
+        config.generation.max_new_tokens = 8
+        config.reward.epochs, config.reward.min_auc_low = 2, -1.0
+        config.tilt.prompts, config.tilt.samples_per_prompt, config.tilt.epochs = 8, 4, 1
+        config.eval.max_prompts, config.eval.samples = 6, 1
+        return config
+
+    _thumbs(store, 30)
+    lines = []
+    first = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=small(),
+                      progress=lines.append)
+    assert first["status"] == "succeeded" and first["parent"] == "v0" and first["method"] == "tilt"
+    assert first["train"]["epoch_kept"] == 1 and first["train"]["replies"] == 32
+    assert any(line.startswith("tilt: epoch 1/1") for line in lines)
+    described = json.loads((Path(first["path"]) / "adapter.json").read_text())
+    assert described["method"] == "tilt" and described["config"]["tilt"]["prompts"] == 8
+    store.promote(first["version"])
+    second = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=small(),
+                       progress=lambda line: None)
+    assert second["version"] == "v2" and second["parent"] == "v1"
+    run = store.get_run(second["run_id"])
+    assert run["kind"] == "tilt" and run["status"] == "succeeded"
