@@ -399,6 +399,9 @@ def cmd_serve(args) -> int:
         schedule = ScheduleConfig(every_s=args.retrain_every, cron=args.retrain_cron,
                                   min_new_feedback=args.min_new_feedback, method=args.retrain_method,
                                   threads=args.train_threads).validate()
+        if args.retrain_method != "ppo" and training_layout(args)[0] > 1:
+            raise ValueError(f"several training processes run PPO only: add --retrain-method ppo, or train "
+                             f"{args.retrain_method} in one process (--train-launcher python)")
     except ValueError as exc:
         raise CliError(str(exc), code=2) from None
     scheduler = RetrainScheduler(store, retrain_command(args), schedule,

@@ -161,7 +161,7 @@ def run_cycle(store: Store, *, data_dir: str | Path, model_name: str = "starter"
     dist = process_group(config.device)
     if dist is not None:
         if config.method != "ppo":
-            raise ValueError("several training processes run PPO only; run KTO in one process")
+            raise ValueError(f"several training processes run PPO only; run {config.method} in one process")
         config.device = str(dist.device)  # each process on its own device (its GPU, or the CPU)
         if not dist.is_main_process:
             return _worker(store, data_dir, model_name, config, dist)

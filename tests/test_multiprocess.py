@@ -87,7 +87,7 @@ def _scheduled_retrain(store, data_dir, tiny_model_dir, **extra):
 
     command = app.retrain_command(_args(data_dir, tiny_model_dir, **extra))
     argv = lambda method, threads: [*command(method, threads), "--ppo-steps", "2", "--min-feedback", "10"]  # noqa: E731
-    scheduler = RetrainScheduler(store, argv, ScheduleConfig(every_s=0, min_new_feedback=10, threads=1),
+    scheduler = RetrainScheduler(store, argv, ScheduleConfig(every_s=0, min_new_feedback=10, threads=1, method="ppo"),
                                  log_dir=data_dir / "logs")
     _thumbs(store, 40)
     started = scheduler.check()
@@ -148,3 +148,10 @@ def test_an_fsdp_version_1_config_is_a_failed_run_that_says_why(store, data_dir,
     run, log = _scheduled_retrain(store, data_dir, tiny_model_dir, accelerate_config=config)
     assert run["status"] == "failed" and "fsdp_version: 2" in run["error"], run
     assert store.adapters() == []
+
+
+def test_serving_with_several_training_processes_needs_ppo(data_dir, tiny_model_dir, capsys):
+    argv = ["serve", "--data-dir", str(data_dir), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--train-launcher", "accelerate", "--train-processes", "2", "--port", "0"]
+    assert app.main(argv) == 2
+    assert "several training processes run PPO only: add --retrain-method ppo" in capsys.readouterr().err

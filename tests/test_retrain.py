@@ -182,7 +182,7 @@ def test_retrain_command_prints_progress_then_one_json_line(store, data_dir, tin
     assert json.loads(refused.stdout.strip().splitlines()[-1])["status"] == "refused"
 
     _thumbs(store, 20, session="more")
-    done = _cli("retrain", "--model", str(tiny_model_dir), "--min-feedback", "10", "--ppo-steps", "1",
+    done = _cli("retrain", "--model", str(tiny_model_dir), "--min-feedback", "10", "--method", "ppo", "--ppo-steps", "1",
                 "--device", "cpu", data_dir=data_dir)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ppo: step 1/1" in done.stderr and "reward model" in done.stderr
@@ -224,7 +224,8 @@ def test_a_simulated_round_chats_thumbs_retrains_and_promotes(data_dir, tiny_mod
     out = tmp_path / "sim.json"
     code = simulate.main(["--preference", "concise", "--rounds", "1", "--per-round", "12", "--data-dir",
                           str(data_dir), "--model", str(tiny_model_dir), "--heldout", "6", "--samples", "1",
-                          "--ppo-steps", "1", "--min-feedback", "5", "--device", "cpu", "--out", str(out),
+                          "--method", "ppo", "--ppo-steps", "1", "--min-feedback", "5", "--device", "cpu",
+                          "--out", str(out),
                           "--noise", "0.2", "--raters", "3"])
     assert code == 0
     result = json.loads(out.read_text())
