@@ -11,6 +11,12 @@ least one of the 16 is liked (best-of-16: the most that choosing among its
 own replies could earn), beside the language figures of those replies (base
 NLL per token, known words) and the distinct replies per prompt.
 
+And the exact tilt of those replies, the distribution a KL-regularized
+update aims at (``base * exp(lambda * liked)``, normalized over each
+prompt's 16; `online_rl.tilt` distills it): its approval and its base NLL
+per token, beside the base's own. Does moving toward the taste cost
+language, before any training error adds its own?
+
     python benchmarks/bench_headroom.py MODEL_DIR [MODEL_DIR ...] [--labels a,b]
 """
 
@@ -24,6 +30,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import table, write_section  # noqa: E402
+
+
+LAMBDAS = (2.0, 4.0)
+
+
+def tilt(liked: list[list[bool]], nll: list[list[float]], lam: float) -> tuple[float, float]:
+    """(approval, base NLL per token) of each prompt's replies weighted by
+    exp(lam * liked), averaged over the prompts."""
+    import math
+
+    approval = language = 0.0
+    for likes, costs in zip(liked, nll):
+        w = [math.exp(lam * x) for x in likes]
+        total = sum(w)
+        approval += sum(wi * x for wi, x in zip(w, likes)) / total
+        language += sum(wi * c for wi, c in zip(w, costs)) / total
+    return approval / len(liked), language / len(liked)
 
 
 def headroom(path: str, prompts: list[str], samples: int) -> dict:
@@ -40,18 +63,22 @@ def headroom(path: str, prompts: list[str], samples: int) -> dict:
     settings = GenerationSettings(max_new_tokens=96, temperature=0.8, top_p=0.95)
     messages = [[{"role": "user", "content": p}] for p in prompts]
     replies: list[list[str]] = [[] for _ in prompts]
-    nll = []
+    nll, per_reply = [], [[] for _ in prompts]
     for k in range(samples):
         torch.manual_seed(k)
         for batch in sample_many(model, tokenizer, messages, settings, batch_size=len(prompts)):
             for i, text in enumerate(batch["texts"]):
                 replies[i].append(text)
-            nll.append(mean_nll_per_token([reply_logprobs(model, batch, 1.0)], [batch]))
+            logp = reply_logprobs(model, batch, 1.0)
+            nll.append(mean_nll_per_token([logp], [batch]))
+            for i, x in enumerate((-logp.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)).tolist()):
+                per_reply[i].append(x)
     flat = [r for rs in replies for r in rs]
     tastes = {}
     for name, taste in TASTES.items():
         liked = [[bool(taste(p, r)) for r in rs] for p, rs in zip(prompts, replies)]
-        tastes[name] = (sum(map(sum, liked)) / len(flat), sum(any(x) for x in liked) / len(prompts))
+        tilts = {lam: tilt(liked, per_reply, lam) for lam in LAMBDAS}
+        tastes[name] = (sum(map(sum, liked)) / len(flat), sum(any(x) for x in liked) / len(prompts), tilts)
     return {"nll": sum(nll) / len(nll), "known": known_word_fraction(flat),
             "distinct": sum(len(set(rs)) for rs in replies) / len(prompts), "tastes": tastes}
 
@@ -78,10 +105,17 @@ def main(argv=None) -> int:
     tastes = table(["taste"] + [f"{label}: liked / best-of-{n}" for label in results],
                    [[name] + [f"{r['tastes'][name][0]:.2f} / {r['tastes'][name][1]:.2f}" for r in results.values()]
                     for name in next(iter(results.values()))["tastes"]])
+    tilted = table(["taste"] + [f"{label}: tilt λ={lam:g} approval / NLL" for label in results for lam in LAMBDAS],
+                   [[name] + [f"{r['tastes'][name][2][lam][0]:.2f} / {r['tastes'][name][2][lam][1]:.3f}"
+                              for r in results.values() for lam in LAMBDAS]
+                    for name in next(iter(results.values()))["tastes"]])
     body = (f"{args.prompts} held-out corpus prompts × {n} replies at the serving settings (temperature 0.8, "
             f"top-p 0.95, 96 tokens). *Liked*: the share of replies the taste likes; *best-of-{n}*: the share "
             f"of prompts with at least one liked reply among the {n}, the most that choosing among the "
-            f"model's own replies could earn.\n\n{language}\n\n{tastes}\n")
+            f"model's own replies could earn.\n\n{language}\n\n{tastes}\n\n"
+            f"*Tilt λ*: each prompt's {n} replies weighted by exp(λ × liked): the approval of that distribution "
+            "and its base NLL per token, to compare with the base's own above. λ = 4 makes a liked reply 55 "
+            f"times as likely as before, relative to the others.\n\n{tilted}\n")
     print(body)
     if not args.no_write:
         command = "python benchmarks/bench_headroom.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -15,6 +15,7 @@ from chatbot import console, trials_view
 from chatbot.adapters import AdapterLoadError
 from chatbot.admin import Operations
 from chatbot.swap import VersionFollower
+from online_rl import METHODS
 
 
 class StubPolicy:
@@ -43,8 +44,8 @@ class StubScheduler:
         self.started: list[tuple[str, str]] = []
 
     def retrain_now(self, method: str | None = None, *, trigger: str = "operator") -> dict:
-        if method not in ("ppo", "kto"):
-            raise ValueError(f"unknown method {method!r}: use one of ppo, kto")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
         self.started.append((method, trigger))
         return {"pid": 4242, "method": method, "trigger": trigger}
 

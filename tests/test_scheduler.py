@@ -26,7 +26,8 @@ def _retrain(data_dir, model, *extra):
 
 
 def _scheduler(store, data_dir, command, **config):
-    config = ScheduleConfig(every_s=0, min_new_feedback=10, threads=1, **config)
+    # The scheduling mechanics, with PPO cut to one step: the quickest cycle.
+    config = ScheduleConfig(every_s=0, min_new_feedback=10, threads=1, **{"method": "ppo", **config})
     return RetrainScheduler(store, command, config, log_dir=data_dir / "logs")
 
 
