@@ -3,7 +3,7 @@
 Fills a scratch data directory with 500 thumbs from a simulated user (the
 `concise` preference, the starter model at v0, through the same store calls
 as the chat page), then runs `python app.py retrain --method M` as a child
-process for PPO and for KTO, each on a copy of that database, and reads the
+process for KTO, PPO and the tilt, each on a copy of that database, and reads the
 child's peak resident memory from the kernel (`wait4`).
 
     python benchmarks/bench_retrain.py [--rows 500]
@@ -26,6 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import table, write_section  # noqa: E402
+
+
+def _training(train: dict) -> str:
+    """What the policy update did: PPO or KTO steps, the tilt's epochs."""
+    if train.get("method") == "tilt":
+        return f"{train.get('epochs')} epochs, epoch {train.get('epoch_kept')} kept"
+    return f"{train.get('steps')} steps"
 
 
 def fill(data_dir: Path, starter: Path, rows: int, seed: int) -> None:
@@ -76,8 +83,8 @@ def main():
         # Each method gets its own copy of the database and is run in a fresh
         # child process, one after the other; a child's peak memory is read
         # from RUSAGE_CHILDREN, which is the largest so far, so the smaller
-        # run (KTO) goes first.
-        for method in ("kto", "ppo"):
+        # runs go first (the tilt holds 4,096 sampled replies at once).
+        for method in ("kto", "ppo", "tilt"):
             data_dir = Path(scratch) / method
             shutil.copytree(filled, data_dir)
             summary, wall, peak = retrain(data_dir, starter, method)
@@ -87,13 +94,14 @@ def main():
                          f"{summary['base_mb']:.2f} MB",
                          (summary.get("reward_model") or {}).get("auc"),
                          summary["evaluation"]["win_rate"], summary["evaluation"]["kl_per_token"],
-                         (summary.get("train") or {}).get("steps")])
+                         _training(summary.get("train") or {})])
     body = table(["method", "rated replies", "wall (process)", "cycle", "peak RSS", "adapter", "base model",
-                  "reward AUC", "win rate vs v0", "KL to base (nats/token)", "PPO steps"], rows)
+                  "reward AUC", "win rate vs v0", "KL to base (nats/token)", "training"], rows)
     body += (f"\n\n{args.rows} thumbs from the simulated `concise` user on v0 (a quarter of turns regenerated); "
              "`python app.py retrain --method M` as a child process on this CPU with default settings "
              "(two reward models, each stopped on held-out loss; PPO up to 30 steps of 4 prompts x 16 replies "
-             "sampled as the bot serves, up to 96 tokens; KTO 3 epochs at batch 16). *Wall* includes "
+             "sampled as the bot serves, up to 96 tokens; KTO 3 epochs at batch 16; the tilt 512 prompts x 8 "
+             "replies, up to 3 epochs). *Wall* includes "
              "starting Python and importing torch; *cycle* is the run's own time. Peak RSS is the child's "
              "maximum resident memory. The adapter is the LoRA (r=16 on every linear layer) in safetensors; "
              f"the base is the starter model's directory. Cores: {os.cpu_count()}.")

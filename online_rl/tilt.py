@@ -269,7 +269,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
             "score_sampled": _round(sampled_score), "score_target": _round(target_score),
             "validation": {"start_score": start_score, "base_nll": base_nll, "base_known_words": base_known,
                            "nll_bound": round(bound, 4) if math.isfinite(bound) else None},
-            "history": history, "epoch_kept": kept, "seconds": round(time.perf_counter() - started, 1)}
+            "history": history, "epochs": len(history), "epoch_kept": kept, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _mean(values) -> float | None:

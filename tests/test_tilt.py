@@ -80,7 +80,7 @@ def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
     # The target is above what was sampled, and the validation score rises.
     assert metrics["score_target"] > metrics["score_sampled"]
     history = metrics["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3] and metrics["epoch_kept"] == 3
+    assert [h["epoch"] for h in history] == [1, 2, 3] and metrics["epochs"] == 3 and metrics["epoch_kept"] == 3
     assert history[-1]["val_score"] > metrics["validation"]["start_score"]
     for key in ("choice_nll", "anchor_kl", "choice_share", "val_nll", "val_known_words", "within_bound"):
         assert key in history[-1]
