@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import table, write_section  # noqa: E402
+from online_rl import METHODS  # noqa: E402
 
 BOUNDS = (("on (5%)", 0.05), ("off", 1.0))
 
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every thumb count (0.1: a tiny budget)")
     parser.add_argument("--loud-taste", default="concise")
     parser.add_argument("--quiet-taste", default="long")
+    parser.add_argument("--method", choices=METHODS, default=METHODS[0], help="how the cycle updates the policy")
     parser.add_argument("--ppo-steps", type=int, help="PPO steps per cycle (default: the cycle's)")
     parser.add_argument("--reward-epochs", type=int, help="most reward-model epochs (default: the cycle's)")
     parser.add_argument("--heldout", type=int, default=100, help="held-out prompts (default 100)")
@@ -118,7 +120,7 @@ def run_condition(label: str, share: float, source: Path, work: Path, args, star
     data_dir = work / f"bound-{share:g}"
     copy_database(source, data_dir)
     store = Store.in_data_dir(data_dir)
-    config = CycleConfig(method="ppo", device=args.device, seed=args.seed, generation=context["settings"])
+    config = CycleConfig(method=args.method, device=args.device, seed=args.seed, generation=context["settings"])
     config.data.max_rater_share = share
     config.reward.min_auc_low = -1.0  # train a policy either way, to compare the two
     if args.ppo_steps:
@@ -140,7 +142,7 @@ def run_condition(label: str, share: float, source: Path, work: Path, args, star
                                                 context["replies"], context["tastes"], torch.device(args.device)),
         "candidate": taste_approval(candidate, context["prompts"], context["tastes"], context["settings"],
                                     args.samples, context["eval_seed"]),
-        "ppo_steps": cycle["train"]["steps"], "kl_per_token": cycle["evaluation"]["kl_per_token"],
+        "kl_per_token": cycle["evaluation"]["kl_per_token"],
         "rater_shares": cycle["rater_shares"],
     }
     (Path(args.out) / f"bound-{share:g}.json").write_text(json.dumps(result, indent=2))
@@ -211,13 +213,14 @@ def write_doc(summary: dict, args) -> None:
                "KL to base (nats/token)", "cycle"]
     scale = "" if args.scale == 1 else f" --scale {args.scale:g}"
     steps = f" --ppo-steps {args.ppo_steps}" if args.ppo_steps else ""
+    steps += f" --method {args.method}" if args.method != METHODS[0] else ""
     epochs = f" --reward-epochs {args.reward_epochs}" if args.reward_epochs else ""
     body = table(headers, rows) + f"""
 
 One rater gave {args.n_loud} thumbs by the `{loud}` taste; {args.quiet_raters} raters gave {args.n_quiet} each by
 the `{quiet}` taste ({summary['thumbs_up']['loud']} and {summary['thumbs_up']['quiet']} thumbs up), chatting with
 the starter (v0) through the store as the chat page does, a quarter of the turns regenerated ({summary['chat_s']:.0f} s
-of chat). The same database then went through one PPO retrain cycle with the rater bound and one without
+of chat). The same database then went through one `{args.method}` retrain cycle with the rater bound and one without
 (`max_rater_share` 1.0), seed {args.seed}, both training a policy whatever the reward model's held-out AUC,
 without the gate. *Best epoch* 0 means that no epoch of training lowered the reward model's held-out
 loss, and the untrained start was kept. *Reward model AUC by a taste*: how well the policy's reward model ranks v0's replies to
