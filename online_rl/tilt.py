@@ -80,6 +80,9 @@ class TiltConfig:
     anchor_coef: float = 8.0  # weight of KL(base || policy) at the other positions
     epochs: int = 3
     minibatch: int = 16  # replies per gradient step
+    # Replies sampled at once: a PPO step's rollouts (4 x 16), which the
+    # memory plan counts for a retrain (chatbot/memory.py).
+    sample_batch: int = 64
     lr: float = 1e-3
     lora_r: int = 16
     lora_alpha: int = 32
@@ -88,6 +91,8 @@ class TiltConfig:
     # them): base NLL per token varies a lot from reply to reply, and the
     # validation prompts are few while the pool is small.
     validation_replies: int = 128
+    # (With fewer than 20 prompts in the pool there is nothing to keep out:
+    # the epoch stop then looks at training prompts.)
     max_nll_increase: float = 0.05  # base NLL per token, relative to the base's own replies: the epoch stop
     max_prompt_tokens: int = 256
     max_grad_norm: float = 1.0
@@ -147,9 +152,10 @@ def step_loss(policy, batch: dict, weights: torch.Tensor, config: TiltConfig) ->
 def _sample(policy, tokenizer, prompts, settings, config, base: bool):
     if base:
         with policy.disable_adapter():
-            return sample_many(policy, tokenizer, prompts, settings, batch_size=128,
+            return sample_many(policy, tokenizer, prompts, settings, batch_size=config.sample_batch,
                                max_prompt_tokens=config.max_prompt_tokens)
-    return sample_many(policy, tokenizer, prompts, settings, batch_size=128, max_prompt_tokens=config.max_prompt_tokens)
+    return sample_many(policy, tokenizer, prompts, settings, batch_size=config.sample_batch,
+                       max_prompt_tokens=config.max_prompt_tokens)
 
 
 def _language(policy, batches) -> tuple[float | None, float | None]:
