@@ -407,8 +407,10 @@ def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, ac
         policy, parent = add_lora(model, config.tilt), "v0"
     job.report(f"tilt: {config.tilt.prompts} prompts drawn from {len(prompts)} x {config.tilt.samples_per_prompt} "
                f"replies, from {parent}", stage="policy")
+    corrections, correction_weights = snap.corrections()
     metrics = train_tilt(policy, tokenizer, prompts, scorer(rewards.policy), config.rollout_settings(),
-                         config.tilt, prompt_weights=weights, progress=lambda line: job.report(line))
+                         config.tilt, prompt_weights=weights, corrections=corrections,
+                         correction_weights=correction_weights, progress=lambda line: job.report(line))
     policy.eval()
     return policy, parent, metrics
 

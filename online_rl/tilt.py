@@ -76,6 +76,10 @@ class TiltConfig:
     # times the base's NLL per token of it, so that among replies the taste
     # likes as much the better-formed one is chosen.
     language_coef: float = 2.0
+    # Weight of each correction (a reply a person wrote in place of the
+    # bot's) as a target, relative to one prompt's tilted replies (whose
+    # weights sum to 1), scaled by its rater-bound weight.
+    correction_coef: float = 0.5
     choice_entropy: float = 0.5  # nats: base positions less certain than this are where replies are chosen
     anchor_coef: float = 8.0  # weight of KL(base || policy) at the other positions
     epochs: int = 3
@@ -165,11 +169,15 @@ def _language(policy, batches) -> tuple[float | None, float | None]:
 
 
 def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, settings, config: TiltConfig, *,
-               prompt_weights: list[float] | None = None, progress: ProgressFn = print) -> dict:
+               prompt_weights: list[float] | None = None, corrections: list[tuple[list[dict], str]] | None = None,
+               correction_weights: list[float] | None = None, progress: ProgressFn = print) -> dict:
     """Train `policy` (a trainable `PeftModel`: a fresh adapter, or the
     active version's) towards its own replies tilted by `reward_fn`; returns
     the metrics. The adapter kept is the last epoch's whose replies' base NLL
-    per token is within `config.max_nll_increase` of the base's own."""
+    per token is within `config.max_nll_increase` of the base's own.
+    `corrections` (prompt, the reply a person wrote instead) join the
+    training rows as targets, each weighing `correction_coef` times its
+    share of `correction_weights` (the rater bound's) relative to their mean."""
     config.validate()
     if not prompts:
         raise ValueError("a tilt needs at least one prompt to sample replies to")
@@ -217,6 +225,14 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     bound = base_nll * (1 + config.max_nll_increase) if base_nll is not None else math.inf
     progress(f"tilt: validation on {len(validation)} prompts: base NLL per token {base_nll}, bound {bound:.3f}")
 
+    if corrections and config.correction_coef > 0:
+        cw = torch.tensor(correction_weights or [1.0] * len(corrections), dtype=torch.float32)
+        cw = config.correction_coef * cw / cw.mean().clamp(min=1e-6)
+        chats = chats + [p for p, _ in corrections]
+        texts = texts + [r for _, r in corrections]
+        weights = torch.cat([weights, cw])
+        progress(f"tilt: {len(corrections)} corrections as targets, weight {config.correction_coef:g} each "
+                 "(one prompt's tilted replies weigh 1)")
     rows = [i for i in range(len(texts)) if weights[i] > 1e-4]
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -271,7 +287,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     else:
         progress(f"tilt: epoch {kept} kept")
     return {"method": "tilt", "prompts": len(train), "validation_prompts": len(validation),
-            "replies": len(texts), "usable_replies": int(usable.sum()), "effective_replies": round(effective, 2),
+            "replies": int(usable.numel()), "usable_replies": int(usable.sum()),
+            "corrections": len(corrections or []) if config.correction_coef > 0 else 0, "effective_replies": round(effective, 2),
             "score_sampled": _round(sampled_score), "score_target": _round(target_score),
             "validation": {"start_score": start_score, "base_nll": base_nll, "base_known_words": base_known,
                            "nll_bound": round(bound, 4) if math.isfinite(bound) else None},

@@ -41,7 +41,7 @@ def test_weights_are_a_softmax_within_each_prompt_of_score_and_language():
     assert torch.equal(none[3:], torch.zeros(3))
 
 
-def _tilt(tiny_trained, **overrides):
+def _tilt(tiny_trained, reward=starts_with_i, corrections=None, **overrides):
     from transformers import AutoModelForCausalLM
 
     from chatbot.models import GenerationSettings, load_tokenizer
@@ -58,7 +58,8 @@ def _tilt(tiny_trained, **overrides):
     # Long enough for most replies to end: a reply cut off at the cap is not chosen.
     settings = GenerationSettings(max_new_tokens=24, temperature=1.0, top_p=1.0)
     lines = []
-    metrics = train_tilt(policy, tokenizer, PROMPTS, starts_with_i, settings, config, progress=lines.append)
+    metrics = train_tilt(policy, tokenizer, PROMPTS, reward, settings, config, corrections=corrections,
+                         progress=lines.append)
     return policy, tokenizer, settings, metrics, before, lines
 
 
@@ -104,6 +105,25 @@ def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_tra
     closest = min(history, key=lambda h: h["val_nll"])
     assert metrics["epoch_kept"] == closest["epoch"]
     assert any("no epoch stayed within the language bound" in line for line in lines)
+
+
+def test_corrections_are_targets_the_tilt_learns_to_write(tiny_trained):
+    """A reward that prefers nothing: the corrections alone teach."""
+    from online_rl.sampling import encode_replies, reply_logprobs
+
+    corrections = [(p, "I am well, thank you for asking.") for p in PROMPTS[:4]]
+    flat = lambda prompts, replies: [0.0] * len(replies)  # noqa: E731
+    policy, tokenizer, _, metrics, _, lines = _tilt(tiny_trained, reward=flat, corrections=corrections,
+                                                   correction_coef=2.0, epochs=2)
+    batch = encode_replies(tokenizer, [p for p, _ in corrections], [r for _, r in corrections])
+
+    def nll(model):
+        return float(-(reply_logprobs(model, batch).sum() / batch["reply_mask"].sum()))
+
+    with policy.disable_adapter():
+        before = nll(policy)
+    assert nll(policy) < before - 0.1, (before, nll(policy))
+    assert metrics["corrections"] == 4 and any("4 corrections as targets" in line for line in lines)
 
 
 def test_a_tilt_cycle_continues_from_the_active_adapter(store, data_dir, tiny_model_dir):
