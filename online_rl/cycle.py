@@ -7,7 +7,7 @@ It reads top to bottom as its phases, each a function of its own:
    bounded share (`online_rl.influence`). Too little feedback: the run is
    recorded as refused and `NotEnoughFeedback` is raised (the CLI exits 2).
 2. **reward models** (`online_rl.reward_models`): the *policy's* reward
-   model on the training side, and the *judge*, which PPO never sees, on the
+   model on the training side, and the *judge*, which the policy update never sees, on the
    held-out side. A policy reward model no better than chance on held-out
    thumbs (its AUC's 95% interval includes 0.5) trains no policy: the run is
    refused as "waiting for more feedback" and `NotEnoughFeedback` is raised.

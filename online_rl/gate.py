@@ -8,7 +8,7 @@ prompts and passes a candidate only when every check holds:
   `min_win_rate`; ties, as when it writes what the active version writes,
   are no win): a candidate that did not climb the reward it was trained
   on learned nothing worth judging;
-- **and under evidence PPO did not optimize**: the judge, a reward model
+- **and under evidence the update did not optimize**: the judge, a reward model
   trained on other thumbs, prefers it at least `min_judge_win_rate` of the
   time (checked when the judge is informative: its AUC's 95% interval lies
   above 0.5), and on rated held-out replies it does not move away from what
@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 @dataclass
 class GateConfig:
     min_win_rate: float = 0.5  # under the reward model PPO optimized
-    min_judge_win_rate: float = 0.5  # under the judge, a reward model PPO never saw
+    min_judge_win_rate: float = 0.5  # under the judge, a reward model the update never saw
     max_kl: float = 0.2  # nats per reply token, mean over held-out replies
     max_nll_increase: float = 0.10  # base NLL per token, relative to the base's own replies ...
     # ... plus this many nats: on prompts the base knows by heart its own
@@ -95,7 +95,7 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
         reasons.append(f"it did not beat {active} under its own reward model: win rate {_fmt(win_rate)} "
                        f"(more than {config.min_win_rate:.2f} needed)")
     if judge_used and judge < config.min_judge_win_rate:
-        reasons.append(f"the judge (a reward model PPO never saw) prefers {active}: win rate {_fmt(judge)} "
+        reasons.append(f"the judge (a reward model the update never saw) prefers {active}: win rate {_fmt(judge)} "
                        f"(at least {config.min_judge_win_rate:.2f})")
     margin, se = thumbs.get("margin"), thumbs.get("se")
     if margin is not None and se is not None and margin < -2 * se:

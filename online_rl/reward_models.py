@@ -3,7 +3,7 @@
 - the **policy's reward model**, trained on the training side and stopped on
   the held-out side's loss: what PPO optimizes;
 - the **judge**, trained on the held-out side and stopped on the training
-  side's loss: PPO never sees it, so the gate can judge the candidate with
+  side's loss: the policy update never sees it, so the gate can judge the candidate with
   evidence the policy did not optimize.
 
 Each warm-starts from its previous run's model. A policy reward model no
@@ -50,7 +50,7 @@ def better_than_chance(metrics: dict | None, bar: float = 0.5) -> bool:
 @dataclass
 class Rewards:
     policy: object  # RewardModel PPO optimizes
-    judge: object | None  # RewardModel PPO never sees (main process only)
+    judge: object | None  # RewardModel the policy update never sees (main process only)
     metrics: dict | None
     judge_metrics: dict | None
     path: Path | None

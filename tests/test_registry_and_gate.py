@@ -145,7 +145,7 @@ def test_a_good_candidate_passes_the_gate():
 @pytest.mark.parametrize("overrides, reason", [
     ({"win_rate": 0.4}, "did not beat the active version under its own reward model: win rate 0.40"),
     ({"win_rate": 0.5}, "did not beat the active version under its own reward model: win rate 0.50"),
-    ({"judge_win_rate": 0.3}, "the judge (a reward model PPO never saw) prefers the active version: win rate 0.30"),
+    ({"judge_win_rate": 0.3}, "the judge (a reward model the update never saw) prefers the active version: win rate 0.30"),
     ({"heldout_thumbs": {"margin": -0.1, "se": 0.02}}, "moved away from what people liked"),
     ({"kl_per_token": 0.9}, "KL to the base 0.900 nats per token"),
     ({"base_nll": {"candidate": 1.6, "base": 1.4}}, "NLL per token of its replies is 1.600"),
