@@ -11,9 +11,10 @@ It reads top to bottom as its phases, each a function of its own:
    held-out side. A policy reward model no better than chance on held-out
    thumbs (its AUC's 95% interval includes 0.5) trains no policy: the run is
    refused as "waiting for more feedback" and `NotEnoughFeedback` is raised.
-3. **policy**: PPO against the policy's reward model (its logits), from the
-   active version's adapter, sampling as the bot serves; or KTO straight from
-   the thumbs on a fresh adapter.
+3. **policy**: from the active version's adapter, sampling as the bot
+   serves, the tilt (the default: its own replies re-weighted by the
+   policy's reward model, `online_rl.tilt`) or PPO against that reward
+   model's logits; or KTO straight from the thumbs on a fresh adapter.
 4. **evaluation** of the candidate against the active version and the base on
    held-out prompts (`online_rl.evaluate`).
 5. **registration** (`online_rl.registration`): ``adapters/vN``, described
