@@ -156,7 +156,11 @@ def main():
              f"{results[0]['heldout_prompts']} held-out corpus prompts × {results[0]['samples_per_prompt']} replies "
              "at the serving settings (temperature 0.8, top-p 0.95, 96 tokens), always on the true taste; "
              "round 0 is the base. *Language kept*: every round's base NLL per token at most 10% above the "
-             "base's own and known words ≥ 0.92.\n\n![learning curves](learning.png)\n")
+             "base's own and known words ≥ 0.92.\n")
+    missing = [t for t in TASTES if t not in {r["preference"] for r in results}]
+    if missing:
+        body += f"\n**Not measured in this run:** {', '.join(f'`{t}`' for t in missing)}.\n"
+    body += "\n![learning curves](learning.png)\n"
     for r in results:
         before, after = r["samples"][0], r["samples"][-1]
         body += (f"\n**{r['preference']} (seed {r['seed']}, noise {r['noise']:g}): replies to held-out prompts, "
