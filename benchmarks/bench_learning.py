@@ -143,11 +143,12 @@ def main():
             fmt(r["approval"]) + f" (± {max(r['approval_se']):.2f})", f"**{v['gain']:+.2f}**",
             "yes" if v["learned"] else "**no**", "yes" if v["not_below"] else "**no**", decisions,
             fmt(r["kl_per_token"]), fmt(r["base_nll"]), fmt(r["known_words"]),
+            f"{r['distinct_fraction'][0]:.2f} → {r['distinct_fraction'][-1]:.2f}",
             "yes" if v["language"] else "**no**", f"{sum(r['wall_s']) / len(r['wall_s']):.0f} s",
         ])
     body = table(["taste", "seed", "noise", "approval per round (largest SE)", "gain", "+0.15 or ≥ 0.90",
                   "not below start", "gate per round", "KL/token of the served version", "base NLL/token",
-                  "known words", "language kept", "wall per round"], rows)
+                  "known words", "distinct replies (first → last)", "language kept", "wall per round"], rows)
     body += (f"\n\nGate per round: P promoted, R rejected, W waiting for more feedback (reward model no better "
              f"than chance). Promoted candidates: {totals['promoted']}; of them truly worse than the version "
              f"they replaced (true approval lower by more than two standard errors): **{totals['worse']}**; "
@@ -156,7 +157,8 @@ def main():
              f"{results[0]['heldout_prompts']} held-out corpus prompts × {results[0]['samples_per_prompt']} replies "
              "at the serving settings (temperature 0.8, top-p 0.95, 96 tokens), always on the true taste; "
              "round 0 is the base. *Language kept*: every round's base NLL per token at most 10% above the "
-             "base's own and known words ≥ 0.92.\n")
+             "base's own and known words ≥ 0.92. *Distinct replies*: the share of distinct replies among all the "
+             "held-out replies (fewer: the bot gives one reply to more prompts).\n")
     missing = [t for t in TASTES if t not in {r["preference"] for r in results}]
     if missing:
         body += f"\n**Not measured in this run:** {', '.join(f'`{t}`' for t in missing)}.\n"
