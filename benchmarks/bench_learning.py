@@ -170,7 +170,7 @@ def main():
         body += table(["prompt", "before (v0)", f"after ({r['versions'][-1]})"],
                       [[b["prompt"][:50], f"{b['reply'][:60]} {'👍' if b['liked'] else '👎'}",
                         f"{a['reply'][:60]} {'👍' if a['liked'] else '👎'}"]
-                       for b, a in list(zip(before, after))[:4]])
+                       for b, a in list(zip(before, after))[:8]])
         body += "\n"
     print(body)
     if not args.no_write:
