@@ -15,7 +15,7 @@ small policy-gradient steps:
    replies. Replies cut off at the reply cap, and empty ones, get no weight.
    Only replies the policy writes itself are re-weighted, so the target is
    in its language: on the starter the exact tilt of the base's own replies
-   reaches +0.2 to +0.4 approval on most tastes at the base's own NLL per
+   gains +0.2 to +0.4 approval on six tastes at the base's own NLL per
    token (docs/learning.md).
 3. **Choice tokens.** A reply is chosen at a few tokens, where the base is
    unsure (entropy above `choice_entropy` nats): how it opens, whether it
