@@ -314,8 +314,13 @@ def test_ppo_raises_the_score_and_moves_only_lora(tiny_trained):
                 "kl_coef", "lr", "updates", "reply_tokens", "eos_fraction"):
         assert key in history[-1]
     assert max(h["reply_tokens"] for h in history) <= 8  # rollouts stop at the serving cap
+    assert_only_lora_moved(trainer.unwrapped.policy, before)
+
+
+def assert_only_lora_moved(policy, before: dict) -> None:
+    """Some LoRA weights changed since `before` (name -> tensor); no base weight did."""
     moved_lora = moved_base = 0
-    for name, param in trainer.unwrapped.policy.named_parameters():
+    for name, param in policy.named_parameters():
         changed = not torch.equal(param.detach(), before[name])
         if "lora_" in name:
             moved_lora += changed

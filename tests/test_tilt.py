@@ -73,6 +73,8 @@ def _share_starting_with_i(policy, tokenizer, settings, n=16) -> float:
 
 
 def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
+    from tests.test_learning import assert_only_lora_moved
+
     policy, tokenizer, settings, metrics, before, lines = _tilt(tiny_trained)
     after = _share_starting_with_i(policy, tokenizer, settings)
     with policy.disable_adapter():
@@ -87,14 +89,7 @@ def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
         assert key in history[-1]
     assert 0 < history[-1]["choice_share"] < 1  # some tokens are choices, the rest are held to the base
     assert any(line.startswith("tilt: epoch 3/3") for line in lines)
-    moved_lora = moved_base = 0
-    for name, param in policy.named_parameters():
-        changed = not torch.equal(param.detach(), before[name])
-        if "lora_" in name:
-            moved_lora += changed
-        else:
-            moved_base += changed
-    assert moved_lora > 0 and moved_base == 0
+    assert_only_lora_moved(policy, before)
 
 
 def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_trained):
