@@ -320,8 +320,6 @@ def carried_kl_coef(active_path: str | None) -> float | None:
 
 def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards, active_path: str | None):
     """(policy, parent version, training metrics); policy None on the other processes."""
-    from peft import PeftModel
-
     from chatbot.models import load_model
 
     config = job.config
@@ -342,20 +340,15 @@ def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards,
         return tilt_policy(job, snap, loaded.model, tokenizer, rewards, active_path)
 
     from online_rl.distributed import gather_sharded_adapter, reload_with_adapter
-    from online_rl.ppo import PPOTrainer, add_lora
+    from online_rl.ppo import PPOTrainer
 
     # PPO continues from the active adapter, so what earlier cycles learned
     # accumulates, with the KL coefficient it ended with; the KL is always to
     # the base.
     ppo = dataclasses.replace(config.ppo, kl_coef=carried_kl_coef(active_path) or config.ppo.kl_coef)
-    if active_path:
-        policy, parent = PeftModel.from_pretrained(loaded.model, active_path, is_trainable=True), job.active
-    else:
-        policy, parent = add_lora(loaded.model, ppo), "v0"
+    policy, parent = continue_from(job, loaded.model, active_path, ppo)
     # Prompts and liked replies are drawn in proportion to their rater-bound weights.
-    prompts, prompt_weights = snap.prompts, snap.prompt_weights
-    if not prompts:
-        prompts, prompt_weights = [e.prompt for e in snap.train], [e.weight for e in snap.train]
+    prompts, prompt_weights = prompt_pool(snap)
     anchor, anchor_weights = snap.liked()
     corrections, correction_weights = snap.corrections()
     job.report(f"ppo: {ppo.steps} steps of {ppo.prompts_per_step} prompts x {ppo.samples_per_prompt} replies on "
@@ -390,22 +383,34 @@ def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards,
     return policy, parent, metrics
 
 
-def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, active_path: str | None):
-    """The active adapter (or a fresh one) trained towards its own replies
-    re-weighted by the policy's reward model (`online_rl.tilt`)."""
+def continue_from(job: Job, model, active_path: str | None, lora_config):
+    """(trainable policy, parent version): the active version's adapter, or
+    a fresh LoRA of `lora_config`'s rank on the base when v0 is active."""
     from peft import PeftModel
 
     from online_rl.ppo import add_lora
+
+    if active_path:
+        return PeftModel.from_pretrained(model, active_path, is_trainable=True), job.active
+    return add_lora(model, lora_config), "v0"
+
+
+def prompt_pool(snap: Snapshot) -> tuple[list, list[float]]:
+    """The prompts a policy update samples from, with their rater-bound
+    weights: the training side's pool, else the rated prompts."""
+    if snap.prompts:
+        return snap.prompts, snap.prompt_weights
+    return [e.prompt for e in snap.train], [e.weight for e in snap.train]
+
+
+def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, active_path: str | None):
+    """The active adapter (or a fresh one) trained towards its own replies
+    re-weighted by the policy's reward model (`online_rl.tilt`)."""
     from online_rl.tilt import train_tilt
 
     config = job.config
-    prompts, weights = snap.prompts, snap.prompt_weights
-    if not prompts:
-        prompts, weights = [e.prompt for e in snap.train], [e.weight for e in snap.train]
-    if active_path:
-        policy, parent = PeftModel.from_pretrained(model, active_path, is_trainable=True), job.active
-    else:
-        policy, parent = add_lora(model, config.tilt), "v0"
+    prompts, weights = prompt_pool(snap)
+    policy, parent = continue_from(job, model, active_path, config.tilt)
     job.report(f"tilt: {config.tilt.prompts} prompts drawn from {len(prompts)} x {config.tilt.samples_per_prompt} "
                f"replies, from {parent}", stage="policy")
     corrections, correction_weights = snap.corrections()

@@ -66,13 +66,6 @@ class Verdict:
         return {"passed": self.passed, "reason": self.reason(), "checks": self.checks}
 
 
-def nll_bound(base_nll: float, config: GateConfig | None = None) -> float:
-    """The most base NLL per token a candidate's replies may cost, given the
-    base's own: the gate's language rule, also what training stops at."""
-    config = config or GateConfig()
-    return base_nll * (1 + config.max_nll_increase) + config.nll_slack
-
-
 def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = "the active version") -> Verdict:
     """Judge one candidate from its evaluation; `active` names the version it was compared with."""
     config = config or GateConfig()
@@ -104,7 +97,8 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     if kl is None or kl > config.max_kl:
         reasons.append(f"KL to the base {_fmt(kl, 3)} nats per token is above the bound of {config.max_kl:g}")
     cand_nll, base_nll = nll.get("candidate"), nll.get("base")
-    if cand_nll is not None and base_nll is not None and cand_nll > nll_bound(base_nll, config):
+    if cand_nll is not None and base_nll is not None and \
+            cand_nll > base_nll * (1 + config.max_nll_increase) + config.nll_slack:
         reasons.append(f"its language drifted: the base model's NLL per token of its replies is {cand_nll:.3f}, "
                        f"more than {config.max_nll_increase:.0%} (+{config.nll_slack:g}) above the base's own "
                        f"{base_nll:.3f}")

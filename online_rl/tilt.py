@@ -1,10 +1,10 @@
-"""Tilt: the base's own replies, re-weighted towards what people like.
+"""Tilt: the policy's own replies, re-weighted towards what people like.
 
 The KL-regularized objective of RLHF, ``max E[r] - beta * KL(policy || base)``,
 has a closed-form optimum: ``policy*(y|x) ∝ base(y|x) * exp(r(x, y) / beta)``
-(Rafailov et al. 2023, eq. 4; Korbak et al. 2022). A tilt cycle distills that
-distribution into a fresh LoRA adapter directly, where PPO approaches it by
-small policy-gradient steps:
+(Rafailov et al. 2023, eq. 4; Korbak et al. 2022). A tilt cycle builds that
+distribution on the policy's own replies and distills it into the LoRA
+adapter directly, where PPO approaches it by small policy-gradient steps:
 
 1. **Samples.** `prompts` prompts drawn from the pool by their rater-bound
    weights, each answered `samples_per_prompt` times by the policy (the
@@ -51,6 +51,7 @@ hands their probability to whatever else the vocabulary holds (babble, see
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -70,7 +71,7 @@ ProgressFn = Callable[[str], None]
 @dataclass
 class TiltConfig:
     prompts: int = 512  # prompts drawn from the pool per cycle (by their rater-bound weights)
-    samples_per_prompt: int = 8  # the base's replies to each, re-weighted
+    samples_per_prompt: int = 8  # the policy's replies to each, re-weighted
     beta: float = 0.5  # temperature of the tilt, in standard deviations of the reward-model logits
     # Weight of language in the tilt: each reply's log-weight loses this many
     # times the base's NLL per token of it, so that among replies the taste
@@ -154,12 +155,10 @@ def step_loss(policy, batch: dict, weights: torch.Tensor, config: TiltConfig) ->
 
 
 def _sample(policy, tokenizer, prompts, settings, config, base: bool):
-    if base:
-        with policy.disable_adapter():
-            return sample_many(policy, tokenizer, prompts, settings, batch_size=config.sample_batch,
-                               max_prompt_tokens=config.max_prompt_tokens)
-    return sample_many(policy, tokenizer, prompts, settings, batch_size=config.sample_batch,
-                       max_prompt_tokens=config.max_prompt_tokens)
+    """Replies of the policy, or of its base (`base`: the adapter disabled)."""
+    with policy.disable_adapter() if base else contextlib.nullcontext():
+        return sample_many(policy, tokenizer, prompts, settings, batch_size=config.sample_batch,
+                           max_prompt_tokens=config.max_prompt_tokens)
 
 
 def _language(policy, batches) -> tuple[float | None, float | None]:
