@@ -2,7 +2,9 @@
 
 The candidate, the active version and the base each reply to the same
 held-out prompts, `samples` times, sampled as the bot serves (same seed for
-each). Measured:
+each); while the held-out prompts are few, more times each, up to
+`min_replies` replies per version (the language figures vary a lot from
+reply to reply, and the gate bounds them to a tenth). Measured:
 
 - **win rates**: the share of replies where the candidate's scores higher
   than the active version's (ties count half), under the reward model PPO
@@ -45,7 +47,13 @@ CANDIDATE, ACTIVE = "default", "active"
 @dataclass
 class EvalConfig:
     max_prompts: int = 64
-    samples: int = 4  # replies per held-out prompt and version
+    samples: int = 4  # replies per held-out prompt and version ...
+    # ... or more, up to `max_samples`, while there are fewer than
+    # min_replies / samples prompts: with 26 held-out prompts and 4 replies
+    # each, the base's own NLL per token ranged 0.40 to 0.61 from round to
+    # round, wider than the 10% the gate allows.
+    min_replies: int = 256
+    max_samples: int = 16
     max_heldout_thumbs: int = 400  # rated held-out replies scored for the thumbs margin
     seed: int = 1234
     examples: int = 6  # replies shown side by side in the metrics
@@ -78,7 +86,16 @@ def _use(model, adapter: str | None):
     return contextlib.nullcontext()
 
 
-def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, adapter: str | None) -> dict:
+def samples_per_prompt(prompts: int, config: EvalConfig) -> int:
+    """Replies per held-out prompt and version: `config.samples`, or more
+    while the prompts are few (at least `min_replies` in all, at most
+    `max_samples` each)."""
+    wanted = math.ceil(config.min_replies / max(1, prompts))
+    return max(config.samples, min(config.max_samples, wanted))
+
+
+def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, adapter: str | None,
+                     samples: int) -> dict:
     """One version's samples, KL to the base and language figures."""
     torch.manual_seed(config.seed)
     with _use(model, adapter):
@@ -96,7 +113,7 @@ def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, ad
         "kl_per_token": round(sum(kls) / max(tokens, 1), 4) if adapter else 0.0,
         "base_nll": mean_nll_per_token(list(base), batches),
         "known_words": known_word_fraction(texts),
-        "stats": reply_stats(texts, finished, config.samples),
+        "stats": reply_stats(texts, finished, samples),
     }
 
 
@@ -147,7 +164,9 @@ def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, co
     adapter, or None when the base (v0) is active.
     """
     config = config or EvalConfig()
-    prompts = [p for p in prompts[: config.max_prompts] for _ in range(config.samples)]
+    prompts = prompts[: config.max_prompts]
+    samples = samples_per_prompt(len(prompts), config)
+    prompts = [p for p in prompts for _ in range(samples)]
     if not prompts:
         return {"prompts": 0, "win_rate": None, "kl_to_base": None, "kl_per_token": None, "nan": False}
     was_training = model.training
@@ -156,9 +175,9 @@ def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, co
     try:
         if active_adapter:
             model.load_adapter(str(active_adapter), adapter_name=ACTIVE)
-        cand = _version_replies(model, tokenizer, prompts, settings, config, CANDIDATE)
-        act = _version_replies(model, tokenizer, prompts, settings, config, active)
-        base = act if active is None else _version_replies(model, tokenizer, prompts, settings, config, None)
+        cand = _version_replies(model, tokenizer, prompts, settings, config, CANDIDATE, samples)
+        act = _version_replies(model, tokenizer, prompts, settings, config, active, samples)
+        base = act if active is None else _version_replies(model, tokenizer, prompts, settings, config, None, samples)
         thumbs = heldout_thumbs_margin(model, tokenizer, list(heldout_examples), active, config.max_heldout_thumbs)
     finally:
         if active_adapter and ACTIVE in getattr(model, "peft_config", {}):
@@ -174,8 +193,9 @@ def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, co
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
     numbers = [*cand_scores, *act_scores, *judge_cand, cand["kl_to_base"], cand["base_nll"] or 0.0]
     return {
-        "prompts": len(prompts) // config.samples,
+        "prompts": len(prompts) // samples,
         "samples": len(prompts),
+        "samples_per_prompt": samples,
         "win_rate": win_rate(cand_scores, act_scores),
         "reward": mean(cand_scores),
         "active_reward": mean(act_scores),
@@ -196,7 +216,6 @@ def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, co
         "base": base["stats"],
         "examples": [
             {"prompt": p[-1]["content"], "candidate": c, "active": a}
-            for p, c, a in list(zip(prompts, cand["texts"], act["texts"]))[: config.examples * config.samples:
-                                                                            config.samples]
+            for p, c, a in list(zip(prompts, cand["texts"], act["texts"]))[: config.examples * samples:samples]
         ],
     }

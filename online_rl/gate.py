@@ -18,9 +18,9 @@ prompts and passes a candidate only when every check holds:
   (a taste for longer replies does not pay KL for its length);
 - **still language, judged against the base** (so drift cannot build up
   round after round): the base model's NLL per token of its replies at most
-  `max_nll_increase` (+ `nll_slack` nats) above that of the base's own
-  replies, and its
-  known-word share at most `max_known_words_drop` below theirs;
+  `max_nll_increase` above that of the base's own replies (or `nll_slack`
+  nats, where that is more: on prompts a base knows by heart 10% is noise),
+  and its known-word share at most `max_known_words_drop` below theirs;
 - **not degenerate**: enough distinct replies across the prompts (one reply
   for every prompt is reward hacking, not learning), no single reply taking
   over, few empty
@@ -42,8 +42,9 @@ class GateConfig:
     min_judge_win_rate: float = 0.5  # under the judge, a reward model the update never saw
     max_kl: float = 0.2  # nats per reply token, mean over held-out replies
     max_nll_increase: float = 0.10  # base NLL per token, relative to the base's own replies ...
-    # ... plus this many nats: on prompts the base knows by heart its own
-    # replies cost it about 0.01 nats per token, where 10% is noise
+    # ... or this many nats where that is more: on prompts the base knows by
+    # heart its own replies cost it about 0.01 nats per token, where 10% is
+    # noise. Not added to the 10%: at the starter's 0.45 that would allow 14%.
     nll_slack: float = 0.02
     max_known_words_drop: float = 0.04  # known-word share, below the base's own replies
     min_distinct: float = 0.3  # share of distinct replies among the held-out prompts
@@ -97,11 +98,11 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     if kl is None or kl > config.max_kl:
         reasons.append(f"KL to the base {_fmt(kl, 3)} nats per token is above the bound of {config.max_kl:g}")
     cand_nll, base_nll = nll.get("candidate"), nll.get("base")
-    if cand_nll is not None and base_nll is not None and \
-            cand_nll > base_nll * (1 + config.max_nll_increase) + config.nll_slack:
+    nll_bound = None if base_nll is None else base_nll + max(base_nll * config.max_nll_increase, config.nll_slack)
+    if cand_nll is not None and nll_bound is not None and cand_nll > nll_bound:
         reasons.append(f"its language drifted: the base model's NLL per token of its replies is {cand_nll:.3f}, "
-                       f"more than {config.max_nll_increase:.0%} (+{config.nll_slack:g}) above the base's own "
-                       f"{base_nll:.3f}")
+                       f"above the bound of {nll_bound:.3f} ({config.max_nll_increase:.0%} or "
+                       f"{config.nll_slack:g} nats above the base's own {base_nll:.3f})")
     cand_known, base_known = known.get("candidate"), known.get("base")
     if cand_known is not None and base_known is not None and cand_known < base_known - config.max_known_words_drop:
         reasons.append(f"its language drifted: {cand_known:.0%} of its words are known words, against "
@@ -123,7 +124,7 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
 
     checks = {"prompts": prompts, "win_rate": win_rate, "judge_win_rate": judge, "judge_used": judge_used,
               "thumbs_margin": margin, "thumbs_margin_se": se, "kl_per_token": kl,
-              "base_nll": cand_nll, "base_nll_of_base": base_nll, "known_words": cand_known,
+              "base_nll": cand_nll, "base_nll_of_base": base_nll, "base_nll_bound": nll_bound, "known_words": cand_known,
               "known_words_of_base": base_known, "nan": bool(evaluation.get("nan")),
               "distinct_fraction": distinct, "top_reply_share": top, "empty_fraction": empty,
               "cut_off_fraction": cut, "active_cut_off_fraction": act_cut, "config": asdict(config)}

@@ -173,6 +173,24 @@ def test_language_is_judged_against_the_base_with_a_small_absolute_slack():
     assert not decide(_evaluation(base_nll={"candidate": 0.05, "base": 0.012})).passed
 
 
+def test_the_slack_is_not_added_to_the_relative_bound():
+    # At the starter's own 0.45 nats a token, 10% is 0.045: the 0.02 slack does not widen it to 14%.
+    assert decide(_evaluation(base_nll={"candidate": 0.49, "base": 0.45})).passed
+    verdict = decide(_evaluation(base_nll={"candidate": 0.50, "base": 0.45}))
+    assert not verdict.passed and "above the bound of 0.495" in verdict.reason()
+    assert verdict.checks["base_nll_bound"] == pytest.approx(0.495)
+
+
+def test_few_held_out_prompts_get_more_replies_each():
+    from online_rl.evaluate import EvalConfig, samples_per_prompt
+
+    config = EvalConfig(samples=4, min_replies=256, max_samples=16)
+    assert samples_per_prompt(64, config) == 4
+    assert samples_per_prompt(26, config) == 10  # 260 replies per version
+    assert samples_per_prompt(5, config) == 16  # never more than max_samples each
+    assert samples_per_prompt(200, config) == 4
+
+
 def test_degenerate_shares_take_one_reply_per_prompt():
     from online_rl.evaluate import reply_stats
 
