@@ -31,7 +31,8 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    epoch whose replies' base NLL per token is at most `max_nll_increase`
    above the base's own replies to the same prompts is kept. That is half
    the gate's margin (`online_rl.gate`): the validation prompts are few, and
-   the gate judges on others.
+   the gate judges on others. A prompt is a validation prompt in every cycle
+   or in none (a hash of it), so none was learned by heart in an earlier one.
 
 Each cycle continues from the active version's adapter, as PPO does, and
 tilts it further by the newest reward model (trained on all the replayed
@@ -60,9 +61,11 @@ from typing import Callable
 
 import torch
 
+from online_rl.data import is_heldout
 from online_rl.influence import weighted_draw
 from online_rl.language import known_word_fraction, mean_nll_per_token
 from online_rl.sampling import encode_replies, full_inputs, reply_logprobs, sample_many
+from storage.common import prompt_hash
 
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
 ProgressFn = Callable[[str], None]
@@ -184,14 +187,18 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     k = config.samples_per_prompt
-    # Validation prompts are distinct prompts kept out of training; the
-    # training prompts are then drawn by their weights (a heavily weighted
-    # prompt may be drawn more than once: more replies to choose among).
-    order = list(range(len(prompts)))
-    rng.shuffle(order)
-    n_val = int(len(order) * config.validation_share) if len(order) >= 20 else 0
-    validation = [prompts[i] for i in order[:n_val]] or [prompts[i] for i in order[:16]]
-    pool = order[n_val:]
+    # Validation prompts are kept out of training, in this cycle and every
+    # other: the split is a hash of the prompt, because each cycle continues
+    # from the last one's adapter, and a prompt trained on before would show
+    # replies learned by heart (measured on `long`: 0.34 nats per token on
+    # such prompts against the base's 0.45, where new prompts gave 0.51).
+    # The training prompts are then drawn by their weights (a heavily
+    # weighted prompt may be drawn more than once: more replies to choose among).
+    held = [is_heldout("tilt-validation:" + prompt_hash(p), config.validation_share) for p in prompts]
+    validation = [p for p, h in zip(prompts, held) if h] if len(prompts) >= 20 else []
+    pool = [i for i, h in enumerate(held) if not h] if validation else list(range(len(prompts)))
+    if not validation:
+        validation = [prompts[i] for i in rng.sample(range(len(prompts)), min(16, len(prompts)))]
     weights_of = prompt_weights or [1.0] * len(prompts)
     train = weighted_draw([prompts[i] for i in pool], [weights_of[i] for i in pool], config.prompts, rng)
     policy.eval()

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from online_rl.data import DataConfig, Example, Snapshot, is_heldout, snapshot  # noqa: E402
+from storage.common import prompt_hash  # noqa: E402
 
 
 def _chat(store, prompt, replies_and_votes, session="s1", user=None):
@@ -43,9 +44,21 @@ def test_snapshot_splits_by_conversation_pairs_regenerates_and_respects_the_wate
     assert len(snap.train_pairs) + len(snap.heldout_pairs) == 40
     pair = snap.train_pairs[0]
     assert pair.chosen.startswith("short") and pair.rejected.startswith("a much longer")
-    # The prompt pool holds every prompt, rated or not, on its conversation's side.
-    assert len(snap.prompts) + len(snap.heldout_prompts) == 41
     assert all(is_heldout(c, 0.3) for c in held_convs)
+    # The prompt pool holds every prompt, rated or not, on its own side: split
+    # by the prompt, so no update samples from a prompt the gate judges on.
+    assert len(snap.prompts) + len(snap.heldout_prompts) == 41
+    assert snap.heldout_prompts and snap.prompts
+    assert all(is_heldout(prompt_hash(p), 0.3) for p in snap.heldout_prompts)
+    assert not any(is_heldout(prompt_hash(p), 0.3) for p in snap.prompts)
+
+
+def test_a_prompt_sent_in_many_conversations_stays_on_one_side(store):
+    for i in range(30):
+        _chat(store, "hello there", [(f"reply {i}", 1 if i % 2 else -1)], session=f"s{i}")
+    snap = snapshot(store, DataConfig(heldout_fraction=0.5))
+    assert snap.train and snap.heldout  # its thumbs are split by conversation ...
+    assert len(snap.prompts) + len(snap.heldout_prompts) == 1  # ... the prompt is on one side only
 
 
 def test_one_rater_cannot_dominate(store):
