@@ -31,6 +31,9 @@ VARIANTS = (
     ("choice tokens only, the base held elsewhere (KL, weight 8)", dict(language_coef=0.0)),
     ("the same, base NLL per token in the weights (the default)", dict()),
     ("the default at lr 3e-3", dict(lr=3e-3)),
+    ("the default, and branches (p >= 0.05, not the base's first choice) as choices",
+     dict(branch_prob=0.05)),
+    ("the default, and branches (p >= 0.1) as choices", dict(branch_prob=0.1)),
 )
 
 
@@ -62,8 +65,11 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout", type=int, default=100)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results/tilt.json")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated numbers of the variants to run, from 1 (default: all)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    chosen = VARIANTS if not args.variants else [VARIANTS[int(i) - 1] for i in args.variants.split(",")]
 
     import torch
 
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
         return [float(taste(p[-1]["content"], r)) for p, r in zip(prompts, replies)]
 
     results = {}
-    for label, overrides in (("base", None), *VARIANTS):
+    for label, overrides in (("base", None), *chosen):
         loaded = load_model(starter, args.data_dir, device="cpu")
         tokenizer = loaded.tokenizer
         tokenizer.padding_side = "left"

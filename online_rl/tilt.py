@@ -85,6 +85,11 @@ class TiltConfig:
     # weights sum to 1), scaled by its rater-bound weight.
     correction_coef: float = 0.5
     choice_entropy: float = 0.5  # nats: base positions less certain than this are where replies are chosen
+    # At a position the base is sure of, a reply that took another token the
+    # base gives at least this probability took a branch (went on where the
+    # base would usually stop): a choice too. Below it, a slip of the sampler.
+    # 1.0: only uncertain positions are choices.
+    branch_prob: float = 1.0
     anchor_coef: float = 8.0  # weight of KL(base || policy) at the other positions
     epochs: int = 3
     minibatch: int = 16  # replies per gradient step
@@ -145,7 +150,9 @@ def step_loss(policy, batch: dict, weights: torch.Tensor, config: TiltConfig) ->
     student = _forward_logp(policy, batch)
     mask = batch["reply_mask"].float()
     entropy = -(teacher.exp() * teacher).sum(-1)
-    choice = mask * (entropy > config.choice_entropy).float()
+    taken = teacher.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1)
+    branch = (taken.exp() >= config.branch_prob) & (batch["reply"] != teacher.argmax(-1))
+    choice = mask * ((entropy > config.choice_entropy) | branch).float()
     rest = mask - choice
     logp = student.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1)
     per_reply = (logp * choice).sum(-1)
