@@ -271,7 +271,10 @@ def _bce(logit: float, label: bool) -> float:
 
 def evaluate_reward_model(rm: RewardModel, examples: list[Example], pairs: list[Pair]) -> dict:
     """On held-out thumbs: AUC (a liked reply ranked above a disliked one)
-    with its 95% interval, accuracy at score 0, calibration of
+    with its 95% interval, both under the rater bound's weights (so that one
+    loud rater's thumbs count no more here than in training: unweighted, a
+    rater who contradicts everyone else held the AUC at chance, and every
+    cycle waited), accuracy at score 0, calibration of
     sigmoid(score) as a chance of a thumbs-up (Brier score and expected
     calibration error), and the share of pairs ranked the right way. None
     where there is no data."""
@@ -280,8 +283,10 @@ def evaluate_reward_model(rm: RewardModel, examples: list[Example], pairs: list[
     if examples:
         scores = rm.score([e.prompt for e in examples], [e.reply for e in examples])
         labels = [e.label for e in examples]
-        out["auc"] = auc(scores, labels)
-        low_high = auc_interval(out["auc"], sum(labels), len(labels) - sum(labels))
+        weights = [e.weight for e in examples]
+        out["auc"] = auc(scores, labels, weights)
+        low_high = auc_interval(out["auc"], effective_count([w for w, y in zip(weights, labels) if y]),
+                                effective_count([w for w, y in zip(weights, labels) if not y]))
         if low_high:
             out["auc_low"], out["auc_high"] = low_high
         out["accuracy"] = round(sum((s > 0) == y for s, y in zip(scores, labels)) / len(labels), 4)
@@ -293,9 +298,10 @@ def evaluate_reward_model(rm: RewardModel, examples: list[Example], pairs: list[
     return out
 
 
-def auc_interval(value: float | None, n_pos: int, n_neg: int, z: float = 1.96) -> tuple[float, float] | None:
+def auc_interval(value: float | None, n_pos: float, n_neg: float, z: float = 1.96) -> tuple[float, float] | None:
     """95% interval of an AUC from Hanley & McNeil (1982): its standard error
-    from the AUC and the two class sizes. None when a class is missing."""
+    from the AUC and the two class sizes (effective sizes, for weighted
+    rows). None when a class is missing."""
     if value is None or not n_pos or not n_neg:
         return None
     a = min(max(value, 1e-6), 1 - 1e-6)
@@ -319,23 +325,30 @@ def calibration(scores: list[float], labels: list[bool], bins: int = 10) -> dict
     return {"brier": round(brier, 4), "ece": round(ece, 4)}
 
 
-def auc(scores: list[float], labels: list[bool]) -> float | None:
+def auc(scores: list[float], labels: list[bool], weights: list[float] | None = None) -> float | None:
     """Area under the ROC curve: the chance a random liked reply outscores a
-    random disliked one (ties count half). None when a class is missing."""
+    random disliked one (ties count half), each reply drawn by its weight
+    (default 1). None when a class is missing."""
+    weights = [1.0] * len(scores) if weights is None else weights
+    pos = sum(w for w, y in zip(weights, labels) if y)
+    neg = sum(w for w, y in zip(weights, labels) if not y)
+    if not any(labels) or all(labels) or pos <= 0 or neg <= 0:
+        return None
     order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):  # average ranks over ties
+    wins, below, i = 0.0, 0.0, 0  # below: disliked weight under the current score
+    while i < len(order):
         j = i
         while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
             j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
+        tied = order[i:j + 1]
+        tied_neg = sum(weights[k] for k in tied if not labels[k])
+        wins += sum(weights[k] for k in tied if labels[k]) * (below + tied_neg / 2)
+        below += tied_neg
         i = j + 1
-    n_pos = sum(labels)
-    n_neg = len(labels) - n_pos
-    if not n_pos or not n_neg:
-        return None
-    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
-    return round((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), 4)
+    return round(wins / (pos * neg), 4)
 
+
+def effective_count(weights: list[float]) -> float:
+    """Kish's effective sample size of weighted rows: (sum w)^2 / sum w^2."""
+    square = sum(w * w for w in weights)
+    return sum(weights) ** 2 / square if square > 0 else 0.0

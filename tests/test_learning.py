@@ -135,6 +135,38 @@ def test_auc():
     assert auc([0.1, 0.2], [True, True]) is None
 
 
+def test_weighted_auc_counts_a_row_of_weight_two_as_two_rows():
+    import random
+
+    from online_rl.reward import auc
+
+    rng = random.Random(3)
+    for _ in range(50):
+        n = rng.randrange(2, 12)
+        scores = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(n)]
+        labels = [rng.random() < 0.5 for _ in range(n)]
+        counts = [rng.randrange(1, 4) for _ in range(n)]
+        repeated = [(s, y) for s, y, c in zip(scores, labels, counts) for _ in range(c)]
+        assert auc(scores, labels, [float(c) for c in counts]) == \
+            auc([s for s, _ in repeated], [y for _, y in repeated])
+
+
+def test_a_loud_contrarian_does_not_hold_the_reward_models_auc_at_chance():
+    """Twenty raters like long replies; one rater with as many thumbs as all
+    of them likes short ones. Under the rater bound's weights the held-out
+    AUC of a reward model that learned the majority's taste stays high."""
+    from online_rl.influence import rater_weights
+    from online_rl.reward import auc
+
+    rows = [(f"quiet{i}", length, length > 5) for i in range(20) for length in (2, 8)]
+    rows += [("loud", length, length <= 5) for length in (2, 8) for _ in range(20)]
+    scores = [float(length) for _, length, _ in rows]  # prefers long replies, as the majority does
+    labels = [liked for _, _, liked in rows]
+    assert auc(scores, labels) == 0.5
+    weights = rater_weights([rater for rater, _, _ in rows], 0.05)
+    assert auc(scores, labels, weights) > 0.85
+
+
 def test_auc_interval_and_calibration():
     from online_rl.reward import auc_interval, calibration
 
