@@ -2,26 +2,25 @@
 
 One loud rater gives `--loud` thumbs by one taste (default `concise`);
 `--quiet-raters` raters give `--quiet-thumbs` each by the opposite taste
-(default `long`). They chat with the starter model (v0) and rate its replies
-through the same `Store` calls as the chat page (`online_rl.simulate.chat_round`:
-a quarter of the turns regenerated, which is how pairs arise). The same
-thumbs (one database, copied) then go through one retrain cycle twice: with
-the rater bound (`max_rater_share` 5%) and without it (1.0). For each:
+(default `long`). The thumbs arrive over `--rounds` rounds, as they would in
+service: each round every rater chats with the version active at the time
+and rates its replies through the same `Store` calls as the chat page
+(`online_rl.simulate.chat_round`: a quarter of the turns regenerated, which
+is how pairs arise), then one retrain cycle runs as deployed: it waits while
+the reward model is not informative, and the gate decides. The whole run is
+done twice from the same start, with the rater bound (`max_rater_share` 5%)
+and without it (1.0). For each:
 
-- the loud rater's share of the reward model's thumbs before and after the
-  bound, as the run recorded it;
-- the policy's reward model: its AUC on its held-out thumbs, and how well
-  it ranks fresh v0 replies to held-out prompts by each taste (AUC against
-  the quiet taste's verdicts and against the loud one's);
-- the candidate policy's approval under each taste on those prompts (with
-  its standard error), beside v0's.
+- every round's decision (promoted, rejected with the gate's reason, or
+  waiting for more feedback) and the reward model's held-out AUC;
+- the loud rater's share of the thumbs before and after the bound;
+- how well the last policy reward model ranks fresh v0 replies to held-out
+  prompts by each taste (AUC against each taste's verdicts);
+- the approval of the version serving after the last round under each taste
+  (with its standard error) on held-out prompts, beside v0's.
 
-Both cycles train a policy whatever the reward model's held-out AUC (the
-cycle's usual wait for an informative reward model is off), so that the two
-candidates can be compared; the gate is not applied.
-
-    python benchmarks/bench_poisoning.py --data-dir /work/cache            # 1,000 against 20 x 50
-    python benchmarks/bench_poisoning.py --data-dir /work/cache --scale 0.1 --ppo-steps 5   # a tiny budget
+    python benchmarks/bench_poisoning.py --data-dir /work/cache            # 1,000 against 20 x 50, 3 rounds
+    python benchmarks/bench_poisoning.py --data-dir /work/cache --scale 0.1 --rounds 1   # a tiny budget
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sqlite3
 import sys
 import tempfile
 import time
@@ -51,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet-raters", type=int, default=20)
     parser.add_argument("--quiet-thumbs", type=int, default=50, help="thumbs of each quiet rater (default 50)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every thumb count (0.1: a tiny budget)")
+    parser.add_argument("--rounds", type=int, default=3, help="the thumbs arrive in this many rounds, a cycle after each")
     parser.add_argument("--loud-taste", default="concise")
     parser.add_argument("--quiet-taste", default="long")
     parser.add_argument("--method", choices=METHODS, default=METHODS[0], help="how the cycle updates the policy")
@@ -65,26 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def give_thumbs(store, bot, args, settings, prompts: list[str]) -> dict:
-    """The loud rater's thumbs, then each quiet rater's; thumbs-up counts."""
+def give_thumbs(store, bot, args, settings, prompts: list[str], rnd: int) -> dict:
+    """One round's thumbs: the loud rater's, then each quiet rater's; thumbs-up counts."""
     from online_rl.simulate import chat_round
     from online_rl.tastes import resolve
 
-    rng = random.Random(args.seed)
+    def share(total: int) -> int:  # this round's part of `total`, the rounds adding up to it
+        return total * (rnd + 1) // args.rounds - total * rnd // args.rounds
+
+    rng = random.Random(args.seed * 1000 + rnd)
     loud, quiet = resolve(args.loud_taste), resolve(args.quiet_taste)
-    ups = {"loud": chat_round(store, bot, loud, prompts, args.n_loud, settings, rng, session="loud",
+    ups = {"loud": chat_round(store, bot, loud, prompts, share(args.n_loud), settings, rng, session="loud",
                               regenerate=0.25)}
-    ups["quiet"] = sum(chat_round(store, bot, quiet, prompts, args.n_quiet, settings, rng, session=f"quiet{i:02d}",
-                                  regenerate=0.25) for i in range(args.quiet_raters))
+    ups["quiet"] = sum(chat_round(store, bot, quiet, prompts, share(args.n_quiet), settings, rng,
+                                  session=f"quiet{i:02d}", regenerate=0.25) for i in range(args.quiet_raters))
     return ups
-
-
-def copy_database(source: Path, data_dir: Path) -> None:
-    from storage.store import DB_FILENAME
-
-    data_dir.mkdir(parents=True)
-    with sqlite3.connect(source) as src, sqlite3.connect(data_dir / DB_FILENAME) as dst:
-        src.backup(dst)
 
 
 def taste_approval(bot, prompts: list[str], tastes: dict, settings, samples: int, seed: int) -> dict:
@@ -109,45 +103,62 @@ def reward_model_auc(path: str, base_path: str, tokenizer, replies: list[tuple[s
     return {name: auc(scores, [bool(taste(p, r)) for p, r in replies]) for name, taste in tastes.items()}
 
 
-def run_condition(label: str, share: float, source: Path, work: Path, args, starter: str, context: dict) -> dict:
+def run_condition(label: str, share: float, work: Path, args, starter: str, context: dict) -> dict:
+    """The rounds of thumbs and cycles with one rater bound, from v0."""
     import torch
 
     from chatbot.models import load_tokenizer
-    from online_rl.cycle import CycleConfig, run_cycle
+    from online_rl.cycle import CycleConfig, NotEnoughFeedback, run_cycle
     from online_rl.simulate import Bot
     from storage import Store
 
     data_dir = work / f"bound-{share:g}"
-    copy_database(source, data_dir)
     store = Store.in_data_dir(data_dir)
-    config = CycleConfig(method=args.method, device=args.device, seed=args.seed, generation=context["settings"])
-    config.data.max_rater_share = share
-    config.reward.min_auc_low = -1.0  # train a policy either way, to compare the two
-    if args.ppo_steps:
-        config.ppo.steps = args.ppo_steps
-    if args.reward_epochs:
-        config.reward.epochs = args.reward_epochs
+    rounds, ups = [], {"loud": 0, "quiet": 0}
     started = time.perf_counter()
     with open(Path(args.out) / f"bound-{share:g}.log", "w") as log:
-        cycle = run_cycle(store, data_dir=data_dir, model_name=starter, config=config,
-                          progress=lambda line: print(line, file=log, flush=True))
+        for rnd in range(args.rounds):
+            bot = Bot(store, data_dir, starter, args.device)
+            given = give_thumbs(store, bot, args, context["settings"], context["chat_prompts"], rnd)
+            ups = {k: ups[k] + given[k] for k in ups}
+            print(f"round {rnd + 1}: thumbs given to {bot.version}, up: {given}", file=log, flush=True)
+            config = CycleConfig(method=args.method, device=args.device, seed=args.seed + rnd,
+                                 generation=context["settings"], promote=True)
+            config.data.max_rater_share = share
+            if args.ppo_steps:
+                config.ppo.steps = args.ppo_steps
+            if args.reward_epochs:
+                config.reward.epochs = args.reward_epochs
+            try:
+                cycle = run_cycle(store, data_dir=data_dir, model_name=starter, config=config,
+                                  progress=lambda line, r=rnd: print(f"round {r + 1}: {line}", file=log, flush=True))
+            except NotEnoughFeedback as exc:
+                run = store.runs(limit=1)[0]
+                rounds.append({"decision": "waiting", "reason": str(exc),
+                               "reward_auc": ((run.get("metrics") or {}).get("reward_model") or {}).get("auc")})
+                continue
+            promoted = store.active_version() == cycle["version"]
+            rounds.append({"decision": "promoted" if promoted else "rejected", "version": cycle["version"],
+                           "reason": cycle["gate"]["reason"], "reward_auc": cycle["reward_model"]["auc"],
+                           "kl_per_token": cycle["evaluation"]["kl_per_token"],
+                           "loud_share": next(r for r in cycle["rater_shares"]["thumbs"]["top"]
+                                              if r["rater"] == "session:loud"),
+                           "reward_model_path": cycle["reward_model_path"]})
     wall = time.perf_counter() - started
-    loud = next(r for r in cycle["rater_shares"]["thumbs"]["top"] if r["rater"] == "session:loud")
-    tokenizer = load_tokenizer(starter)
-    candidate = Bot(store, data_dir, starter, args.device, version=cycle["version"])
+    active = Bot(store, data_dir, starter, args.device)
+    trained = [r for r in rounds if "reward_model_path" in r]
     result = {
-        "bound": label, "max_rater_share": share, "loud_share": loud, "cycle_s": round(wall, 1),
-        "reward_auc_heldout": cycle["reward_model"]["auc"], "reward_best_epoch": cycle["reward_model"]["best_epoch"],
-        "reward_auc_by_taste": reward_model_auc(cycle["reward_model_path"], starter, tokenizer,
-                                                context["replies"], context["tastes"], torch.device(args.device)),
-        "candidate": taste_approval(candidate, context["prompts"], context["tastes"], context["settings"],
-                                    args.samples, context["eval_seed"]),
-        "kl_per_token": cycle["evaluation"]["kl_per_token"],
-        "rater_shares": cycle["rater_shares"],
+        "bound": label, "max_rater_share": share, "rounds": rounds, "thumbs_up": ups, "wall_s": round(wall, 1),
+        "active": active.version,
+        "approval": taste_approval(active, context["prompts"], context["tastes"], context["settings"],
+                                   args.samples, context["eval_seed"]),
+        "reward_auc_by_taste": reward_model_auc(trained[-1]["reward_model_path"], starter, load_tokenizer(starter),
+                                                context["replies"], context["tastes"], torch.device(args.device))
+        if trained else None,
     }
+    store.close()
     (Path(args.out) / f"bound-{share:g}.json").write_text(json.dumps(result, indent=2))
-    print(f"bound {label}: {json.dumps({k: v for k, v in result.items() if k != 'rater_shares'})}",
-          file=sys.stderr, flush=True)
+    print(f"bound {label}: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
 
 
@@ -169,23 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     tastes = {args.quiet_taste: resolve(args.quiet_taste), args.loud_taste: resolve(args.loud_taste)}
     with tempfile.TemporaryDirectory(prefix="bench-poisoning-") as scratch:
         work = Path(scratch)
-        store = Store.in_data_dir(work / "thumbs")
-        bot = Bot(store, work / "thumbs", starter, args.device)
-        started = time.perf_counter()
-        ups = give_thumbs(store, bot, args, settings, chat_prompts)
-        chat_s = time.perf_counter() - started
-        print(f"thumbs given in {chat_s:.0f} s: {ups}", file=sys.stderr, flush=True)
+        store = Store.in_data_dir(work / "v0")
+        bot = Bot(store, work / "v0", starter, args.device)
         eval_seed = 10_000 + args.seed
         base_replies = [t for k in range(args.samples) for b in bot.sample(heldout, settings, eval_seed + k)
                         for t in b["texts"]]
         context = {"settings": settings, "prompts": heldout, "tastes": tastes, "eval_seed": eval_seed,
-                   "replies": list(zip(heldout * args.samples, base_replies))}
+                   "chat_prompts": chat_prompts, "replies": list(zip(heldout * args.samples, base_replies))}
         v0 = taste_approval(bot, heldout, tastes, settings, args.samples, eval_seed)
         store.close()
-        results = [run_condition(label, share, work / "thumbs" / "chatbot.db", work, args, starter, context)
-                   for label, share in BOUNDS]
-    summary = {"args": {k: v for k, v in vars(args).items()}, "v0": v0, "thumbs_up": ups,
-               "chat_s": round(chat_s, 1), "results": results}
+        results = [run_condition(label, share, work, args, starter, context) for label, share in BOUNDS]
+    summary = {"args": {k: v for k, v in vars(args).items()}, "v0": v0, "results": results}
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     if not args.no_doc:
         write_doc(summary, args)
@@ -198,39 +203,47 @@ def write_doc(summary: dict, args) -> None:
     def approval(a: dict) -> str:
         return f"{a['approval']:.3f} ± {a['se']:.3f}"
 
-    rows = [["v0 (before)", "", "", "", "", "", approval(summary["v0"][quiet]), approval(summary["v0"][loud]), "", ""]]
+    def gain(r: dict, taste: str) -> str:
+        return f"{r['approval'][taste]['approval'] - summary['v0'][taste]['approval']:+.3f}"
+
+    rows = [["v0 (before)", "", "", "", "", approval(summary["v0"][quiet]), "", approval(summary["v0"][loud]), ""]]
     for r in summary["results"]:
-        share = r["loud_share"]
-        by_taste = r["reward_auc_by_taste"]
-        rows.append([r["bound"], f"{share['share_before']:.1%} → {share['share_after']:.1%}",
-                     r["reward_best_epoch"], r["reward_auc_heldout"], by_taste[quiet], by_taste[loud],
-                     approval(r["candidate"][quiet]), approval(r["candidate"][loud]), r["kl_per_token"],
-                     f"{r['cycle_s']:.0f} s"])
-    headers = ["rater bound", "loud rater's share of the thumbs (before → after)", "reward model's best epoch",
-               "reward model AUC, held-out thumbs",
-               f"reward model AUC by the quiet taste ({quiet})", f"reward model AUC by the loud taste ({loud})",
-               f"candidate approval, quiet taste ({quiet})", f"candidate approval, loud taste ({loud})",
-               "KL to base (nats/token)", "cycle"]
+        shares = [x["loud_share"] for x in r["rounds"] if "loud_share" in x]
+        share = f"{shares[-1]['share_before']:.1%} → {shares[-1]['share_after']:.1%}" if shares else ""
+        decisions = " ".join(x["decision"][0].upper() for x in r["rounds"])
+        aucs = " → ".join("n/a" if x["reward_auc"] is None else f"{x['reward_auc']:.2f}" for x in r["rounds"])
+        by_taste = r["reward_auc_by_taste"] or {}
+        rows.append([r["bound"], share, f"{decisions} ({r['active']} serving)", aucs,
+                     f"{by_taste.get(quiet, 'n/a')} / {by_taste.get(loud, 'n/a')}",
+                     approval(r["approval"][quiet]), gain(r, quiet), approval(r["approval"][loud]), gain(r, loud)])
+    headers = ["rater bound", "loud rater's share of the thumbs (before → after)", "decisions per round",
+               "reward model AUC on held-out thumbs, per round (rater-bound weights)",
+               f"last reward model's AUC by the quiet taste ({quiet}) / by the loud one ({loud})",
+               f"approval, quiet taste ({quiet})", "gain", f"approval, loud taste ({loud})", "gain"]
+    reasons = "\n".join(f"- {r['bound']}, round {i + 1}: {x['decision']}: {x['reason']}"
+                        for r in summary["results"] for i, x in enumerate(r["rounds"]))
     scale = "" if args.scale == 1 else f" --scale {args.scale:g}"
     steps = f" --ppo-steps {args.ppo_steps}" if args.ppo_steps else ""
     steps += f" --method {args.method}" if args.method != METHODS[0] else ""
+    steps += f" --rounds {args.rounds}" if args.rounds != 3 else ""
     epochs = f" --reward-epochs {args.reward_epochs}" if args.reward_epochs else ""
+    ups = "; ".join(f"{r['bound']}: {r['thumbs_up']['loud']} and {r['thumbs_up']['quiet']}" for r in summary["results"])
+    wall = ", ".join(f"{r['wall_s'] / 60:.0f} min" for r in summary["results"])
     body = table(headers, rows) + f"""
 
 One rater gave {args.n_loud} thumbs by the `{loud}` taste; {args.quiet_raters} raters gave {args.n_quiet} each by
-the `{quiet}` taste ({summary['thumbs_up']['loud']} and {summary['thumbs_up']['quiet']} thumbs up), chatting with
-the starter (v0) through the store as the chat page does, a quarter of the turns regenerated ({summary['chat_s']:.0f} s
-of chat). The same database then went through one `{args.method}` retrain cycle with the rater bound and one without
-(`max_rater_share` 1.0), seed {args.seed}, both training a policy whatever the reward model's held-out AUC,
-without the gate. *Best epoch* 0 means that no epoch of training lowered the reward model's held-out
-loss, and the untrained start was kept. *Reward model AUC by a taste*: how well the policy's reward model ranks v0's replies to
-{args.heldout} held-out prompts ({args.samples} each) by that taste's verdicts (0.5: no better than chance).
-*Candidate approval*: the share of the candidate's replies to the same prompts each taste likes, with its
-standard error over prompts. *Reward model AUC, held-out thumbs* is the cycle's own figure, over both groups'
-held-out thumbs ({' and '.join(str(r['reward_auc_heldout']) for r in summary['results'])}), which contradict each
-other whatever the reward model learned; with the cycle's usual wait for a reward model whose interval there
-lies above 0.5, a run on these thumbs is refused. *Cycle*: the retrain's wall time on this machine, which was
-shared with other jobs.
+the `{quiet}` taste (thumbs up from each group: {ups}). The thumbs arrived in {args.rounds} rounds: each round every
+rater chatted with the version serving at the time through the store as the chat page does (a quarter of
+the turns regenerated), then one `{args.method}` retrain cycle ran as deployed, seed {args.seed}: it waits while the
+reward model's held-out AUC interval does not lie above 0.5, and the gate decides (P promoted, R rejected,
+W waiting for more feedback). *Approval*: the share of the replies of the version serving after the last
+round, on {args.heldout} held-out prompts × {args.samples}, that each taste likes, with its standard error over
+prompts; *gain* against v0 on the same prompts. The AUCs by taste say how well the last policy reward
+model ranks v0's replies to those prompts by each taste's verdicts (0.5: chance). Wall time: {wall}.
+
+Each round's decision:
+
+{reasons}
 """
     write_section("poisoning", "Poisoning: one loud rater against many quiet ones (starter model, CPU)",
                   f"python benchmarks/bench_poisoning.py --data-dir {args.data_dir}{scale}{steps}{epochs}", body)

@@ -31,9 +31,7 @@ VARIANTS = (
     ("choice tokens only, the base held elsewhere (KL, weight 8)", dict(language_coef=0.0)),
     ("the same, base NLL per token in the weights (the default)", dict()),
     ("the default at lr 3e-3", dict(lr=3e-3)),
-    ("the default, and branches (p >= 0.05, not the base's first choice) as choices",
-     dict(branch_prob=0.05)),
-    ("the default, and branches (p >= 0.1) as choices", dict(branch_prob=0.1)),
+    ("the default, prompts whose replies all score alike left out (spread < 0.5 sd)", dict(min_spread=0.5)),
 )
 
 

@@ -84,12 +84,10 @@ class TiltConfig:
     # bot's) as a target, relative to one prompt's tilted replies (whose
     # weights sum to 1), scaled by its rater-bound weight.
     correction_coef: float = 0.5
+    # A prompt whose replies' standardized scores span less than this teaches
+    # no taste, only which reply the base finds likeliest: it is left out.
+    min_spread: float = 0.0
     choice_entropy: float = 0.5  # nats: base positions less certain than this are where replies are chosen
-    # At a position the base is sure of, a reply that took another token the
-    # base gives at least this probability took a branch (went on where the
-    # base would usually stop): a choice too. Below it, a slip of the sampler.
-    # 1.0: only uncertain positions are choices.
-    branch_prob: float = 1.0
     anchor_coef: float = 8.0  # weight of KL(base || policy) at the other positions
     epochs: int = 3
     minibatch: int = 16  # replies per gradient step
@@ -124,14 +122,17 @@ class TiltConfig:
 
 
 def tilt_weights(scores: torch.Tensor, nll: torch.Tensor, usable: torch.Tensor, group: int, beta: float,
-                 language_coef: float) -> torch.Tensor:
+                 language_coef: float, min_spread: float = 0.0) -> torch.Tensor:
     """Each reply's weight within its prompt's `group` of replies: a softmax
     of standardized score / beta - language_coef * NLL per token; replies
-    that are not `usable` get 0, and so does a group without a usable one."""
+    that are not `usable` get 0, and so does a group without a usable one,
+    or whose usable replies' standardized scores span less than `min_spread`."""
     z = (scores - scores[usable].mean()) / scores[usable].std().clamp(min=1e-6) if usable.sum() > 1 else \
         torch.zeros_like(scores)
     logits = (z / beta - language_coef * nll).masked_fill(~usable, -math.inf).view(-1, group)
-    live = usable.view(-1, group).any(-1, keepdim=True)
+    spread = (z.masked_fill(~usable, -math.inf).view(-1, group).amax(-1)
+              - z.masked_fill(~usable, math.inf).view(-1, group).amin(-1))
+    live = usable.view(-1, group).any(-1, keepdim=True) & (spread >= min_spread).unsqueeze(-1)
     weights = torch.softmax(logits.masked_fill(~live, 0.0), -1) * live
     return weights.reshape(-1)
 
@@ -150,9 +151,7 @@ def step_loss(policy, batch: dict, weights: torch.Tensor, config: TiltConfig) ->
     student = _forward_logp(policy, batch)
     mask = batch["reply_mask"].float()
     entropy = -(teacher.exp() * teacher).sum(-1)
-    taken = teacher.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1)
-    branch = (taken.exp() >= config.branch_prob) & (batch["reply"] != teacher.argmax(-1))
-    choice = mask * ((entropy > config.choice_entropy) | branch).float()
+    choice = mask * (entropy > config.choice_entropy).float()
     rest = mask - choice
     logp = student.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1)
     per_reply = (logp * choice).sum(-1)
@@ -218,7 +217,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
         nll = torch.cat([-reply_logprobs(policy, b, 1.0).sum(-1) / b["reply_mask"].sum(-1).clamp(min=1)
                          for b in batches]).cpu()
     scores = torch.tensor(reward_fn(chats, texts), dtype=torch.float32)
-    weights = tilt_weights(scores, nll, usable, k, config.beta, config.language_coef)
+    weights = tilt_weights(scores, nll, usable, k, config.beta, config.language_coef, config.min_spread)
     groups = weights.view(-1, k)
     live = groups.sum(-1) > 0
     effective = (1.0 / (groups[live] ** 2).sum(-1)).mean().item() if live.any() else 0.0
