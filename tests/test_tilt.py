@@ -39,6 +39,10 @@ def test_weights_are_a_softmax_within_each_prompt_of_score_and_language():
     # A prompt without a usable reply is left out altogether.
     none = tilt_weights(scores, nll, torch.tensor([True, True, True, False, False, False]), 3, 0.5, 1.0)
     assert torch.equal(none[3:], torch.zeros(3))
+    # With min_spread, a prompt whose usable replies all score alike (the
+    # second: 2.0 and 2.0) teaches no taste and is left out; the first stays.
+    spread = tilt_weights(scores, nll, usable, 3, 0.5, 1.0, min_spread=0.5)
+    assert torch.equal(spread[3:], torch.zeros(3)) and torch.allclose(spread[:3], w[:3])
 
 
 def _tilt(tiny_trained, reward=starts_with_i, corrections=None, **overrides):
