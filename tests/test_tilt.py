@@ -87,13 +87,27 @@ def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
     # The target is above what was sampled, and the validation score rises.
     assert metrics["score_target"] > metrics["score_sampled"]
     history = metrics["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3] and metrics["epochs"] == 3 and metrics["epoch_kept"] == 3
+    assert [h["epoch"] for h in history] == [1, 2, 3] and metrics["epochs"] == 3
+    within = [h for h in history if h["within_bound"]]
+    assert within and metrics["epoch_kept"] == max(within, key=lambda h: h["val_score"])["epoch"]
     assert history[-1]["val_score"] > metrics["validation"]["start_score"]
     for key in ("choice_nll", "anchor_kl", "choice_share", "val_nll", "val_known_words", "within_bound"):
         assert key in history[-1]
     assert 0 < history[-1]["choice_share"] < 1  # some tokens are choices, the rest are held to the base
     assert any(line.startswith("tilt: epoch 3/3") for line in lines)
     assert_only_lora_moved(policy, before)
+
+
+def test_epochs_within_the_language_bound_rank_by_score_the_others_by_closeness():
+    from online_rl.tilt import epoch_rank
+
+    def rec(within, score, nll):
+        return {"within_bound": within, "val_score": score, "val_nll": nll}
+
+    records = [rec(True, 0.2, 0.40), rec(True, 0.5, 0.44), rec(False, 0.9, 0.50), rec(False, 0.8, 0.47)]
+    ranked = sorted(records, key=epoch_rank, reverse=True)
+    assert ranked == [records[1], records[0], records[3], records[2]]
+    assert epoch_rank(rec(True, None, 0.4)) < epoch_rank(rec(True, -5.0, 0.4))
 
 
 def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_trained):
