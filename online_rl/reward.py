@@ -332,7 +332,7 @@ def auc(scores: list[float], labels: list[bool], weights: list[float] | None = N
     weights = [1.0] * len(scores) if weights is None else weights
     pos = sum(w for w, y in zip(weights, labels) if y)
     neg = sum(w for w, y in zip(weights, labels) if not y)
-    if not any(labels) or all(labels) or pos <= 0 or neg <= 0:
+    if pos <= 0 or neg <= 0:
         return None
     order = sorted(range(len(scores)), key=lambda i: scores[i])
     wins, below, i = 0.0, 0.0, 0  # below: disliked weight under the current score
