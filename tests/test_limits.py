@@ -141,42 +141,39 @@ def test_serve_takes_the_limits_as_flags_and_refuses_nonsense():
 
 
 def recording_encodes(policy, monkeypatch) -> list[bool]:
-    """Whether the model was held (its engine's step lock taken by another
-    thread) at each tokenization of a prompt."""
-    locked, encode, lock = [], policy._encode, policy.engine.step_lock
+    """For each tokenization of a prompt, whether it ran inside a model step:
+    on the engine's thread, or with its step lock held by the tokenizing thread."""
+    inside, encode, lock = [], policy._encode, policy.engine.step_lock
 
     def spy(messages):
-        free = lock.acquire(blocking=False)
-        if free:
-            lock.release()
-        locked.append(not free)
+        inside.append(threading.current_thread().name == "engine" or lock._is_owned())
         return encode(messages)
 
     monkeypatch.setattr(policy, "_encode", spy)
-    return locked
+    return inside
 
 
 def test_prompts_are_tokenized_before_the_model_is_locked(tiny_loaded, monkeypatch):
     policy = Policy(tiny_loaded)
-    locked = recording_encodes(policy, monkeypatch)
+    inside = recording_encodes(policy, monkeypatch)
     settings = GenerationSettings(max_new_tokens=3)
     policy.generate(conversation(21, 400), settings)
     list(policy.stream(conversation(21, 400), settings))
-    assert locked and not any(locked)
+    assert inside and not any(inside)
 
 
 def test_a_prompt_is_tokenized_while_another_request_generates(tiny_loaded, monkeypatch):
     policy = Policy(tiny_loaded)
-    locked = recording_encodes(policy, monkeypatch)
+    encoded = recording_encodes(policy, monkeypatch)
     replies = []
     with policy.engine.between_steps():  # the model is held
         waiting = threading.Thread(target=lambda: replies.append(
             policy.generate(conversation(21, 400), GenerationSettings(max_new_tokens=3))), daemon=True)
         waiting.start()
         deadline = time.monotonic() + 10
-        while not locked and time.monotonic() < deadline:
+        while not encoded and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert locked, "the prompt waited for the model before it was tokenized"
+        assert encoded and not any(encoded), "the prompt waited for the model before it was tokenized"
         assert waiting.is_alive() and not replies  # the reply itself waits for the model
     waiting.join(30)
     assert replies and replies[0].truncated_messages > 0
