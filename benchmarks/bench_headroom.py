@@ -54,7 +54,7 @@ def headroom(path: str, prompts: list[str], samples: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatbot.models import GenerationSettings
-    from online_rl.language import known_word_fraction, mean_nll_per_token
+    from online_rl.language import base_nll_per_token, known_word_fraction
     from online_rl.sampling import reply_logprobs, sample_many
     from online_rl.tastes import TASTES
 
@@ -70,7 +70,7 @@ def headroom(path: str, prompts: list[str], samples: int) -> dict:
             for i, text in enumerate(batch["texts"]):
                 replies[i].append(text)
             logp = reply_logprobs(model, batch, 1.0)
-            nll.append(mean_nll_per_token([logp], [batch]))
+            nll.append(base_nll_per_token(model, [batch], settings))
             for i, x in enumerate((-logp.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)).tolist()):
                 per_reply[i].append(x)
     flat = [r for rs in replies for r in rs]

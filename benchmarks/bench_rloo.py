@@ -57,7 +57,7 @@ def measure(model, tokenizer, prompts, taste, rm, settings, seed=7, samples=2) -
     scores = rm.score(messages, texts)
     return {"approval": round(share, 3), "se": round(se, 3),
             "rm": round(sum(scores) / len(scores), 3), "kl_per_token": round(kl / max(tokens, 1), 4),
-            "base_nll": base_nll_per_token(model, batches), "known_words": known_word_fraction(texts),
+            "base_nll": base_nll_per_token(model, batches, settings), "known_words": known_word_fraction(texts),
             "mean_words": round(sum(len(t.split()) for t in texts) / len(texts), 2), "examples": texts[:3]}
 
 

@@ -42,16 +42,15 @@ def measure(policy, tokenizer, prompts, taste, settings, samples: int, adapter: 
 
     import torch
 
-    from online_rl.language import known_word_fraction, mean_nll_per_token
-    from online_rl.sampling import reply_logprobs, sample_many
+    from online_rl.language import base_nll_per_token, known_word_fraction
+    from online_rl.sampling import sample_many
 
     torch.manual_seed(7)
     off = contextlib.nullcontext() if adapter else policy.disable_adapter()
     with off:
         batches = sample_many(policy, tokenizer, [[{"role": "user", "content": p}] for p in prompts] * samples,
                               settings, batch_size=128)
-    with torch.no_grad(), policy.disable_adapter():
-        nll = mean_nll_per_token([reply_logprobs(policy, b, 1.0) for b in batches], batches)
+    nll = base_nll_per_token(policy, batches, settings, base_wrote=not adapter)
     texts = [t for b in batches for t in b["texts"]]
     liked = [bool(taste(p, t)) for p, t in zip(prompts * samples, texts)]
     return {"approval": round(sum(liked) / len(liked), 3), "base_nll": nll, "known_words": known_word_fraction(texts),

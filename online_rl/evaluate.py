@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from online_rl.language import known_word_fraction, mean_nll_per_token
-from online_rl.sampling import encode_replies, reply_logprobs, reply_logprobs_at, sample_many
+from online_rl.language import expected_nll, known_word_fraction, mean_of
+from online_rl.sampling import encode_replies, reply_logits, reply_logprobs, row_chunks, sample_many, token_logprobs
 
 CANDIDATE, ACTIVE = "default", "active"
 
@@ -49,10 +49,13 @@ class EvalConfig:
     max_prompts: int = 64
     samples: int = 4  # replies per held-out prompt and version ...
     # ... or more, up to `max_samples`, while there are fewer than
-    # min_replies / samples prompts: with 26 held-out prompts and 4 replies
-    # each, the base's own NLL per token ranged 0.40 to 0.61 from round to
-    # round, wider than the 10% the gate allows.
-    min_replies: int = 256
+    # min_replies / samples prompts. The language figure varies from reply to
+    # reply (a standard deviation of about 0.24 nats per token between
+    # replies to one prompt, on the starter), and the gate bounds it to a
+    # tenth, about 0.045 nats: with 256 replies per version the difference
+    # between a candidate and the base moved by 0.02 from one sampling to
+    # the next, with 1024 by about 0.012.
+    min_replies: int = 1024
     max_samples: int = 16
     max_heldout_thumbs: int = 400  # rated held-out replies scored for the thumbs margin
     seed: int = 1234
@@ -100,18 +103,24 @@ def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, ad
     torch.manual_seed(config.seed)
     with _use(model, adapter):
         batches = sample_many(model, tokenizer, prompts, settings)
-        own = [reply_logprobs(model, b, settings.logprob_temperature) for b in batches] if adapter else None
-    with model.disable_adapter():  # the base, once: at the serving temperature for KL, at 1 for language
-        ref, base = zip(*[reply_logprobs_at(model, b, (settings.logprob_temperature, 1.0)) for b in batches])
-    kls = [x for o, r in zip(own or ref, ref) for x in (o - r).sum(-1).tolist()]
-    tokens = sum(float(b["reply_mask"].sum()) for b in batches)
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    kls, nlls, tokens = [], [], 0.0
+    for piece in (p for b in batches for p in row_chunks(b, vocabulary)):
+        with _use(model, adapter):
+            own = reply_logits(model, piece)
+        with model.disable_adapter():
+            base = reply_logits(model, piece) if adapter else own
+        temperature = settings.logprob_temperature
+        kls += (token_logprobs(own, piece, temperature) - token_logprobs(base, piece, temperature)).sum(-1).tolist()
+        nlls += expected_nll(own, base, piece, settings).tolist()
+        tokens += float(piece["reply_mask"].sum())
     texts = [t for b in batches for t in b["texts"]]
     finished = [bool(f) for b in batches for f in b["finished"].tolist()]
     return {
         "texts": texts,
         "kl_to_base": round(sum(kls) / len(kls), 4) if adapter else 0.0,
         "kl_per_token": round(sum(kls) / max(tokens, 1), 4) if adapter else 0.0,
-        "base_nll": mean_nll_per_token(list(base), batches),
+        "base_nll": mean_of(nlls),
         "known_words": known_word_fraction(texts),
         "stats": reply_stats(texts, finished, samples),
     }

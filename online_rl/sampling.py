@@ -94,16 +94,53 @@ def reply_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor
 
 
 @torch.no_grad()
-def reply_logprobs_at(model, batch: dict, temperatures) -> list[torch.Tensor]:
-    """`reply_logprobs` at each of `temperatures`, from one forward pass."""
+def reply_logits(model, batch: dict) -> torch.Tensor:
+    """`model`'s logits (float) at each position that predicts a reply token:
+    batch x reply length x vocabulary."""
     ids, mask, positions, start = full_inputs(batch)
     # Logits only where they predict a reply token: the prompt's positions
     # would cost batch x prompt x vocabulary for nothing.
     keep = ids.shape[1] - start + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=keep).logits[:, -keep:-1].float()
-    out = []
-    for temperature in temperatures:
-        logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
-        out.append(logp.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1) * batch["reply_mask"])
-    return out
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                 logits_to_keep=keep).logits[:, -keep:-1].float()
+
+
+def token_logprobs(logits: torch.Tensor, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probability of each reply token from `reply_logits` divided by
+    `temperature` (0 on padding)."""
+    logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
+    return logp.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1) * batch["reply_mask"]
+
+
+@torch.no_grad()
+def reply_logprobs_at(model, batch: dict, temperatures) -> list[torch.Tensor]:
+    """`reply_logprobs` at each of `temperatures`, from one forward pass."""
+    logits = reply_logits(model, batch)
+    return [token_logprobs(logits, batch, t) for t in temperatures]
+
+
+def sampling_probs(logits: torch.Tensor, settings) -> torch.Tensor:
+    """The distribution each token was drawn from, given the logits of the
+    model that wrote it: `settings`' temperature, then its nucleus (the
+    warpers `generate` applies, in its order); one-hot on the arg-max for
+    greedy settings."""
+    if not settings.sampling:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat = TemperatureLogitsWarper(float(settings.temperature))(None, flat)
+    if float(settings.top_p) < 1.0:
+        flat = TopPLogitsWarper(float(settings.top_p))(None, flat)
+    return torch.softmax(flat, dim=-1).view_as(logits)
+
+
+def row_chunks(batch: dict, vocabulary: int, max_numbers: int = 1 << 26):
+    """`batch` in pieces of whole rows whose reply logits (rows x reply
+    length x `vocabulary`) hold at most `max_numbers` numbers (256 MB of
+    float32), or one row: a large vocabulary's logits for a batch of 64
+    replies of 96 tokens would take gigabytes."""
+    rows, length = batch["reply"].shape
+    step = max(1, max_numbers // max(1, length * vocabulary))
+    for i in range(0, rows, step):
+        yield {k: v[i:i + step] for k, v in batch.items()}

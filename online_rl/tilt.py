@@ -66,7 +66,7 @@ import torch
 
 from online_rl.data import is_heldout
 from online_rl.influence import weighted_draw
-from online_rl.language import known_word_fraction, mean_nll_per_token
+from online_rl.language import base_nll_per_token, known_word_fraction
 from online_rl.sampling import encode_replies, full_inputs, reply_logprobs, sample_many
 from storage.common import prompt_hash
 
@@ -178,9 +178,8 @@ def _sample(policy, tokenizer, prompts, settings, config, base: bool):
                            max_prompt_tokens=config.max_prompt_tokens)
 
 
-def _language(policy, batches) -> tuple[float | None, float | None]:
-    with torch.no_grad(), policy.disable_adapter():
-        nll = mean_nll_per_token([reply_logprobs(policy, b, 1.0) for b in batches], batches)
+def _language(policy, batches, settings, base_wrote: bool = False) -> tuple[float | None, float | None]:
+    nll = base_nll_per_token(policy, batches, settings, base_wrote=base_wrote)
     return nll, known_word_fraction([t for b in batches for t in b["texts"]])
 
 
@@ -239,7 +238,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     per_prompt = max(1, math.ceil(config.validation_replies / len(validation)))
     val_prompts = [p for p in validation for _ in range(per_prompt)]
     base_val = _sample(policy, tokenizer, val_prompts, settings, config, base=True)
-    base_nll, base_known = _language(policy, base_val)
+    base_nll, base_known = _language(policy, base_val, settings, base_wrote=True)
     start_val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
     start_score = _mean(reward_fn([p for b in start_val for p in b["prompts"]],
                                   [t for b in start_val for t in b["texts"]]))
@@ -278,7 +277,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                 sums[key] += value
         policy.eval()
         val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
-        val_nll, val_known = _language(policy, val)
+        val_nll, val_known = _language(policy, val, settings)
         val_score = _mean(reward_fn([p for b in val for p in b["prompts"]], [t for b in val for t in b["texts"]]))
         within = val_nll is not None and val_nll <= bound
         record = {"epoch": epoch, "steps": steps, **{key: round(v / max(1, steps), 4) for key, v in sums.items()},
