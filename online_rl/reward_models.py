@@ -6,10 +6,19 @@
   side's loss: the policy update never sees it, so the gate can judge the candidate with
   evidence the policy did not optimize.
 
-Each warm-starts from its previous run's model. A policy reward model no
-better than chance on held-out thumbs (its AUC's 95% interval includes 0.5,
-`RewardConfig.min_auc_low`) trains no policy: `NotInformative` is raised,
-and the cycle waits for more feedback.
+Each warm-starts from its previous run's model. The two are two folds of
+one cross-validation, and together they decide whether the thumbs say yet
+what people like (`informative`): the policy's reward model must rank its
+held-out thumbs better than chance, and one of the two must do so with
+confidence (its AUC's 95% interval above 0.5, `RewardConfig.min_auc_low`).
+The held-out side is a fifth of the thumbs, so early on (20 thumbs, or few
+effective ones once the rater bound shrinks a loud rater's) its interval
+spans 0.5 whatever the reward model learned, and every cycle waited; the
+judge is scored on the other four fifths. When the judge, trained on a
+quarter as many thumbs, already ranks the training side's thumbs better
+than chance, the thumbs carry a taste a reward model can learn from.
+Otherwise `NotInformative` is raised, no policy is trained, and the cycle
+waits for more feedback.
 """
 
 from __future__ import annotations
@@ -45,6 +54,24 @@ def better_than_chance(metrics: dict | None, bar: float = 0.5) -> bool:
     """The lower end of the reward model's AUC interval lies above `bar`."""
     low = (metrics or {}).get("auc_low")
     return low is not None and low > bar
+
+
+def informative(metrics: dict, judge_metrics: dict | None, bar: float) -> str | None:
+    """None when the thumbs say what people like (see the module's
+    docstring); else why not, in words."""
+    if bar < 0 or better_than_chance(metrics, bar):
+        return None
+    if metrics.get("auc_low") is None:
+        return (f"there are no held-out thumbs of both kinds to judge the reward model on "
+                f"({metrics['heldout_examples']} held out)")
+    why = (f"the reward model is no better than chance on held-out thumbs (AUC {metrics['auc']}, "
+           f"95% interval {metrics['auc_low']}-{metrics['auc_high']}, {metrics['heldout_examples']} held-out thumbs)")
+    if metrics["auc"] is not None and metrics["auc"] > bar and better_than_chance(judge_metrics, bar):
+        return None
+    if judge_metrics and judge_metrics.get("auc") is not None:
+        why += (f", nor is the judge on the training side's (AUC {judge_metrics['auc']}, 95% interval "
+                f"{judge_metrics['auc_low']}-{judge_metrics['auc_high']})")
+    return why
 
 
 @dataclass
@@ -86,25 +113,6 @@ def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) 
     job.report(f"reward model: held-out AUC {metrics['auc']} (95% interval {metrics['auc_low']}-"
                f"{metrics['auc_high']}) on {metrics['heldout_examples']} thumbs, Brier {metrics['brier']}, "
                f"pair accuracy {metrics['pair_accuracy']}")
-    low, bar = metrics["auc_low"], config.reward.min_auc_low
-    if bar >= 0 and not better_than_chance(metrics, bar):
-        if low is None:
-            why = (f"there are no held-out thumbs of both kinds to judge the reward model on "
-                   f"({metrics['heldout_examples']} held out)")
-        else:
-            why = (f"the reward model is no better than chance on held-out thumbs (AUC {metrics['auc']}, "
-                   f"95% interval {metrics['auc_low']}-{metrics['auc_high']}, {metrics['heldout_examples']} "
-                   "held-out thumbs)")
-        message = f"waiting for more feedback: {why}; no policy is trained on it"
-        if job.dist is not None:
-            broadcast(None)
-        raise NotInformative(message, {"reward_model": metrics, "feedback": snap.counts(),
-                                       "rater_shares": snap.rater_shares()})
-    path = directory / f"run-{job.run_id}"
-    rm.save(path, metrics)
-    if job.dist is not None:
-        broadcast(str(path))
-
     job.report("judge: training a reward model on the held-out side", stage="reward_model")
     judge, judge_metrics = train_reward_model(rm_base, rm_tokenizer, snap.heldout, snap.heldout_pairs, snap.train,
                                               snap.train_pairs, config.reward, device=device,
@@ -112,10 +120,21 @@ def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) 
                                               progress=lambda line: job.report(line.replace("reward model",
                                                                                             "judge")),
                                               name="judge")
-    judge_path = directory / f"run-{job.run_id}-judge"
-    judge.save(judge_path, judge_metrics)
     job.report(f"judge: AUC {judge_metrics['auc']} (95% interval {judge_metrics['auc_low']}-"
                f"{judge_metrics['auc_high']}) on the {judge_metrics['heldout_examples']} training-side thumbs")
+    why = informative(metrics, judge_metrics, config.reward.min_auc_low)
+    if why is not None:
+        if job.dist is not None:
+            broadcast(None)
+        raise NotInformative(f"waiting for more feedback: {why}; no policy is trained on it",
+                             {"reward_model": metrics, "judge_model": judge_metrics, "feedback": snap.counts(),
+                              "rater_shares": snap.rater_shares()})
+    path = directory / f"run-{job.run_id}"
+    rm.save(path, metrics)
+    if job.dist is not None:
+        broadcast(str(path))
+    judge_path = directory / f"run-{job.run_id}-judge"
+    judge.save(judge_path, judge_metrics)
     return Rewards(rm, judge, metrics, judge_metrics, path, judge_path)
 
 

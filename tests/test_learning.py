@@ -508,3 +508,21 @@ def test_kto_trains_on_a_draw_weighted_by_the_rater_bound():
     for example in snap.train:
         expected = len(snap.train) * example.weight / total
         assert int(expected) <= counts[id(example)] <= int(expected) + 1
+
+
+def test_the_judge_on_the_training_side_can_vouch_for_a_reward_model_whose_held_out_side_is_small():
+    from online_rl.reward_models import informative
+
+    def m(auc, low, high, n=20):
+        return {"auc": auc, "auc_low": low, "auc_high": high, "heldout_examples": n}
+
+    confident, wide, below = m(0.9, 0.7, 1.0), m(0.78, 0.48, 1.0), m(0.4, 0.01, 0.79)
+    judge_says_yes, judge_says_no = m(0.7, 0.6, 0.8, 80), m(0.55, 0.45, 0.65, 80)
+    assert informative(confident, None, 0.5) is None
+    assert informative(wide, judge_says_yes, 0.5) is None
+    assert "nor is the judge" in informative(wide, judge_says_no, 0.5)
+    assert "no better than chance" in informative(wide, None, 0.5)
+    # the policy's own reward model ranks its held-out thumbs the wrong way: the judge cannot vouch for it
+    assert "no better than chance" in informative(below, judge_says_yes, 0.5)
+    assert "no held-out thumbs of both kinds" in informative(m(None, None, None, 3), judge_says_yes, 0.5)
+    assert informative(below, None, -1.0) is None  # the requirement switched off
