@@ -34,6 +34,7 @@ database and the disk; the others (`_worker`) take part in PPO only
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import resource
 import sys
@@ -54,8 +55,9 @@ from online_rl.ppo import PPOConfig
 from online_rl.registration import register
 from online_rl.reward import RewardConfig
 from online_rl.reward_models import NotInformative, Rewards, scorer, train_reward_models
-from online_rl.tilt import TiltConfig
+from online_rl.tilt import TiltConfig, validation_split
 from storage import Store
+from storage.common import prompt_hash
 
 ProgressFn = Callable[[str], None]
 
@@ -424,11 +426,29 @@ def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, ac
 # -- 4. evaluation --------------------------------------------------------------------
 
 
+def judged_prompts(snap: Snapshot, config: CycleConfig) -> list:
+    """The prompts the candidate is judged on: the pool's held-out side and,
+    after a tilt, its validation prompts, which no tilt trains on either
+    (`online_rl.tilt.validation_split`). Prompts differ in how far a
+    candidate's language drifts on them: on one `concise` round the held-out
+    side measured the candidate 9% above the base, the validation prompts
+    40%, and 200 other prompts 22%; the gate judges on as many as it has."""
+    held = snap.heldout_prompts or [e.prompt for e in snap.heldout] or snap.prompts
+    if config.method != "tilt" or not snap.heldout_prompts:
+        return held
+    pool, _ = prompt_pool(snap)
+    seen = {prompt_hash(p) for p in held}
+    extra = [p for p, v in zip(pool, validation_split(pool, config.tilt.validation_share))
+             if v and prompt_hash(p) not in seen]
+    # interleaved, so that a cap on the prompts (EvalConfig.max_prompts) keeps some of each
+    return [p for pair in itertools.zip_longest(held, extra) for p in pair if p is not None]
+
+
 def evaluate_candidate(job: Job, snap: Snapshot, policy, tokenizer, rewards: Rewards, active_path) -> dict:
     from online_rl.evaluate import compare
 
     job.report(f"evaluation: candidate against {job.active} and the base", stage="evaluation")
-    held = snap.heldout_prompts or [e.prompt for e in snap.heldout] or snap.prompts
+    held = judged_prompts(snap, job.config)
     evaluation = compare(policy, tokenizer, held, job.config.rollout_settings(), scorer(rewards.policy),
                          job.config.eval, judge_fn=scorer(rewards.judge) if rewards.judge else None,
                          heldout_examples=snap.heldout, active_adapter=active_path)

@@ -178,6 +178,16 @@ def _sample(policy, tokenizer, prompts, settings, config, base: bool):
                            max_prompt_tokens=config.max_prompt_tokens)
 
 
+def validation_split(prompts: list[list[dict]], share: float) -> list[bool]:
+    """Which of the pool's prompts are the tilt's validation prompts: a hash
+    of each decides, the same in every cycle, so no tilt ever trains on
+    them (and the gate judges on them too, `online_rl.cycle`). None while
+    the pool holds fewer than 20 prompts: there is nothing to keep out."""
+    if len(prompts) < 20:
+        return [False] * len(prompts)
+    return [is_heldout("tilt-validation:" + prompt_hash(p), share) for p in prompts]
+
+
 def _language(policy, batches, settings, base_wrote: bool = False) -> tuple[float | None, float | None]:
     nll = base_nll_per_token(policy, batches, settings, base_wrote=base_wrote)
     return nll, known_word_fraction([t for b in batches for t in b["texts"]])
@@ -208,8 +218,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     # such prompts against the base's 0.45, where new prompts gave 0.51).
     # The training prompts are then drawn by their weights (a heavily
     # weighted prompt may be drawn more than once: more replies to choose among).
-    held = [is_heldout("tilt-validation:" + prompt_hash(p), config.validation_share) for p in prompts]
-    validation = [p for p, h in zip(prompts, held) if h] if len(prompts) >= 20 else []
+    held = validation_split(prompts, config.validation_share)
+    validation = [p for p, h in zip(prompts, held) if h]
     pool = [i for i, h in enumerate(held) if not h] if validation else list(range(len(prompts)))
     if not validation:
         validation = [prompts[i] for i in rng.sample(range(len(prompts)), min(16, len(prompts)))]

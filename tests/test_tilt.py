@@ -166,3 +166,27 @@ def test_a_tilt_cycle_continues_from_the_active_adapter(store, data_dir, tiny_mo
     assert second["version"] == "v2" and second["parent"] == "v1"
     run = store.get_run(second["run_id"])
     assert run["kind"] == "tilt" and run["status"] == "succeeded"
+
+
+def test_the_tilts_validation_prompts_are_the_same_in_every_cycle_and_the_gate_judges_on_them_too():
+    from types import SimpleNamespace
+
+    from online_rl.cycle import CycleConfig, judged_prompts
+    from online_rl.tilt import validation_split
+
+    pool = [[{"role": "user", "content": f"question {i}"}] for i in range(200)]
+    split = validation_split(pool, 0.2)
+    assert 20 < sum(split) < 60
+    # the same prompts whatever else the pool holds, in whatever order
+    again = validation_split(list(reversed(pool[50:])), 0.2)
+    assert [p for p, v in zip(reversed(pool[50:]), again) if v] == [p for p, v in zip(reversed(pool[50:]),
+                                                                               reversed(split[50:])) if v]
+    assert not any(validation_split(pool[:19], 0.2))  # a small pool keeps nothing out
+
+    held = [[{"role": "user", "content": f"held-out {i}"}] for i in range(5)]
+    snap = SimpleNamespace(heldout_prompts=held, heldout=[], prompts=pool, prompt_weights=[1.0] * 200, train=[])
+    tilt = judged_prompts(snap, CycleConfig(method="tilt"))
+    validation = [p for p, v in zip(pool, split) if v]
+    assert tilt[:4] == [held[0], validation[0], held[1], validation[1]]
+    assert sorted(map(str, tilt)) == sorted(map(str, held + validation))
+    assert judged_prompts(snap, CycleConfig(method="ppo")) == held  # PPO trains on every pool prompt
