@@ -86,10 +86,10 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     if evaluation.get("nan"):
         reasons.append("NaN in the candidate's scores, KL or language figures")
     if win_rate is None or win_rate <= config.min_win_rate:
-        reasons.append(f"it did not beat {active} under its own reward model: win rate {_fmt(win_rate)} "
+        reasons.append(f"it did not beat {active} under its own reward model: win rate {_fmt(win_rate, 3)} "
                        f"(more than {config.min_win_rate:.2f} needed)")
     if judge_used and judge < config.min_judge_win_rate:
-        reasons.append(f"the judge (a reward model the update never saw) prefers {active}: win rate {_fmt(judge)} "
+        reasons.append(f"the judge (a reward model the update never saw) prefers {active}: win rate {_fmt(judge, 3)} "
                        f"(at least {config.min_judge_win_rate:.2f})")
     margin, se = thumbs.get("margin"), thumbs.get("se")
     if margin is not None and se is not None and margin < -2 * se:

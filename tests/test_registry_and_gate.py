@@ -143,9 +143,9 @@ def test_a_good_candidate_passes_the_gate():
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    ({"win_rate": 0.4}, "did not beat the active version under its own reward model: win rate 0.40"),
-    ({"win_rate": 0.5}, "did not beat the active version under its own reward model: win rate 0.50"),
-    ({"judge_win_rate": 0.3}, "the judge (a reward model the update never saw) prefers the active version: win rate 0.30"),
+    ({"win_rate": 0.4}, "did not beat the active version under its own reward model: win rate 0.400"),
+    ({"win_rate": 0.5}, "did not beat the active version under its own reward model: win rate 0.500"),
+    ({"judge_win_rate": 0.3}, "the judge (a reward model the update never saw) prefers the active version: win rate 0.300"),
     ({"heldout_thumbs": {"margin": -0.1, "se": 0.02}}, "moved away from what people liked"),
     ({"kl_per_token": 0.9}, "KL to the base 0.900 nats per token"),
     ({"base_nll": {"candidate": 1.6, "base": 1.4}}, "NLL per token of its replies is 1.600"),
@@ -213,7 +213,7 @@ def test_gate_records_its_decision_in_the_registry(store, tmp_path):
     assert store.active_version() == "v1" and store.activations()[0]["action"] == "gate"
     verdict = apply(store, "v2", _evaluation(win_rate=0.2, active_version="v1"))
     assert not verdict.passed
-    assert store.get_adapter("v2")["status"] == "rejected" and "win rate 0.20" in store.get_adapter("v2")["reason"]
+    assert store.get_adapter("v2")["status"] == "rejected" and "win rate 0.200" in store.get_adapter("v2")["reason"]
     assert store.active_version() == "v1"
 
 
