@@ -299,10 +299,10 @@ class Engine:
     # -- sampling --------------------------------------------------------------
 
     def _sample(self, logits, rows: list[Request]):
-        """The next token of each row, with each row's own settings: greedy
-        below the minimum temperature, else temperature then top-p."""
+        """The next token of each row, drawn with each row's own settings
+        (`GenerationSettings.next_token_probs`: greedy below the minimum
+        temperature, else temperature then top-p)."""
         import torch
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         groups: dict[tuple, list[int]] = {}
@@ -316,10 +316,8 @@ class Engine:
             if key[0]:
                 out[index] = scores.argmax(-1)
                 continue
-            scores = TemperatureLogitsWarper(key[1])(None, scores)
-            if key[2] < 1.0:
-                scores = TopPLogitsWarper(key[2])(None, scores)
-            out[index] = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+            probs = rows[members[0]].settings.next_token_probs(scores)
+            out[index] = torch.multinomial(probs, 1).squeeze(1)
         return out
 
 

@@ -67,6 +67,22 @@ class GenerationSettings:
         (1 for greedy replies)."""
         return float(self.temperature) if self.sampling else 1.0
 
+    def next_token_probs(self, logits):
+        """The distribution a token is drawn from, given a model's next-token
+        logits (rows x vocabulary, or more leading dimensions): the
+        temperature, then the nucleus (the warpers `generate` applies, in its
+        order); one-hot on the arg-max for greedy settings. The serving
+        engine draws from it, and the gate's language figure is taken over it."""
+        import torch
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        if not self.sampling:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        flat = TemperatureLogitsWarper(float(self.temperature))(None, logits.reshape(-1, logits.shape[-1]))
+        if float(self.top_p) < 1.0:
+            flat = TopPLogitsWarper(float(self.top_p))(None, flat)
+        return torch.softmax(flat, dim=-1).view_as(logits)
+
     def generation_config(self, tokenizer):
         """The one `GenerationConfig` a reply is sampled with, every field set.
 

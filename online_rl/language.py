@@ -55,9 +55,7 @@ def expected_nll(version_logits, base_logits, batch: dict, settings):
     `settings`' temperature and nucleus), averaged over the reply's tokens."""
     import torch
 
-    from online_rl.sampling import sampling_probs
-
-    drawn_from = sampling_probs(version_logits, settings)
+    drawn_from = settings.next_token_probs(version_logits)
     base_logp = torch.log_softmax(base_logits, dim=-1).clamp(min=-1e4)  # 0 x -inf: a token never drawn costs 0
     per_token = -(drawn_from * base_logp).sum(-1) * batch["reply_mask"]
     return per_token.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)

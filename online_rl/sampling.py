@@ -90,7 +90,7 @@ def reply_logprobs(model, batch: dict, temperature: float = 1.0) -> torch.Tensor
     """Log-probability of each reply token under `model` (0 on padding), from
     its logits divided by `temperature` (1: the model's own distribution,
     what the base model's NLL per token is measured with)."""
-    return reply_logprobs_at(model, batch, (temperature,))[0]
+    return token_logprobs(reply_logits(model, batch), batch, temperature)
 
 
 @torch.no_grad()
@@ -110,29 +110,6 @@ def token_logprobs(logits: torch.Tensor, batch: dict, temperature: float = 1.0) 
     `temperature` (0 on padding)."""
     logp = torch.log_softmax(logits / max(temperature, 1e-6), dim=-1)
     return logp.gather(-1, batch["reply"].unsqueeze(-1)).squeeze(-1) * batch["reply_mask"]
-
-
-@torch.no_grad()
-def reply_logprobs_at(model, batch: dict, temperatures) -> list[torch.Tensor]:
-    """`reply_logprobs` at each of `temperatures`, from one forward pass."""
-    logits = reply_logits(model, batch)
-    return [token_logprobs(logits, batch, t) for t in temperatures]
-
-
-def sampling_probs(logits: torch.Tensor, settings) -> torch.Tensor:
-    """The distribution each token was drawn from, given the logits of the
-    model that wrote it: `settings`' temperature, then its nucleus (the
-    warpers `generate` applies, in its order); one-hot on the arg-max for
-    greedy settings."""
-    if not settings.sampling:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
-    flat = logits.reshape(-1, logits.shape[-1])
-    flat = TemperatureLogitsWarper(float(settings.temperature))(None, flat)
-    if float(settings.top_p) < 1.0:
-        flat = TopPLogitsWarper(float(settings.top_p))(None, flat)
-    return torch.softmax(flat, dim=-1).view_as(logits)
 
 
 def row_chunks(batch: dict, vocabulary: int, max_numbers: int = 1 << 26):
