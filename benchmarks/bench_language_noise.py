@@ -32,22 +32,16 @@ def figures(model, tokenizer, prompts, settings, seed: int, adapter: bool) -> di
 
     import torch
 
-    from online_rl.language import expected_nll, mean_of
-    from online_rl.sampling import reply_logits, sample_many, token_logprobs
+    from online_rl.language import expected_nll, mean_of, version_and_base_logits
+    from online_rl.sampling import sample_many, token_logprobs
 
     torch.manual_seed(seed)
-    version = contextlib.nullcontext if adapter else model.disable_adapter
-    with torch.no_grad():
-        with version():
-            batches = sample_many(model, tokenizer, prompts, settings)
-        drawn, expected = [], []
-        for b in batches:
-            with version():
-                own = reply_logits(model, b)
-            with model.disable_adapter():
-                base = reply_logits(model, b)
-            drawn += (-token_logprobs(base, b).sum(-1) / b["reply_mask"].sum(-1).clamp(min=1)).tolist()
-            expected += expected_nll(own, base, b, settings).tolist()
+    with torch.no_grad(), contextlib.nullcontext() if adapter else model.disable_adapter():
+        batches = sample_many(model, tokenizer, prompts, settings)
+    drawn, expected = [], []
+    for piece, own, base in version_and_base_logits(model, batches, contextlib.nullcontext if adapter else None):
+        drawn += (-token_logprobs(base, piece).sum(-1) / piece["reply_mask"].sum(-1).clamp(min=1)).tolist()
+        expected += expected_nll(own, base, piece, settings).tolist()
     return {"drawn": mean_of(drawn), "expected": mean_of(expected)}
 
 

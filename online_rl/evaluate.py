@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from online_rl.language import expected_nll, known_word_fraction, mean_of
-from online_rl.sampling import encode_replies, reply_logits, reply_logprobs, row_chunks, sample_many, token_logprobs
+from online_rl.language import expected_nll, known_word_fraction, mean_of, version_and_base_logits
+from online_rl.sampling import encode_replies, reply_logprobs, sample_many, token_logprobs
 
 CANDIDATE, ACTIVE = "default", "active"
 
@@ -107,14 +107,10 @@ def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, ad
     torch.manual_seed(config.seed)
     with _use(model, adapter):
         batches = sample_many(model, tokenizer, prompts, settings)
-    vocabulary = model.get_output_embeddings().weight.shape[0]
     kls, nlls, tokens = [], [], 0.0
-    for piece in (p for b in batches for p in row_chunks(b, vocabulary)):
-        with _use(model, adapter):
-            own = reply_logits(model, piece)
-        with model.disable_adapter():
-            base = reply_logits(model, piece) if adapter else own
-        temperature = settings.logprob_temperature
+    temperature = settings.logprob_temperature
+    version = (lambda: _use(model, adapter)) if adapter else None
+    for piece, own, base in version_and_base_logits(model, batches, version):
         kls += (token_logprobs(own, piece, temperature) - token_logprobs(base, piece, temperature)).sum(-1).tolist()
         nlls += expected_nll(own, base, piece, settings).tolist()
         tokens += float(piece["reply_mask"].sum())

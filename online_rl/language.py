@@ -61,6 +61,33 @@ def expected_nll(version_logits, base_logits, batch: dict, settings):
     return per_token.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)
 
 
+def version_and_base_logits(model, batches: list[dict], version=None):
+    """For each piece of whole rows of `online_rl.sampling` batches
+    (`row_chunks`): (piece, the writing version's reply logits, the base's).
+    `version`: a context in which `model` is the version that wrote the
+    replies (a `PeftModel` with its adapter set), or None when the base wrote
+    them (a `PeftModel`'s adapter disabled, or a plain model): one forward
+    pass then serves as both."""
+    import contextlib
+
+    import torch
+
+    from online_rl.sampling import reply_logits, row_chunks
+
+    peft = hasattr(model, "disable_adapter")
+    base_context = model.disable_adapter if peft else contextlib.nullcontext
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    with torch.no_grad():
+        for piece in (p for b in batches for p in row_chunks(b, vocabulary)):
+            with base_context():
+                base = reply_logits(model, piece)
+            if version is None:
+                yield piece, base, base
+                continue
+            with version():
+                yield piece, reply_logits(model, piece), base
+
+
 def base_nll_per_token(model, batches: list[dict], settings, *, base_wrote: bool = False) -> float | None:
     """The base's NLL per token (`expected_nll`) of replies in
     `online_rl.sampling` batches written with `settings` by `model`: a
@@ -70,20 +97,9 @@ def base_nll_per_token(model, batches: list[dict], settings, *, base_wrote: bool
     over the replies."""
     import contextlib
 
-    import torch
-
-    from online_rl.sampling import reply_logits, row_chunks
-
-    peft = hasattr(model, "disable_adapter")
-    vocabulary = model.get_output_embeddings().weight.shape[0]
-    per_reply = []
-    with torch.no_grad():
-        for piece in (p for b in batches for p in row_chunks(b, vocabulary)):
-            version = None if base_wrote and peft else reply_logits(model, piece)
-            with model.disable_adapter() if peft else contextlib.nullcontext():
-                base = reply_logits(model, piece) if peft else version
-            per_reply += expected_nll(base if version is None else version, base, piece, settings).tolist()
-    return mean_of(per_reply)
+    wrote = None if base_wrote or not hasattr(model, "disable_adapter") else contextlib.nullcontext
+    return mean_of([x for piece, own, base in version_and_base_logits(model, batches, wrote)
+                    for x in expected_nll(own, base, piece, settings).tolist()])
 
 
 def mean_of(per_reply: list[float]) -> float | None:
