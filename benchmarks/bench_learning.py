@@ -52,7 +52,18 @@ def run_one(taste: str, seed: int, noise: float, args, starter: Path, out_dir: P
         if proc.returncode != 0:
             raise RuntimeError(f"simulation {name} failed, see {out_dir / (name + '.log')}")
         print(f"  done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        result = json.loads(out.read_text())
+        result["commit"] = commit()
+        out.write_text(json.dumps(result))
     return json.loads(out.read_text())
+
+
+def commit() -> str:
+    """The commit the code ran at, so that a table built from runs of several commits says which is which."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -145,10 +156,11 @@ def main():
             fmt(r["kl_per_token"]), fmt(r["base_nll"]), fmt(r["known_words"]),
             f"{r['distinct_fraction'][0]:.2f} → {r['distinct_fraction'][-1]:.2f}",
             "yes" if v["language"] else "**no**", f"{sum(r['wall_s']) / len(r['wall_s']):.0f} s",
+            r.get("commit", "unknown"),
         ])
     body = table(["taste", "seed", "noise", "approval per round (largest SE)", "gain", "+0.15 or ≥ 0.90",
                   "not below start", "gate per round", "KL/token of the served version", "base NLL/token",
-                  "known words", "distinct replies (first → last)", "language kept", "wall per round"], rows)
+                  "known words", "distinct replies (first → last)", "language kept", "wall per round", "commit"], rows)
     body += (f"\n\nGate per round: P promoted, R rejected, W waiting for more feedback (reward model no better "
              f"than chance). Promoted candidates: {totals['promoted']}; of them truly worse than the version "
              f"they replaced (true approval lower by more than two standard errors): **{totals['worse']}**; "
