@@ -2,8 +2,11 @@
 
 One engine thread owns the model. Requests wait in a bounded line; between
 two decode steps the engine admits as many as the batch has room for (at most
-`max_batch` rows), runs each one's prompt through the model (prefill), and
-adds its row to the running batch; each step then feeds every row's last
+`max_batch` rows), reads their prompts together in one forward pass
+(prefill, left-padded; `prefill_groups` splits long prompts off so that a
+prefill never holds more than one prompt at the longest context alone
+would), and adds
+their rows to the running batch; each step then feeds every row's last
 token through the model at once and samples the next token of each. A row
 leaves the batch the step it ends (an end token, its length cap, or its
 `stop` event: a stop button or a client that went away frees its slot at
@@ -78,12 +81,13 @@ class Engine:
     def __init__(self, model_fn: Callable, tokenizer, device, *,
                  serving: Callable[[Request], tuple[str, str | None]],
                  release: Callable[[set], None] = lambda in_use: None, max_batch: int = 8, max_waiting: int = 32,
-                 idle_exit_s: float = 5.0):
+                 idle_exit_s: float = 5.0, prefill_tokens: int = 1024):
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be at least 1 and max_waiting at least 0")
         self.model_fn, self.tokenizer, self.device = model_fn, tokenizer, device
         self.serving, self.release = serving, release
         self.max_batch, self.max_waiting, self.idle_exit_s = max_batch, max_waiting, idle_exit_s
+        self.prefill_tokens = prefill_tokens  # prompts read together in one forward pass, padded tokens in all
         self.eos_id = tokenizer.eos_token_id
         self._cache_kwarg = None  # the forward's name for the KV cache, by transformers version
         self._last_only: dict = {}  # logits of the last position only, where the model can
@@ -179,15 +183,25 @@ class Engine:
         import torch
 
         with torch.inference_mode():
+            joining = []
             for request in admit:
                 if request.stop.is_set():
                     self._end(request, "stopped")
                     continue
                 request.version, request.adapter = self.serving(request)
+                joining.append(request)
+            for group in prefill_groups(joining, self.prefill_tokens):
                 try:
-                    self._prefill(request)
-                except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
-                    self._end(request, None, exc)
+                    self._prefill(group)
+                except Exception as exc:  # noqa: BLE001 - these requests fail, the batch goes on
+                    if len(group) == 1:
+                        self._end(group[0], None, exc)
+                        continue
+                    for request in group:  # one by one, so that only the request that fails fails
+                        try:
+                            self._prefill([request])
+                        except Exception as exc:  # noqa: BLE001
+                            self._end(request, None, exc)
             self._drop_finished()
             if self._rows:
                 self._decode()
@@ -213,16 +227,21 @@ class Engine:
         kwargs[self._cache_kwarg] = cache
         return model(**kwargs, use_cache=True, **self._last_only).logits[:, -1, :].float()
 
-    def _prefill(self, request: Request) -> None:
+    def _prefill(self, group: list[Request]) -> None:
+        """Read the prompts of `group` in one forward pass (left-padded to the
+        longest) and add their rows to the batch with their first tokens."""
         import torch
         from transformers import DynamicCache
 
-        ids = torch.tensor([request.ids], device=self.device)
+        width = max(len(r.ids) for r in group)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in group], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in group], device=self.device)
         cache = DynamicCache()
-        logits = self._forward([request], cache, input_ids=ids, attention_mask=torch.ones_like(ids),
-                               position_ids=torch.arange(ids.shape[1], device=self.device)[None])
-        self._join(request, cache, ids.shape[1])
-        self._advance([request], self._sample(logits, [request]))
+        logits = self._forward(group, cache, input_ids=ids, attention_mask=mask,
+                               position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        self._join(group, cache, mask)
+        self._advance(group, self._sample(logits, group))
 
     def _decode(self) -> None:
         import torch
@@ -259,23 +278,21 @@ class Engine:
 
     # -- the batch's cache ----------------------------------------------------
 
-    def _join(self, request: Request, cache, length: int) -> None:
-        """Add a prefilled row to the batch, left-padding whichever is shorter."""
+    def _join(self, group: list[Request], cache, mask) -> None:
+        """Add prefilled rows to the batch, left-padding whichever is shorter."""
         import torch
 
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        position = torch.tensor([length], device=self.device)
+        position = mask.sum(1)
         if not self._rows:
-            self._rows, self._cache, self._mask, self._positions = [request], cache, mask, position
+            self._rows, self._cache, self._mask, self._positions = list(group), cache, mask, position
             return
-        have = self._mask.shape[1]
-        width = max(have, length)
+        width = max(self._mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self._cache.layers, cache.layers):
             mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
             mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
         self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)])
         self._positions = torch.cat([self._positions, position])
-        self._rows = [*self._rows, request]
+        self._rows = [*self._rows, *group]
 
     def _drop_finished(self) -> None:
         import torch
@@ -319,6 +336,25 @@ class Engine:
             probs = rows[members[0]].settings.next_token_probs(scores)
             out[index] = torch.multinomial(probs, 1).squeeze(1)
         return out
+
+
+def prefill_groups(requests: list[Request], budget: int) -> list[list[Request]]:
+    """`requests` in order, in groups whose prompts are read in one forward
+    pass: a group grows while its rows times its longest prompt stay within
+    `budget` tokens (at most the longest context), so that a group's
+    activations and attention never outgrow those of one prompt at the
+    longest context, which the memory plan already allows for."""
+    groups: list[list[Request]] = []
+    width = 0
+    for request in requests:
+        longest = max(width, len(request.ids))
+        if groups and (len(groups[-1]) + 1) * longest <= budget:
+            groups[-1].append(request)
+            width = longest
+        else:
+            groups.append([request])
+            width = len(request.ids)
+    return groups
 
 
 def _pad_left(tensor, width: int, dim: int = 2):

@@ -45,6 +45,10 @@ from chatbot.streaming import Generation, ReplyStream
 
 
 BASE_VERSION = "v0"
+# Prompts read in one forward pass when several requests join the batch at
+# once, in padded tokens (capped at the model's context, see
+# `chatbot.engine.prefill_groups`): one pass instead of one per newcomer.
+PREFILL_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ class Policy:
         self.listeners: list = []
         self.max_context = max_context(loaded.model, loaded.tokenizer)
         self.engine = Engine(lambda: self.model, self.tokenizer, loaded.device, serving=self._serving,
-                             release=self._release, max_batch=max_batch, max_waiting=max_waiting)
+                             release=self._release, max_batch=max_batch, max_waiting=max_waiting,
+                             prefill_tokens=min(PREFILL_TOKENS, self.max_context))
 
     @property
     def max_batch(self) -> int:

@@ -151,3 +151,76 @@ def test_a_failing_forward_fails_the_batch_s_replies_and_the_engine_goes_on(tiny
         policy.generate([{"role": "user", "content": "hi"}], settings)
     monkeypatch.setattr(policy.engine, "_forward", forward)
     assert policy.generate([{"role": "user", "content": "hi"}], settings).finish_reason in ("stop", "length")
+
+
+def test_newcomers_prompts_are_read_in_one_pass_and_write_the_replies_they_write_alone(tiny_trained):
+    from chatbot.engine import Request
+    from chatbot.models import load_model
+    from chatbot.policy import GenerationSettings, Policy
+    from chatbot.prompt import encode
+
+    loaded = load_model(str(tiny_trained), tiny_trained, device="cpu")
+    expected = alone(loaded, MORE_PROMPTS)
+    policy = Policy(loaded, max_batch=len(MORE_PROMPTS))
+    widths = []
+    forward = policy.engine._forward
+
+    def spy(rows, cache, **kwargs):
+        widths.append(tuple(kwargs["input_ids"].shape))
+        return forward(rows, cache, **kwargs)
+
+    policy.engine._forward = spy
+    settings = GenerationSettings(**GREEDY)
+    with policy.engine.between_steps():  # every request waits, then all join in one step
+        requests = [policy.engine.submit(Request(encode(loaded.tokenizer, [{"role": "user", "content": p}]), settings))
+                    for p in MORE_PROMPTS]
+    for request in requests:
+        while request.events.get(timeout=60) is not None:
+            pass
+    lengths = {len(r.ids) for r in requests}
+    assert len(lengths) > 1  # prompts of different lengths share the pass, left-padded
+    assert widths[0] == (len(MORE_PROMPTS), max(lengths))  # one prefill for all of them
+    replies = [loaded.tokenizer.decode(r.tokens, skip_special_tokens=True).strip() for r in requests]
+    assert [(p, t) for p, t in zip(MORE_PROMPTS, replies) if t != expected[p]] == []
+
+
+def test_a_request_whose_prompt_cannot_be_read_fails_alone_when_read_with_others(tiny_loaded):
+    from chatbot.engine import Request
+    from chatbot.policy import GenerationSettings, Policy
+
+    policy = Policy(tiny_loaded, max_batch=3)
+    forward = policy.engine._forward
+
+    def fails_on_a_poisoned_prompt(rows, cache, **kwargs):
+        if any(r.ids[0] == 99 for r in rows):
+            raise RuntimeError("this prompt cannot be read")
+        return forward(rows, cache, **kwargs)
+
+    policy.engine._forward = fails_on_a_poisoned_prompt
+    settings = GenerationSettings(temperature=0, max_new_tokens=3)
+    with policy.engine.between_steps():
+        requests = [policy.engine.submit(Request(ids, settings)) for ids in ([5, 6], [99, 6, 7], [5, 6, 7, 8])]
+    for request in requests:
+        while request.events.get(timeout=30) is not None:
+            pass
+    assert [r.error is None for r in requests] == [True, False, True]
+    assert "cannot be read" in str(requests[1].error)
+    assert [len(r.tokens) for r in (requests[0], requests[2])] == [3, 3]
+
+
+def test_prefill_groups_keep_rows_times_the_longest_prompt_within_the_budget():
+    import random
+
+    from chatbot.engine import Request, prefill_groups
+
+    rng = random.Random(0)
+    for _ in range(200):
+        requests = [Request([1] * rng.randint(1, 40), None) for _ in range(rng.randint(0, 12))]
+        budget = rng.randint(1, 100)
+        groups = prefill_groups(requests, budget)
+        assert [r for g in groups for r in g] == requests  # every request, in order
+        for group in groups:
+            assert len(group) == 1 or len(group) * max(len(r.ids) for r in group) <= budget
+        for first, second in zip(groups, groups[1:]):  # a group ends only where the next request would not fit
+            merged = first + second[:1]
+            assert len(merged) * max(len(r.ids) for r in merged) > budget
