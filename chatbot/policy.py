@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from chatbot.adapters import AdapterLoadError, check_adapter  # noqa: F401 - AdapterLoadError is raised from here too
 from chatbot.engine import Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
+from chatbot.layout import transpose_for_decoding
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
 from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa: F401 - PromptError is served from here too
 from chatbot.streaming import Generation, ReplyStream
@@ -88,6 +89,8 @@ class Policy:
     def __init__(self, loaded: LoadedModel, *, version: str = BASE_VERSION, max_batch: int = 8,
                  max_waiting: int = 32):
         self.loaded = loaded
+        if getattr(loaded.device, "type", loaded.device) == "cpu":
+            transpose_for_decoding(loaded.model)  # serving only: a third off a decode step (chatbot.layout)
         self.base = loaded.model  # the plain base; `model` is it, or a PeftModel around it
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
