@@ -248,7 +248,7 @@ def bench_model(label: str, model_dir: Path, work: Path, args, prompts: list[str
                     stream_reply(c, server, p, args.max_tokens)
             levels = []
             for clients in args.clients:
-                requests = max(args.requests, clients)
+                requests = max(args.starter_requests if label == "starter" else args.requests, clients)
                 result = load(server, prompts, clients, requests, args.max_tokens, count_tokens)
                 log(f"{label}: {name}, {clients} clients: {result['rps']:.2f} req/s, {result['tps']:.1f} tok/s, "
                     f"p50 {result['p50_ms']:.0f} ms, failed {result['failed']} {result['errors']}")
@@ -303,7 +303,7 @@ def overhead(server: Server, model_dir: Path, prompts: list[str], args) -> dict:
 
 def promotions(server: Server, prompts: list[str], args, count_tokens) -> dict:
     """8 clients chat; windows with promotions (v1, v2 in turn) alternate with windows without."""
-    out = {"with": [], "without": [], "failed": 0, "promotions": 0}
+    out = {"with": [], "without": [], "failed": 0, "promotions": 0, "swaps": []}
     stop = threading.Event()
     lock = threading.Lock()
     state = {"window": "without"}
@@ -343,6 +343,8 @@ def promotions(server: Server, prompts: list[str], args, count_tokens) -> dict:
                     if r.status_code != 200:
                         raise RuntimeError(f"promotion failed: {r.status_code} {r.text}")
                     out["promotions"] += 1
+                    swap = admin.get("/v1/admin/status").json()["serving"]["last_swap"]
+                    out["swaps"].append(swap)
     finally:
         stop.set()
         for w in workers:
@@ -354,6 +356,18 @@ def promotions(server: Server, prompts: list[str], args, count_tokens) -> dict:
         out[key] = {"requests": len(lat), "p50_ms": 1000 * percentile(lat, 0.5), "p99_ms": 1000 * percentile(lat, 0.99)}
     log(f"promotions: {out}")
     return out
+
+
+def swap_summary(swaps: list[dict]) -> str:
+    """How long the promotions held the batch (median and longest), from the server's own swap timings."""
+    swaps = [s for s in swaps if s]
+    if not swaps:
+        return ""
+    held = sorted(1000 * (s["wait_s"] + s["switch_s"]) for s in swaps)
+    total = sorted(1000 * s["total_s"] for s in swaps)
+    return (f" Each swap held the batch {percentile(held, 0.5):.0f} ms at the median and {held[-1]:.0f} ms at the "
+            f"longest (waiting for the step in progress, then adding the adapter), {percentile(total, 0.5):.0f} ms "
+            "in all with reading and checking its files.")
 
 
 def report(results: dict, args) -> str:
@@ -399,11 +413,12 @@ def report(results: dict, args) -> str:
                          f"chat: {p['failed']} failed requests; p99 {p['with']['p99_ms']:.0f} ms in the windows with "
                          f"promotions ({p['with']['requests']} requests) against {p['without']['p99_ms']:.0f} ms "
                          f"without ({p['without']['requests']}): **{p['with']['p99_ms'] / p['without']['p99_ms']:.2f}x** "
-                         f"(goal at most 1.2x).")
+                         f"(goal at most 1.2x)." + swap_summary(p.get("swaps") or []))
     parts.append(f"Every client streams greedy replies of up to {args.max_tokens} tokens; tokens are counted by "
                  "re-tokenizing each reply with the model's tokenizer (the same count for every server; on the "
                  "Qwen shape, whose every token decodes as one word, by counting words). Servers run one at a time "
-                 f"on this machine, ours with `--max-batch {args.max_batch}` (batched) or 1. The Qwen2.5-0.5B "
+                 f"on this machine, {args.starter_requests} requests per level on the starter and "
+                 f"{args.requests} on the Qwen shape, ours with `--max-batch {args.max_batch}` (batched) or 1. The Qwen2.5-0.5B "
                  "shape: hidden 896, 24 layers, 14 heads (2 for keys and values), vocabulary 151,936, random "
                  "weights, a tokenizer whose every token is a word (w123; transformers loads it as Qwen2's "
                  "byte-level tokenizer, which reads the prompts' own words as nothing, so every prompt is the chat "
@@ -418,6 +433,8 @@ def main() -> None:
     parser.add_argument("--models", default="starter,qwen0.5b")
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=32, help="requests per level (at least the clients)")
+    parser.add_argument("--starter-requests", type=int, default=320,
+                        help="requests per level on the starter, whose replies take tens of milliseconds")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the overhead comparison")
