@@ -11,10 +11,11 @@ It reads top to bottom as its phases, each a function of its own:
    held-out side. A policy reward model no better than chance on held-out
    thumbs (its AUC's 95% interval includes 0.5) trains no policy: the run is
    refused as "waiting for more feedback" and `NotEnoughFeedback` is raised.
-3. **policy**: from the active version's adapter, sampling as the bot
-   serves, the tilt (the default: its own replies re-weighted by the
-   policy's reward model, `online_rl.tilt`) or PPO against that reward
-   model's logits; or KTO straight from the thumbs on a fresh adapter.
+3. **policy** (`online_rl.policy_update`): from the active version's
+   adapter, sampling as the bot serves, the tilt (the default: its own
+   replies re-weighted by the policy's reward model, `online_rl.tilt`) or PPO
+   against that reward model's logits; or KTO straight from the thumbs on a
+   fresh adapter.
 4. **evaluation** of the candidate against the active version and the base on
    held-out prompts (`online_rl.evaluate`).
 5. **registration** (`online_rl.registration`): ``adapters/vN``, described
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import resource
 import sys
 import time
@@ -55,6 +55,7 @@ from online_rl.ppo import PPOConfig
 from online_rl.registration import register
 from online_rl.reward import RewardConfig
 from online_rl.reward_models import NotInformative, Rewards, scorer, train_reward_models
+from online_rl.policy_update import prompt_pool, update_policy
 from online_rl.tilt import TiltConfig, validation_split
 from storage import Store
 from storage.common import prompt_hash
@@ -303,124 +304,6 @@ def train_and_register(job: Job, snap: Snapshot) -> dict | None:
         return None
     evaluation = evaluate_candidate(job, snap, policy, tokenizer, rewards, active_path)
     return register(job, snap, policy, parent, rewards, train_metrics, evaluation, base_path)
-
-
-# -- 3. policy ----------------------------------------------------------------------
-
-
-def carried_kl_coef(active_path: str | None) -> float | None:
-    """The KL coefficient the active adapter's cycle ended with."""
-    if not active_path:
-        return None
-    try:
-        about = json.loads((Path(active_path) / "adapter.json").read_text())
-    except (OSError, ValueError):
-        return None
-    value = ((about.get("metrics") or {}).get("kl_coef"))
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
-
-
-def update_policy(job: Job, snap: Snapshot, tokenizer, device, rewards: Rewards, active_path: str | None):
-    """(policy, parent version, training metrics); policy None on the other processes."""
-    from chatbot.models import load_model
-
-    config = job.config
-    job.report(f"loading base model {job.model_name!r}", stage="load")
-    loaded = load_model(job.model_name, job.data_dir, device=config.device, quantize=config.quantize)
-    if config.method == "kto":
-        from online_rl.kto import train_kto
-
-        # KTO is an offline method over all the replayed thumbs: starting it
-        # again from an adapter already trained on the same thumbs compounds
-        # its epochs, so each KTO cycle trains a fresh adapter on the base.
-        job.report(f"kto: {len(snap.train)} rated replies, from v0", stage="policy")
-        policy, metrics = train_kto(loaded.model, tokenizer, snap.train, config.kto,
-                                    progress=lambda line: job.report(line), device=str(device.type))
-        policy.eval()
-        return policy, "v0", metrics
-    if config.method == "tilt":
-        return tilt_policy(job, snap, loaded.model, tokenizer, rewards, active_path)
-
-    from online_rl.distributed import gather_sharded_adapter, reload_with_adapter
-    from online_rl.ppo import PPOTrainer
-
-    # PPO continues from the active adapter, so what earlier cycles learned
-    # accumulates, with the KL coefficient it ended with; the KL is always to
-    # the base.
-    ppo = dataclasses.replace(config.ppo, kl_coef=carried_kl_coef(active_path) or config.ppo.kl_coef)
-    policy, parent = continue_from(job, loaded.model, active_path, ppo)
-    # Prompts and liked replies are drawn in proportion to their rater-bound weights.
-    prompts, prompt_weights = prompt_pool(snap)
-    anchor, anchor_weights = snap.liked()
-    corrections, correction_weights = snap.corrections()
-    job.report(f"ppo: {ppo.steps} steps of {ppo.prompts_per_step} prompts x {ppo.samples_per_prompt} replies on "
-               f"{len(prompts)} prompts, {len(anchor)} liked replies as the language anchor, {len(corrections)} "
-               f"corrections as targets, from {parent}, KL coefficient {ppo.kl_coef:.3f}", stage="policy")
-
-    def on_step(record):
-        job.report(f"ppo: step {record['step']}/{ppo.steps} done", step=record["step"], of=ppo.steps, last=record)
-
-    trainer = PPOTrainer(policy, tokenizer, ppo, config.rollout_settings(), progress=job.progress, on_step=on_step)
-    history = trainer.train(prompts, scorer(rewards.policy), anchor, prompt_weights=prompt_weights,
-                            anchor_weights=anchor_weights, corrections=corrections,
-                            correction_weights=correction_weights)
-    metrics = {"steps": len(history), "first": history[0], "last": history[-1], "history": history,
-               "sharded": trainer.sharded, "stopped": trainer.stopped, "kl_coef": round(trainer.kl.value, 5),
-               "score_first": history[0]["score"], "score_last": history[-1]["score"]}
-    if not trainer.sharded:
-        policy = trainer.unwrapped.policy
-    else:
-        job.report("ppo: gathering the adapter from its shards")
-        gathered = gather_sharded_adapter(trainer, job.main)
-        del trainer, policy  # the sharded model goes before a whole copy is loaded
-        loaded.model = None
-        if not job.main:
-            return None, parent, metrics
-        job.report("evaluation: loading the base whole, with the adapter")
-        with gathered:
-            policy = reload_with_adapter(gathered.name, job.model_name, job.data_dir, config.device, config.quantize)
-    policy.eval()
-    if not job.main:
-        return None, parent, metrics
-    return policy, parent, metrics
-
-
-def continue_from(job: Job, model, active_path: str | None, lora_config):
-    """(trainable policy, parent version): the active version's adapter, or
-    a fresh LoRA of `lora_config`'s rank on the base when v0 is active."""
-    from peft import PeftModel
-
-    from online_rl.ppo import add_lora
-
-    if active_path:
-        return PeftModel.from_pretrained(model, active_path, is_trainable=True), job.active
-    return add_lora(model, lora_config), "v0"
-
-
-def prompt_pool(snap: Snapshot) -> tuple[list, list[float]]:
-    """The prompts a policy update samples from, with their rater-bound
-    weights: the training side's pool, else the rated prompts."""
-    if snap.prompts:
-        return snap.prompts, snap.prompt_weights
-    return [e.prompt for e in snap.train], [e.weight for e in snap.train]
-
-
-def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, active_path: str | None):
-    """The active adapter (or a fresh one) trained towards its own replies
-    re-weighted by the policy's reward model (`online_rl.tilt`)."""
-    from online_rl.tilt import train_tilt
-
-    config = job.config
-    prompts, weights = prompt_pool(snap)
-    policy, parent = continue_from(job, model, active_path, config.tilt)
-    job.report(f"tilt: {config.tilt.prompts} prompts drawn from {len(prompts)} x {config.tilt.samples_per_prompt} "
-               f"replies, from {parent}", stage="policy")
-    corrections, correction_weights = snap.corrections()
-    metrics = train_tilt(policy, tokenizer, prompts, scorer(rewards.policy), config.rollout_settings(),
-                         config.tilt, prompt_weights=weights, corrections=corrections,
-                         correction_weights=correction_weights, progress=lambda line: job.report(line))
-    policy.eval()
-    return policy, parent, metrics
 
 
 # -- 4. evaluation --------------------------------------------------------------------
