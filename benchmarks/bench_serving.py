@@ -343,8 +343,7 @@ def promotions(server: Server, prompts: list[str], args, count_tokens) -> dict:
                     if r.status_code != 200:
                         raise RuntimeError(f"promotion failed: {r.status_code} {r.text}")
                     out["promotions"] += 1
-                    swap = admin.get("/v1/admin/status").json()["serving"]["last_swap"]
-                    out["swaps"].append(swap)
+                    out["swaps"].append(r.json().get("swap"))
     finally:
         stop.set()
         for w in workers:

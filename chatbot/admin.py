@@ -106,10 +106,13 @@ class Operations:
         return self.scheduler.state()
 
     def _follow(self, result: dict) -> dict:
-        """Swap now rather than at the next poll, so the answer says what serves."""
-        self.follower.sync()
+        """Swap now rather than at the next poll, so the answer says what
+        serves, and how long the swap held the batch (``swap``: its timings,
+        None when nothing was swapped)."""
+        info = self.follower.sync()
         serving = self.follower.state()
-        return {**result, "serving_version": serving["serving_version"], "serving_error": serving["error"]}
+        return {**result, "serving_version": serving["serving_version"], "serving_error": serving["error"],
+                "swap": info}
 
 
 @contextlib.contextmanager

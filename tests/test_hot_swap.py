@@ -236,6 +236,8 @@ def test_operator_routes_work_with_the_token(live, store):
         assert client.post("/v1/admin/retrain", json={"method": "sft"}).status_code == 400
         r = client.post("/v1/admin/promote", json={"version": "v2"})
         assert r.json()["serving_version"] == "v2" and policy.version == "v2"
+        swap = r.json()["swap"]  # how long the swap held the batch, for the operator
+        assert swap["version"] == "v2" and 0 <= swap["wait_s"] + swap["switch_s"] <= swap["total_s"]
         r = client.post("/v1/admin/promote", json={"version": "v9"})
         assert r.status_code == 404 and "no adapter 'v9'" in r.json()["error"]["message"]
         assert client.post("/v1/admin/rollback", json={}).json()["serving_version"] == "v0"
