@@ -379,7 +379,8 @@ def report(results: dict, args) -> str:
             for r in levels:
                 rows.append([name, r["clients"], r["requests"], r["failed"], f"{r['rps']:.2f}", f"{r['tps']:.1f}",
                              f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{r['ttft_ms']:.0f}"])
-        parts.append(f"### {label}\n\n" + table(["server", "clients", "requests", "failed", "requests/s", "tokens/s",
+        when = f"Measured in an earlier run of this benchmark, {runs['_measured']}.\n\n" if runs.get("_kept") else ""
+        parts.append(f"### {label}\n\n{when}" + table(["server", "clients", "requests", "failed", "requests/s", "tokens/s",
                                                     "p50 ms", "p99 ms", "p50 first token ms"], rows))
         by = {name: {r["clients"]: r for r in levels} for name, levels in runs.items() if not name.startswith("_")}
         ours_b, single = by["ours, batched, v0"], by["ours, one at a time, v0"]
@@ -439,6 +440,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the overhead comparison")
     parser.add_argument("--promotions", type=int, default=20)
     parser.add_argument("--promotion-every", type=float, default=1.0, help="seconds between promotions")
+    parser.add_argument("--keep-other-models", action="store_true",
+                        help="report the models not in --models as the last run measured them (saved results)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -454,10 +457,18 @@ def main() -> None:
         for label in args.models.split(","):
             model_dir = starter_dir if label == "starter" else qwen_shaped(Path(args.data_dir), starter_dir)
             results[label] = bench_model(label, model_dir, work, args, prompts)
+            results[label]["_measured"] = time.strftime("%Y-%m-%d %H:%M")
+    saved = ROOT / "benchmarks" / "results" / "serving.json"
+    if args.keep_other_models and saved.exists():  # the models not run this time, as an earlier run measured them
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(saved.stat().st_mtime))
+        for label, runs in json.loads(saved.read_text()).items():
+            if label not in results:
+                results[label] = {"_measured": written, **runs, "_kept": True}
     body = report(results, args)
     print(body)
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "serving.json").write_text(json.dumps(results, indent=1, default=str))
+    saved.write_text(json.dumps({k: {n: v for n, v in r.items() if n != "_kept"} for k, r in results.items()},
+                                indent=1, default=str))
     if not args.no_write:
         write_section("serving", "Serving many people at once: continuous batching beside the one-at-a-time path "
                       "and transformers serve", "python benchmarks/bench_serving.py " + " ".join(sys.argv[1:]), body)
