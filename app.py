@@ -382,6 +382,7 @@ def serve_settings(args):
 def cmd_serve(args) -> int:
     from chatbot import credentials
     from chatbot.admin import check_token
+    from chatbot.cpu import own_thread
     from chatbot.models import ModelLoadError, load_model
     from online_rl.scheduler import RetrainScheduler, ScheduleConfig
 
@@ -428,7 +429,8 @@ def cmd_serve(args) -> int:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     try:
         skipped, settings.max_batch = check_memory(args, serve=True, train=schedule.enabled, progress=progress)
-        loaded = load_model(args.model, args.data_dir, device=args.device, build_progress=progress,
+        # on a thread of its own, so that the engine's is the one OpenMP pool left (chatbot.cpu)
+        loaded = own_thread(load_model, args.model, args.data_dir, device=args.device, build_progress=progress,
                             quantize=args.quantize)
         if skipped:
             log.warning(skipped)

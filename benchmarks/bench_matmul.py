@@ -3,7 +3,7 @@
 1. The time of one projection of the Qwen2.5-0.5B shape (896 -> 4864, and
    the 151,936-word output layer) for 1, 8 and 32 rows, with the weight as
    `torch.nn.Linear` keeps it (``[out, in]``, read through a transposed
-   view) and laid out ``[in, out]`` (`chatbot.layout`). A decode step is
+   view) and laid out ``[in, out]`` (`chatbot.cpu`). A decode step is
    mostly such products, so a step of 8 rows costs about what this says 8
    rows cost against one: that bounds what continuous batching can gain over
    one request at a time here (see the "Serving" section).
@@ -64,7 +64,7 @@ def decode_steps(model_dir: Path, steps: int = 12) -> tuple[str, list]:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from chatbot.layout import transpose_for_decoding
+    from chatbot.cpu import transpose_for_decoding
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 

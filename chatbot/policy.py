@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from chatbot.adapters import AdapterLoadError, check_adapter  # noqa: F401 - AdapterLoadError is raised from here too
 from chatbot.engine import Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
-from chatbot.layout import transpose_for_decoding
+from chatbot.cpu import own_thread, transpose_for_decoding
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
 from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa: F401 - PromptError is served from here too
 from chatbot.streaming import Generation, ReplyStream
@@ -90,7 +90,7 @@ class Policy:
                  max_waiting: int = 32):
         self.loaded = loaded
         if getattr(loaded.device, "type", loaded.device) == "cpu":
-            transpose_for_decoding(loaded.model)  # serving only: a third off a decode step (chatbot.layout)
+            own_thread(transpose_for_decoding, loaded.model)  # serving only: a third off a decode step (chatbot.cpu)
         self.base = loaded.model  # the plain base; `model` is it, or a PeftModel around it
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -132,7 +132,8 @@ class Policy:
         was if anything is wrong."""
         started = time.perf_counter()
         canary = self.canary if self.canary is not None and self.canary.version == version else None
-        prepared = None if version == BASE_VERSION or canary else self._read_adapter(version, path)
+        # Torch work off the engine's thread runs on a thread of its own (chatbot.cpu: one OpenMP pool).
+        prepared = None if version == BASE_VERSION or canary else own_thread(self._read_adapter, version, path)
         read_s = time.perf_counter() - started
         with self._swap_lock:
             name = canary.adapter if canary else None if prepared is None else f"{version}_{next(self._loads)}"
@@ -141,7 +142,7 @@ class Policy:
                 locked = time.perf_counter()
                 previous = self.version
                 try:
-                    self._add(name, prepared)
+                    own_thread(self._add, name, prepared)
                 except Exception as exc:  # noqa: BLE001 - the old version keeps serving
                     raise AdapterLoadError(f"cannot load adapter {version} from {path}: {exc}") from exc
                 if canary:  # promoted: the canary's adapter serves everyone now
@@ -161,12 +162,12 @@ class Policy:
         files do not load."""
         if version == BASE_VERSION or version == self.version:
             raise AdapterLoadError(f"{version} cannot be a canary beside {self.version}")
-        prepared = self._read_adapter(version, path)
+        prepared = own_thread(self._read_adapter, version, path)
         with self._swap_lock:
             name = f"{version}_{next(self._loads)}"
             with self.engine.between_steps():
                 try:
-                    self._add(name, prepared, serve=False)
+                    own_thread(self._add, name, prepared, serve=False)
                 except Exception as exc:  # noqa: BLE001 - the serving version goes on alone
                     raise AdapterLoadError(f"cannot load adapter {version} from {path}: {exc}") from exc
                 self.canary = Canary(trial, version, name, share)
@@ -188,7 +189,7 @@ class Policy:
     def check_adapter(self, version: str, path: str | None) -> None:
         """Raise `AdapterLoadError` unless `version`'s files would load on the
         base this policy serves (see `chatbot.adapters`); changes nothing."""
-        self._read_adapter(version, path)
+        own_thread(self._read_adapter, version, path)
 
     def _read_adapter(self, version: str, path: str | None) -> tuple:
         checked = check_adapter(version, path, base_config=self.base.config, base_class=type(self.base),
