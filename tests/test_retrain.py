@@ -133,7 +133,10 @@ def test_a_reward_model_no_better_than_chance_trains_no_policy(store, data_dir, 
                   progress=lambda line: None)
     run = store.runs(1)[0]
     assert run["status"] == "refused" and run["error"].startswith("waiting for more feedback")
-    assert run["metrics"]["reward_model"]["auc_low"] <= 0.5
+    # Conversation ids are random, so which thumbs are held out varies: either the held-out side has
+    # both kinds and the AUC's interval reaches 0.5, or it has one kind only and there is no AUC at all.
+    low = run["metrics"]["reward_model"]["auc_low"]
+    assert low is None or low <= 0.5
     assert store.adapters() == []
 
 
