@@ -5,9 +5,9 @@ two decode steps the engine admits as many as the batch has room for (at most
 `max_batch` rows), reads their prompts together in one forward pass
 (prefill, left-padded; `prefill_groups` splits long prompts off so that a
 prefill never holds more than one prompt at the longest context alone
-would), and adds
-their rows to the running batch; each step then feeds every row's last
-token through the model at once and samples the next token of each. A row
+would), and adds their rows to the running batch; each step then feeds
+every row's last token through the model at once and samples the next token
+of each. A row
 leaves the batch the step it ends (an end token, its length cap, or its
 `stop` event: a stop button or a client that went away frees its slot at
 once), and the next waiting request takes its place.

@@ -38,8 +38,8 @@ import time
 from dataclasses import dataclass
 
 from chatbot.adapters import AdapterLoadError, check_adapter  # noqa: F401 - AdapterLoadError is raised from here too
-from chatbot.engine import Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
 from chatbot.cpu import own_thread, transpose_for_decoding
+from chatbot.engine import Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
 from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa: F401 - PromptError is served from here too
 from chatbot.streaming import Generation, ReplyStream
