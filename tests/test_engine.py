@@ -81,8 +81,12 @@ def test_a_promotion_during_a_full_batch_changes_no_reply_mid_way(tiny_trained, 
         results.append((prompt, reply.version, reply.text))
 
     first = [threading.Thread(target=client, args=(p,)) for p in PROMPTS]
-    for t in first:
-        t.start()
+    with engine.between_steps():  # all three wait in line, then join the batch in one step
+        for t in first:
+            t.start()
+        deadline = time.monotonic() + 30
+        while engine.waiting < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
     assert reached.wait(timeout=60)
     assert engine.running == 3  # the batch is full, two tokens into every reply
     swap = threading.Thread(target=policy.swap_to, args=("v2", str(adapters["v2"])))
