@@ -46,6 +46,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Prompts read in one forward pass when several requests join the batch at
+# once, in padded tokens (the policy caps it at the model's context, see
+# `prefill_groups`): one pass instead of one per newcomer.
+PREFILL_TOKENS = 1024
 
 
 class Busy(RuntimeError):
@@ -81,7 +85,7 @@ class Engine:
     def __init__(self, model_fn: Callable, tokenizer, device, *,
                  serving: Callable[[Request], tuple[str, str | None]],
                  release: Callable[[set], None] = lambda in_use: None, max_batch: int = 8, max_waiting: int = 32,
-                 idle_exit_s: float = 5.0, prefill_tokens: int = 1024):
+                 idle_exit_s: float = 5.0, prefill_tokens: int = PREFILL_TOKENS):
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be at least 1 and max_waiting at least 0")
         self.model_fn, self.tokenizer, self.device = model_fn, tokenizer, device

@@ -39,17 +39,13 @@ from dataclasses import dataclass
 
 from chatbot.adapters import AdapterLoadError, check_adapter  # noqa: F401 - AdapterLoadError is raised from here too
 from chatbot.cpu import own_thread, transpose_for_decoding
-from chatbot.engine import Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
+from chatbot.engine import PREFILL_TOKENS, Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
 from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa: F401 - PromptError is served from here too
 from chatbot.streaming import Generation, ReplyStream
 
 
 BASE_VERSION = "v0"
-# Prompts read in one forward pass when several requests join the batch at
-# once, in padded tokens (capped at the model's context, see
-# `chatbot.engine.prefill_groups`): one pass instead of one per newcomer.
-PREFILL_TOKENS = 1024
 
 
 @dataclass(frozen=True)
