@@ -20,6 +20,7 @@ import os
 import sys
 
 from online_rl import METHODS
+from online_rl.gate import GateConfig
 
 DATA_DIR_ENV = "CHATBOT_DATA_DIR"
 MODEL_ENV = "CHATBOT_MODEL"
@@ -171,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a candidate that passes the gate serves this share of new conversations (e.g. 0.1) "
                             "until live thumbs promote or reject it, instead of going live at once "
                             "(default 0: off; see README)")
-        p.add_argument("--max-kl", type=float, default=0.2,
-                       help="gate: mean KL to the base at most this many nats per reply token (default 0.2)")
+        p.add_argument("--max-kl", type=float, default=GateConfig.max_kl,
+                       help="gate: mean KL to the base at most this many nats per reply token "
+                            f"(default {GateConfig.max_kl:g})")
 
     sub.add_parser("promote", parents=[common],
                    help="make VERSION the active one (v0: the base model) once its adapter passes its check") \

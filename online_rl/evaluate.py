@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from online_rl.language import expected_nll, known_word_fraction, mean_of, version_and_base_logits
-from online_rl.sampling import encode_replies, reply_logprobs, sample_many, token_logprobs
+from online_rl.language import drift, known_word_fraction
+from online_rl.sampling import encode_replies, reply_logprobs, sample_many
 
 CANDIDATE, ACTIVE = "default", "active"
 
@@ -107,20 +107,13 @@ def _version_replies(model, tokenizer, prompts, settings, config: EvalConfig, ad
     torch.manual_seed(config.seed)
     with _use(model, adapter):
         batches = sample_many(model, tokenizer, prompts, settings)
-    kls, nlls, tokens = [], [], 0.0
-    temperature = settings.logprob_temperature
-    version = (lambda: _use(model, adapter)) if adapter else None
-    for piece, own, base in version_and_base_logits(model, batches, version):
-        kls += (token_logprobs(own, piece, temperature) - token_logprobs(base, piece, temperature)).sum(-1).tolist()
-        nlls += expected_nll(own, base, piece, settings).tolist()
-        tokens += float(piece["reply_mask"].sum())
+    figures = drift(model, batches, settings, (lambda: _use(model, adapter)) if adapter else None,
+                    base_wrote=adapter is None)
     texts = [t for b in batches for t in b["texts"]]
     finished = [bool(f) for b in batches for f in b["finished"].tolist()]
     return {
         "texts": texts,
-        "kl_to_base": round(sum(kls) / len(kls), 4) if adapter else 0.0,
-        "kl_per_token": round(sum(kls) / max(tokens, 1), 4) if adapter else 0.0,
-        "base_nll": mean_of(nlls),
+        **figures,
         "known_words": known_word_fraction(texts),
         "stats": reply_stats(texts, finished, samples),
     }

@@ -95,11 +95,35 @@ def base_nll_per_token(model, batches: list[dict], settings, *, base_wrote: bool
     adapter disabled), or a plain model, the base itself. `base_wrote`: the
     replies are the base's own, a `PeftModel`'s adapter disabled. Averaged
     over the replies."""
+    return drift(model, batches, settings, base_wrote=base_wrote)["base_nll"]
+
+
+def drift(model, batches: list[dict], settings, version=None, *, base_wrote: bool = False) -> dict:
+    """How far replies in `online_rl.sampling` batches are from the base:
+    ``base_nll``, the base's NLL per token (`expected_nll`, averaged over the
+    replies), and the KL of the writing version to the base on its own
+    replies, ``sum_t log version(t) - log base(t)`` at `settings`' sampling
+    temperature (a Monte-Carlo estimate of KL(version || base)), per reply
+    (``kl_to_base``) and per token (``kl_per_token``). The writer:
+    `version`, a context in which `model` is it; else, for a `PeftModel`,
+    its active adapter, or with `base_wrote` (or for a plain model) the base,
+    whose KL is 0."""
     import contextlib
 
-    wrote = None if base_wrote or not hasattr(model, "disable_adapter") else contextlib.nullcontext
-    return mean_of([x for piece, own, base in version_and_base_logits(model, batches, wrote)
-                    for x in expected_nll(own, base, piece, settings).tolist()])
+    from online_rl.sampling import token_logprobs
+
+    if version is None and not base_wrote and hasattr(model, "disable_adapter"):
+        version = contextlib.nullcontext
+    nlls, kls, tokens = [], [], 0.0
+    temperature = settings.logprob_temperature
+    for piece, own, base in version_and_base_logits(model, batches, version):
+        nlls += expected_nll(own, base, piece, settings).tolist()
+        if version is not None:
+            kls += (token_logprobs(own, piece, temperature) - token_logprobs(base, piece, temperature)).sum(-1).tolist()
+        tokens += float(piece["reply_mask"].sum())
+    return {"base_nll": mean_of(nlls),
+            "kl_to_base": round(sum(kls) / len(kls), 4) if kls else 0.0,
+            "kl_per_token": round(sum(kls) / max(tokens, 1.0), 4) if kls else 0.0}
 
 
 def mean_of(per_reply: list[float]) -> float | None:

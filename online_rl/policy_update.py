@@ -123,16 +123,17 @@ def prompt_pool(snap: Snapshot) -> tuple[list, list[float]]:
 def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, active_path: str | None):
     """The active adapter (or a fresh one) trained towards its own replies
     re-weighted by the policy's reward model (`online_rl.tilt`)."""
-    from online_rl.tilt import train_tilt
+    from online_rl.tilt import kl_share_of_gate, train_tilt
 
     config = job.config
+    tilt = kl_share_of_gate(config.tilt, config.gate.max_kl)
     prompts, weights = prompt_pool(snap)
-    policy, parent = continue_from(job, model, active_path, config.tilt)
-    job.report(f"tilt: {config.tilt.prompts} prompts drawn from {len(prompts)} x {config.tilt.samples_per_prompt} "
+    policy, parent = continue_from(job, model, active_path, tilt)
+    job.report(f"tilt: {tilt.prompts} prompts drawn from {len(prompts)} x {tilt.samples_per_prompt} "
                f"replies, from {parent}", stage="policy")
     corrections, correction_weights = snap.corrections()
     metrics = train_tilt(policy, tokenizer, prompts, scorer(rewards.policy), config.rollout_settings(),
-                         config.tilt, prompt_weights=weights, corrections=corrections,
+                         tilt, prompt_weights=weights, corrections=corrections,
                          correction_weights=correction_weights, progress=lambda line: job.report(line))
     policy.eval()
     return policy, parent, metrics

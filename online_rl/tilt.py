@@ -31,7 +31,8 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
 4. **Epochs, stopped by language.** After each epoch the policy answers the
    validation prompts (prompts of the pool kept out of training); of the
    epochs whose replies' base NLL per token is at most `max_nll_increase`
-   above the base's own replies to the same prompts, the one with the best
+   above the base's own replies to the same prompts, and whose KL to the
+   base is within `max_kl` (90% of the gate's), the one with the best
    reward-model score there is kept (`epoch_rank`). That is half
    the gate's margin (`online_rl.gate`): the validation prompts are few, and
    the gate judges on others. A prompt is a validation prompt in every cycle
@@ -56,6 +57,7 @@ hands their probability to whatever else the vocabulary holds (babble, see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -66,7 +68,7 @@ import torch
 
 from online_rl.data import is_heldout
 from online_rl.influence import weighted_draw
-from online_rl.language import base_nll_per_token, known_word_fraction
+from online_rl.language import drift, known_word_fraction
 from online_rl.sampling import encode_replies, full_inputs, reply_logprobs, sample_many
 from storage.common import prompt_hash
 
@@ -113,6 +115,12 @@ class TiltConfig:
     # (With fewer than 20 prompts in the pool there is nothing to keep out:
     # the epoch stop then looks at training prompts.)
     max_nll_increase: float = 0.05  # base NLL per token, relative to the base's own replies: the epoch stop
+    # KL to the base per reply token on the validation replies: an epoch
+    # above it is outside the bound, as one that drifted. The cycle sets it
+    # to a share of the gate's `max_kl` (`kl_share_of_gate`), so that a
+    # cycle hands the gate the best epoch it can pass rather than one it
+    # will reject for its KL alone. None: no KL bound.
+    max_kl: float | None = None
     max_prompt_tokens: int = 256
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -188,9 +196,10 @@ def validation_split(prompts: list[list[dict]], share: float) -> list[bool]:
     return [is_heldout("tilt-validation:" + prompt_hash(p), share) for p in prompts]
 
 
-def _language(policy, batches, settings, base_wrote: bool = False) -> tuple[float | None, float | None]:
-    nll = base_nll_per_token(policy, batches, settings, base_wrote=base_wrote)
-    return nll, known_word_fraction([t for b in batches for t in b["texts"]])
+def _language(policy, batches, settings, base_wrote: bool = False) -> tuple[float | None, float | None, float]:
+    """(base NLL per token, known-word share, KL to the base per token) of replies."""
+    figures = drift(policy, batches, settings, base_wrote=base_wrote)
+    return figures["base_nll"], known_word_fraction([t for b in batches for t in b["texts"]]), figures["kl_per_token"]
 
 
 def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, settings, config: TiltConfig, *,
@@ -200,7 +209,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     active version's) towards its own replies tilted by `reward_fn`; returns
     the metrics. The adapter kept is that of the epoch with the best
     validation score among those whose replies' base NLL per token is within
-    `config.max_nll_increase` of the base's own (else the closest).
+    `config.max_nll_increase` of the base's own and whose KL to the base is
+    at most `config.max_kl` (else the closest).
     `corrections` (prompt, the reply a person wrote instead) join the
     training rows as targets, each weighing `correction_coef` times its
     share of `correction_weights` (the rater bound's) relative to their mean."""
@@ -248,7 +258,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     per_prompt = max(1, math.ceil(config.validation_replies / len(validation)))
     val_prompts = [p for p in validation for _ in range(per_prompt)]
     base_val = _sample(policy, tokenizer, val_prompts, settings, config, base=True)
-    base_nll, base_known = _language(policy, base_val, settings, base_wrote=True)
+    base_nll, base_known, _ = _language(policy, base_val, settings, base_wrote=True)
     start_val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
     start_score = _mean(reward_fn([p for b in start_val for p in b["prompts"]],
                                   [t for b in start_val for t in b["texts"]]))
@@ -287,16 +297,21 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                 sums[key] += value
         policy.eval()
         val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
-        val_nll, val_known = _language(policy, val, settings)
+        val_nll, val_known, val_kl = _language(policy, val, settings)
         val_score = _mean(reward_fn([p for b in val for p in b["prompts"]], [t for b in val for t in b["texts"]]))
-        within = val_nll is not None and val_nll <= bound
+        # How far past its bounds the epoch went: the larger of the base NLL's
+        # and the KL's share of their bound (at most 1: within both).
+        excess = max(val_nll / bound if val_nll is not None and math.isfinite(bound) else 0.0,
+                     val_kl / config.max_kl if config.max_kl else 0.0)
+        within = val_nll is not None and val_nll <= bound and excess <= 1.0
         record = {"epoch": epoch, "steps": steps, **{key: round(v / max(1, steps), 4) for key, v in sums.items()},
-                  "val_score": val_score, "val_nll": val_nll, "val_known_words": val_known, "within_bound": within,
-                  "seconds": round(time.perf_counter() - started, 1)}
+                  "val_score": val_score, "val_nll": val_nll, "val_known_words": val_known, "val_kl": val_kl,
+                  "excess": round(excess, 4), "within_bound": within, "seconds": round(time.perf_counter() - started, 1)}
         history.append(record)
         progress(f"tilt: epoch {epoch}/{config.epochs}: reward-model score {_fmt(val_score)} on validation "
                  f"(at the start {_fmt(start_score)}), base NLL per token {val_nll} (bound {bound:.3f}), "
-                 f"known words {val_known} ({record['seconds']:.0f} s)")
+                 f"KL to the base {val_kl} per token (bound {_bound(config.max_kl)}), known words {val_known} "
+                 f"({record['seconds']:.0f} s)")
         rank = epoch_rank(record)
         if best is None or rank > best:
             best, kept = rank, epoch
@@ -309,34 +324,47 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                 if name in kept_state:
                     param.copy_(kept_state[name])
     if not best[0]:
-        progress(f"tilt: no epoch stayed within the language bound; epoch {kept}, the closest, is kept "
+        progress(f"tilt: no epoch stayed within the language and KL bounds; epoch {kept}, the closest, is kept "
                  "for the gate to judge")
     else:
-        progress(f"tilt: epoch {kept} kept: the best reward-model score on validation within the language bound")
+        progress(f"tilt: epoch {kept} kept: the best reward-model score on validation within the language and KL "
+                 "bounds")
     return {"method": "tilt", "prompts": len(train), "validation_prompts": len(validation),
             "replies": int(usable.numel()), "usable_replies": int(usable.sum()),
             "corrections": len(corrections or []) if config.correction_coef > 0 else 0, "effective_replies": round(effective, 2),
             "score_sampled": _round(sampled_score), "score_target": _round(target_score),
             "validation": {"start_score": start_score, "base_nll": base_nll, "base_known_words": base_known,
-                           "nll_bound": round(bound, 4) if math.isfinite(bound) else None},
+                           "nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl},
             "history": history, "epochs": len(history), "epoch_kept": kept, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def epoch_rank(record: dict) -> tuple:
     """How an epoch's validation record ranks (higher is better): any epoch
-    within the language bound above every epoch outside it; within it, the
-    higher reward-model score (the score peaks while later epochs only fit
-    the training prompts, and drift); outside it, the lower base NLL."""
+    within the language and KL bounds above every epoch outside them; within
+    them, the higher reward-model score (the score peaks while later epochs
+    only fit the training prompts, and drift); outside them, the less far
+    past its bounds (`excess`)."""
     if record["within_bound"]:
         score = record["val_score"]
         return (1, -math.inf if score is None else score)
-    nll = record["val_nll"]
-    return (0, -math.inf if nll is None else -nll)
+    excess = record["excess"]
+    return (0, -math.inf if excess is None else -excess)
+
+
+def kl_share_of_gate(config: TiltConfig, gate_max_kl: float) -> TiltConfig:
+    """`config` with its KL bound at 90% of the gate's, unless one is set:
+    the validation prompts are fewer than the gate's, and the KL measured
+    on them varies by about a tenth."""
+    return config if config.max_kl is not None else dataclasses.replace(config, max_kl=0.9 * gate_max_kl)
 
 
 def _mean(values) -> float | None:
     values = list(values)
     return round(sum(values) / len(values), 4) if values else None
+
+
+def _bound(x) -> str:
+    return "none" if x is None else f"{x:g}"
 
 
 def _fmt(x) -> str:

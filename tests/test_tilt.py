@@ -101,13 +101,33 @@ def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
 def test_epochs_within_the_language_bound_rank_by_score_the_others_by_closeness():
     from online_rl.tilt import epoch_rank
 
-    def rec(within, score, nll):
-        return {"within_bound": within, "val_score": score, "val_nll": nll}
+    def rec(within, score, excess):
+        return {"within_bound": within, "val_score": score, "excess": excess}
 
-    records = [rec(True, 0.2, 0.40), rec(True, 0.5, 0.44), rec(False, 0.9, 0.50), rec(False, 0.8, 0.47)]
+    records = [rec(True, 0.2, 0.90), rec(True, 0.5, 0.98), rec(False, 0.9, 1.2), rec(False, 0.8, 1.1)]
     ranked = sorted(records, key=epoch_rank, reverse=True)
     assert ranked == [records[1], records[0], records[3], records[2]]
     assert epoch_rank(rec(True, None, 0.4)) < epoch_rank(rec(True, -5.0, 0.4))
+
+
+def test_an_epoch_past_the_kl_bound_is_outside_it_though_its_language_holds(tiny_trained):
+    # A KL bound no update can meet (any trained epoch moved away from the
+    # base) with a language bound every epoch meets.
+    policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_nll_increase=10.0, max_kl=1e-6,
+                                                           epochs=2)
+    history = metrics["history"]
+    assert all(h["val_kl"] > 1e-6 and h["val_nll"] <= metrics["validation"]["nll_bound"] for h in history)
+    assert not any(h["within_bound"] for h in history)
+    assert metrics["epoch_kept"] == min(history, key=lambda h: h["excess"])["epoch"]
+    assert metrics["validation"]["kl_bound"] == 1e-6
+    assert any("no epoch stayed within the language and KL bounds" in line for line in lines)
+
+
+def test_the_cycle_bounds_the_tilts_kl_below_the_gates():
+    from online_rl.tilt import TiltConfig, kl_share_of_gate
+
+    assert kl_share_of_gate(TiltConfig(), 0.3).max_kl == pytest.approx(0.27)
+    assert kl_share_of_gate(TiltConfig(max_kl=0.1), 0.3).max_kl == 0.1
 
 
 def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_trained):
@@ -115,9 +135,9 @@ def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_tra
     policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_nll_increase=-0.5, epochs=2)
     history = metrics["history"]
     assert not any(h["within_bound"] for h in history)
-    closest = min(history, key=lambda h: h["val_nll"])
+    closest = min(history, key=lambda h: h["excess"])
     assert metrics["epoch_kept"] == closest["epoch"]
-    assert any("no epoch stayed within the language bound" in line for line in lines)
+    assert any("no epoch stayed within the language and KL bounds" in line for line in lines)
 
 
 def test_corrections_are_targets_the_tilt_learns_to_write(tiny_trained):
