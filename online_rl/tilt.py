@@ -85,10 +85,11 @@ class TiltConfig:
     # times the base's NLL per token of it, so that among replies the taste
     # likes as much the better-formed one is chosen.
     language_coef: float = 2.0
-    # Weight of each correction (a reply a person wrote in place of the
-    # bot's) as a target, relative to one prompt's tilted replies (whose
-    # weights sum to 1), scaled by its rater-bound weight.
-    correction_coef: float = 0.5
+    # Weight of each correction's group (the reply a person wrote in place of
+    # the bot's, beside the policy's own replies to that prompt, tilted
+    # together: `correction_groups`), relative to one prompt's tilted replies
+    # (whose weights sum to 1), scaled by its rater-bound weight.
+    correction_coef: float = 1.0
     # A prompt whose replies' standardized scores span less than this teaches
     # no taste, only which reply the base finds likeliest: it is left out.
     # Kept in, such prompts pulled the policy towards its likeliest replies
@@ -196,6 +197,63 @@ def validation_split(prompts: list[list[dict]], share: float) -> list[bool]:
     return [is_heldout("tilt-validation:" + prompt_hash(p), share) for p in prompts]
 
 
+def correction_groups(policy, tokenizer, corrections: list[tuple[list[dict], str]], rater_weights, reward_fn,
+                      settings, config: TiltConfig, center, reference_nll: float) -> tuple[list, list[str], torch.Tensor]:
+    """Corrections as training rows: (chats, texts, weights), in groups of
+    `samples_per_prompt` of the policy's replies to a correction's prompt
+    followed by the correction.
+
+    A correction (the reply a person wrote in place of the bot's) is one
+    more reply to its prompt, weighed by the tilt's own rule: its
+    reward-model score, taken as at least that of the best of the policy's
+    replies (the person preferred it to the bot's), less `language_coef`
+    times the base's NLL per token. So a correction in the base's language
+    is the prompt's target, and one far from it (a person's own words, a
+    reply written for another prompt) hands its weight to the policy's own
+    replies the reward model likes, instead of pulling the policy off its
+    language: trained on as plain targets, corrections moved the base NLL
+    per token past the gate's bound (docs/learning.md). Each group weighs
+    `correction_coef` times its rater-bound weight over their mean. No
+    `min_spread` here: a correction is a preference stated. Where none of
+    the policy's replies is usable (all cut off, or empty), the correction
+    is weighed against a typical reply of the cycle (`reference_nll`, the
+    median base NLL per token of its usable replies), scored alike: it keeps
+    the share it would take from that. `center`: the mean and standard
+    deviation the cycle's scores are standardized with."""
+    k = config.samples_per_prompt
+    prompts = [p for p, _ in corrections]
+    batches = _sample(policy, tokenizer, [p for p in prompts for _ in range(k)], settings, config, base=False)
+    sampled = [t for b in batches for t in b["texts"]]
+    finished = [bool(f) for b in batches for f in b["finished"].tolist()]
+    chats, texts, usable = [], [], []
+    for i, (prompt, correction) in enumerate(corrections):
+        own = slice(i * k, (i + 1) * k)
+        chats += [prompt] * (k + 1)
+        texts += sampled[own] + [correction]
+        usable += [bool(t.strip()) and f for t, f in zip(sampled[own], finished[own])] + [bool(correction.strip())]
+    device = next(policy.parameters()).device
+    nll = []
+    with torch.no_grad(), policy.disable_adapter():
+        for i in range(0, len(texts), config.sample_batch):
+            batch = encode_replies(tokenizer, chats[i:i + config.sample_batch], texts[i:i + config.sample_batch],
+                                   max_length=config.max_prompt_tokens, device=device)
+            nll.append((-reply_logprobs(policy, batch, 1.0).sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)).cpu())
+    nll = torch.cat(nll).view(-1, k + 1)
+    usable = torch.tensor(usable).view(-1, k + 1)
+    mean, std = center
+    z = ((torch.tensor(reward_fn(chats, texts), dtype=torch.float32) - mean) / max(float(std), 1e-6)).view(-1, k + 1)
+    best_own = z[:, :k].masked_fill(~usable[:, :k], -math.inf).amax(-1)
+    z[:, k] = torch.maximum(z[:, k], best_own)
+    logits = (z / config.beta - config.language_coef * nll).masked_fill(~usable, -math.inf)
+    live = usable.any(-1, keepdim=True)
+    weights = torch.softmax(logits.masked_fill(~live, 0.0), -1) * live
+    alone = ~usable[:, :k].any(-1)
+    weights[alone, k] = torch.sigmoid(config.language_coef * (reference_nll - nll[alone, k])) * usable[alone, k]
+    raters = torch.tensor(rater_weights or [1.0] * len(corrections), dtype=torch.float32)
+    weights = weights * (config.correction_coef * raters / raters.mean().clamp(min=1e-6)).unsqueeze(-1)
+    return chats, texts, weights.reshape(-1)
+
+
 def _language(policy, batches, settings, base_wrote: bool = False) -> tuple[float | None, float | None, float]:
     """(base NLL per token, known-word share, KL to the base per token) of replies."""
     figures = drift(policy, batches, settings, base_wrote=base_wrote)
@@ -212,8 +270,9 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     `config.max_nll_increase` of the base's own and whose KL to the base is
     at most `config.max_kl` (else the closest).
     `corrections` (prompt, the reply a person wrote instead) join the
-    training rows as targets, each weighing `correction_coef` times its
-    share of `correction_weights` (the rater bound's) relative to their mean."""
+    training rows beside the policy's own replies to their prompts
+    (`correction_groups`), weighed by `correction_weights` (the rater
+    bound's)."""
     config.validate()
     if not prompts:
         raise ValueError("a tilt needs at least one prompt to sample replies to")
@@ -265,14 +324,16 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     bound = base_nll * (1 + config.max_nll_increase) if base_nll is not None else math.inf
     progress(f"tilt: validation on {len(validation)} prompts: base NLL per token {base_nll}, bound {bound:.3f}")
 
+    correction_share = None
     if corrections and config.correction_coef > 0:
-        cw = torch.tensor(correction_weights or [1.0] * len(corrections), dtype=torch.float32)
-        cw = config.correction_coef * cw / cw.mean().clamp(min=1e-6)
-        chats = chats + [p for p, _ in corrections]
-        texts = texts + [r for _, r in corrections]
-        weights = torch.cat([weights, cw])
-        progress(f"tilt: {len(corrections)} corrections as targets, weight {config.correction_coef:g} each "
-                 "(one prompt's tilted replies weigh 1)")
+        center = (scores[usable].mean(), scores[usable].std()) if usable.sum() > 1 else (scores.mean(), 1.0)
+        reference = float(nll[usable].median()) if usable.any() else float(nll.median())
+        extra = correction_groups(policy, tokenizer, corrections, correction_weights, reward_fn, settings, config,
+                                  center, reference)
+        chats, texts, weights = chats + extra[0], texts + extra[1], torch.cat([weights, extra[2]])
+        correction_share = round(float(extra[2][k::k + 1].sum()) / max(1e-6, float(extra[2].sum())), 4)
+        progress(f"tilt: {len(corrections)} corrections, each beside {k} of the policy's replies to its prompt; "
+                 f"the corrections hold {correction_share:.0%} of those prompts' weight")
     rows = [i for i in range(len(texts)) if weights[i] > 1e-4]
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -331,7 +392,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                  "bounds")
     return {"method": "tilt", "prompts": len(train), "validation_prompts": len(validation),
             "replies": int(usable.numel()), "usable_replies": int(usable.sum()),
-            "corrections": len(corrections or []) if config.correction_coef > 0 else 0, "effective_replies": round(effective, 2),
+            "corrections": len(corrections or []) if config.correction_coef > 0 else 0,
+            "correction_share": correction_share, "effective_replies": round(effective, 2),
             "score_sampled": _round(sampled_score), "score_target": _round(target_score),
             "validation": {"start_score": start_score, "base_nll": base_nll, "base_known_words": base_known,
                            "nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl},

@@ -140,13 +140,18 @@ def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_tra
     assert any("no epoch stayed within the language and KL bounds" in line for line in lines)
 
 
-def test_corrections_are_targets_the_tilt_learns_to_write(tiny_trained):
-    """A reward that prefers nothing: the corrections alone teach."""
+CORRECTION = "I am well, thank you for asking."
+
+
+def test_corrections_the_reward_model_likes_are_targets_the_tilt_learns_to_write(tiny_trained):
+    """A reward that likes only the corrections (as one trained on the pair
+    of a correction over the reply it corrects would): the tilt learns to
+    write them."""
     from online_rl.sampling import encode_replies, reply_logprobs
 
-    corrections = [(p, "I am well, thank you for asking.") for p in PROMPTS[:4]]
-    flat = lambda prompts, replies: [0.0] * len(replies)  # noqa: E731
-    policy, tokenizer, _, metrics, _, lines = _tilt(tiny_trained, reward=flat, corrections=corrections,
+    corrections = [(p, CORRECTION) for p in PROMPTS[:4]]
+    likes = lambda prompts, replies: [1.0 if r == CORRECTION else 0.0 for r in replies]  # noqa: E731
+    policy, tokenizer, _, metrics, _, lines = _tilt(tiny_trained, reward=likes, corrections=corrections,
                                                    correction_coef=2.0, epochs=2)
     batch = encode_replies(tokenizer, [p for p, _ in corrections], [r for _, r in corrections])
 
@@ -156,7 +161,42 @@ def test_corrections_are_targets_the_tilt_learns_to_write(tiny_trained):
     with policy.disable_adapter():
         before = nll(policy)
     assert nll(policy) < before - 0.1, (before, nll(policy))
-    assert metrics["corrections"] == 4 and any("4 corrections as targets" in line for line in lines)
+    assert metrics["corrections"] == 4 and metrics["correction_share"] > 0.9
+    assert any("4 corrections, each beside 8 of the policy's replies" in line for line in lines)
+
+
+def test_a_correction_far_from_the_base_language_hands_its_weight_to_the_policys_replies(tiny_trained):
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.models import GenerationSettings, load_tokenizer
+    from online_rl.ppo import add_lora
+    from online_rl.sampling import sample_many
+    from online_rl.tilt import TiltConfig, correction_groups
+
+    config = TiltConfig(samples_per_prompt=4)
+    torch.manual_seed(0)
+    policy = add_lora(AutoModelForCausalLM.from_pretrained(str(tiny_trained)), config)
+    tokenizer = load_tokenizer(str(tiny_trained))
+    tokenizer.padding_side = "left"
+    settings = GenerationSettings(max_new_tokens=24, temperature=1.0, top_p=1.0)
+    # In the base's language: a reply the base itself writes to the prompt.
+    [own] = sample_many(policy, tokenizer, PROMPTS[:1], settings)[0]["texts"]
+    babble = "zq xv kkk plorf qqq vzz ttt"
+    flat = lambda prompts, replies: [0.0] * len(replies)  # noqa: E731
+    pairs = [(PROMPTS[0], own), (PROMPTS[0], babble)] * 4
+    chats, texts, weights = correction_groups(policy, tokenizer, pairs, [1.0, 3.0] * 4, flat, settings, config,
+                                              (0.0, 1.0), reference_nll=1.0)
+    groups = weights.view(8, 5)
+    assert texts[4] == own and texts[9] == babble and chats[0] == chats[9] == PROMPTS[0]
+    # Each group weighs at most its rater-bound weight over their mean (0.5
+    # and 1.5), all of it where the policy wrote a usable reply.
+    limit = torch.tensor([0.5, 1.5] * 4)
+    assert (groups.sum(-1) <= limit + 1e-5).all()
+    # Scored alike, the babble holds far less than the reply in the base's
+    # language: its weight goes to the policy's own replies, or, where the
+    # policy wrote none it could use, it keeps little of its own.
+    share = groups[:, 4] / limit
+    assert (share[1::2] < 0.05).all() and share[0::2].mean() > 5 * share[1::2].max(), share.tolist()
 
 
 def test_a_tilt_cycle_continues_from_the_active_adapter(store, data_dir, tiny_model_dir):
