@@ -21,9 +21,9 @@ prompts and passes a candidate only when every check holds:
   `max_nll_increase` above that of the base's own replies (or `nll_slack`
   nats, where that is more: on prompts a base knows by heart 10% is noise),
   and its known-word share at most `max_known_words_drop` below theirs;
-- **not degenerate**: enough distinct replies across the prompts (one reply
-  for every prompt is reward hacking, not learning), no single reply taking
-  over, few empty
+- **not degenerate**: enough distinct replies across the prompts, against
+  the base's own (one reply for every prompt is reward hacking, not
+  learning), no single reply taking over, few empty
   replies, and not many more replies cut off at the reply cap than the
   active version has.
 
@@ -54,8 +54,15 @@ class GateConfig:
     # noise. Not added to the 10%: at the starter's 0.45 that would allow 14%.
     nll_slack: float = 0.02
     max_known_words_drop: float = 0.04  # known-word share, below the base's own replies
-    min_distinct: float = 0.3  # share of distinct replies among the held-out prompts
-    max_top_share: float = 0.5  # share of the single most common reply
+    # One reply per held-out prompt: the share of distinct replies at least
+    # this share of the base's own on the same prompts (0.87-1.0 on the
+    # starter), and no single reply over `max_top_share` of them (the base's
+    # most common reply: about 3%). A reply the taste likes anywhere spreads
+    # to prompts it does not answer: on a taste for the first person one
+    # reply came to 40% of the prompts, 34% of them distinct, and both old
+    # bounds (30% distinct, a reply at most half) let it pass.
+    min_distinct: float = 0.6
+    max_top_share: float = 0.25
     max_empty: float = 0.2  # share of empty replies
     max_cut_off_increase: float = 0.25  # more replies cut off at the cap than the active version has
     min_prompts: int = 4  # fewer held-out prompts than this: too little evidence to promote
@@ -115,9 +122,11 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
         reasons.append(f"its language drifted: {cand_known:.0%} of its words are known words, against "
                        f"{base_known:.0%} for the base")
     distinct = cand.get("distinct_fraction")
-    if distinct is not None and distinct < config.min_distinct:
-        reasons.append(f"degenerate: only {distinct:.0%} of its replies are distinct "
-                       f"(at least {config.min_distinct:.0%})")
+    base_distinct = (evaluation.get("base") or {}).get("distinct_fraction")
+    distinct_floor = config.min_distinct * (1.0 if base_distinct is None else base_distinct)
+    if distinct is not None and distinct < distinct_floor:
+        reasons.append(f"degenerate: only {distinct:.0%} of its replies are distinct (at least {distinct_floor:.0%}, "
+                       f"{config.min_distinct:.0%} of the base's own)")
     top = cand.get("top_reply_share")
     if top is not None and top > config.max_top_share:
         reasons.append(f"degenerate: one reply is {top:.0%} of all replies (at most {config.max_top_share:.0%})")
@@ -133,7 +142,7 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
               "thumbs_margin": margin, "thumbs_margin_se": se, "kl_per_token": kl,
               "base_nll": cand_nll, "base_nll_of_base": base_nll, "base_nll_bound": nll_bound, "known_words": cand_known,
               "known_words_of_base": base_known, "nan": bool(evaluation.get("nan")),
-              "distinct_fraction": distinct, "top_reply_share": top, "empty_fraction": empty,
+              "distinct_fraction": distinct, "distinct_floor": distinct_floor, "top_reply_share": top, "empty_fraction": empty,
               "cut_off_fraction": cut, "active_cut_off_fraction": act_cut, "config": asdict(config)}
     return Verdict(passed=not reasons, reasons=reasons, checks=checks)
 

@@ -90,6 +90,15 @@ class TiltConfig:
     # together: `correction_groups`), relative to one prompt's tilted replies
     # (whose weights sum to 1), scaled by its rater-bound weight.
     correction_coef: float = 1.0
+    # A reply the policy writes for many different prompts answers none of
+    # them: its log-weight loses this many times the log of the number of
+    # the cycle's prompts it was written for (an estimate of the reply's
+    # probability whatever the prompt: the anti-language-model term of
+    # maximum mutual information decoding, Li et al. 2016). Without it a
+    # reply the taste likes anywhere ("I am just an artificial
+    # intelligence." for a taste for the first person) spread over cycles to
+    # 40% of the held-out prompts.
+    repeat_coef: float = 1.0
     # A prompt whose replies' standardized scores span less than this teaches
     # no taste, only which reply the base finds likeliest: it is left out.
     # Kept in, such prompts pulled the policy towards its likeliest replies
@@ -139,14 +148,20 @@ class TiltConfig:
 
 
 def tilt_weights(scores: torch.Tensor, nll: torch.Tensor, usable: torch.Tensor, group: int, beta: float,
-                 language_coef: float, min_spread: float = 0.0) -> torch.Tensor:
+                 language_coef: float, min_spread: float = 0.0, spread_of: torch.Tensor | None = None,
+                 repeat_coef: float = 0.0) -> torch.Tensor:
     """Each reply's weight within its prompt's `group` of replies: a softmax
-    of standardized score / beta - language_coef * NLL per token; replies
-    that are not `usable` get 0, and so does a group without a usable one,
-    or whose usable replies' standardized scores span less than `min_spread`."""
+    of standardized score / beta - language_coef * NLL per token
+    - repeat_coef * log(`spread_of`, the number of prompts the reply was
+    written for); replies that are not `usable` get 0, and so does a group
+    without a usable one, or whose usable replies' standardized scores span
+    less than `min_spread`."""
     z = (scores - scores[usable].mean()) / scores[usable].std().clamp(min=1e-6) if usable.sum() > 1 else \
         torch.zeros_like(scores)
-    logits = (z / beta - language_coef * nll).masked_fill(~usable, -math.inf).view(-1, group)
+    logits = z / beta - language_coef * nll
+    if spread_of is not None and repeat_coef:
+        logits = logits - repeat_coef * spread_of.float().clamp(min=1).log()
+    logits = logits.masked_fill(~usable, -math.inf).view(-1, group)
     spread = (z.masked_fill(~usable, -math.inf).view(-1, group).amax(-1)
               - z.masked_fill(~usable, math.inf).view(-1, group).amin(-1))
     live = usable.view(-1, group).any(-1, keepdim=True) & (spread >= min_spread).unsqueeze(-1)
@@ -195,6 +210,17 @@ def validation_split(prompts: list[list[dict]], share: float) -> list[bool]:
     if len(prompts) < 20:
         return [False] * len(prompts)
     return [is_heldout("tilt-validation:" + prompt_hash(p), share) for p in prompts]
+
+
+def prompts_per_reply(chats: list[list[dict]], texts: list[str], usable) -> torch.Tensor:
+    """For each reply, the number of different prompts of the cycle for
+    which the policy wrote the same reply (usable ones only; at least 1)."""
+    seen: dict[str, set] = {}
+    keys = [prompt_hash(c) for c in chats]
+    for key, text, ok in zip(keys, texts, usable.tolist()):
+        if ok:
+            seen.setdefault(text.strip(), set()).add(key)
+    return torch.tensor([len(seen.get(t.strip(), ())) or 1 for t in texts])
 
 
 def correction_groups(policy, tokenizer, corrections: list[tuple[list[dict], str]], rater_weights, reward_fn,
@@ -304,7 +330,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
         nll = torch.cat([-reply_logprobs(policy, b, 1.0).sum(-1) / b["reply_mask"].sum(-1).clamp(min=1)
                          for b in batches]).cpu()
     scores = torch.tensor(reward_fn(chats, texts), dtype=torch.float32)
-    weights = tilt_weights(scores, nll, usable, k, config.beta, config.language_coef, config.min_spread)
+    weights = tilt_weights(scores, nll, usable, k, config.beta, config.language_coef, config.min_spread,
+                           prompts_per_reply(chats, texts, usable), config.repeat_coef)
     groups = weights.view(-1, k)
     live = groups.sum(-1) > 0
     effective = (1.0 / (groups[live] ** 2).sum(-1)).mean().item() if live.any() else 0.0

@@ -128,7 +128,7 @@ def _evaluation(**overrides):
                   "kl_per_token": 0.2, "nan": False, "heldout_thumbs": {"margin": 0.01, "se": 0.02},
                   "base_nll": {"candidate": 1.5, "active": 1.45, "base": 1.4},
                   "known_words": {"candidate": 0.95, "active": 0.96, "base": 0.96},
-                  "candidate": dict(stats), "active": dict(stats), "active_version": "v0"}
+                  "candidate": dict(stats), "active": dict(stats), "base": dict(stats), "active_version": "v0"}
     for key, value in overrides.items():
         if key in stats:
             evaluation["candidate"][key] = value
@@ -152,7 +152,9 @@ def test_a_good_candidate_passes_the_gate():
     ({"known_words": {"candidate": 0.85, "base": 0.96}}, "85% of its words are known words"),
     ({"nan": True}, "NaN"),
     ({"distinct_fraction": 0.05}, "only 5% of its replies are distinct"),
-    ({"top_reply_share": 0.8}, "one reply is 80%"),
+    # Against the base's own 90%: at least 54%.
+    ({"distinct_fraction": 0.5}, "only 50% of its replies are distinct (at least 54%, 60% of the base's own)"),
+    ({"top_reply_share": 0.3}, "one reply is 30%"),
     ({"empty_fraction": 0.5}, "50% empty replies"),
     ({"cut_off_fraction": 0.9}, "90% of its replies are cut off"),
     ({"prompts": 2}, "only 2 held-out prompts"),

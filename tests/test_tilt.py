@@ -43,6 +43,22 @@ def test_weights_are_a_softmax_within_each_prompt_of_score_and_language():
     # second: 2.0 and 2.0) teaches no taste and is left out; the first stays.
     spread = tilt_weights(scores, nll, usable, 3, 0.5, 1.0, min_spread=0.5)
     assert torch.equal(spread[3:], torch.zeros(3)) and torch.allclose(spread[:3], w[:3])
+    # A reply written for 4 prompts loses log(4) * repeat_coef against one
+    # written for one: scored alike and as well formed, it weighs a quarter.
+    repeated = tilt_weights(scores, nll, usable, 3, 0.5, 1.0, spread_of=torch.tensor([1, 1, 1, 1, 4, 1]),
+                            repeat_coef=1.0)
+    assert repeated[4] / repeated[5] == pytest.approx(math.exp(1.0) / 4, rel=1e-5)
+
+
+def test_prompts_per_reply_counts_different_prompts_and_usable_replies_only():
+    from online_rl.tilt import prompts_per_reply
+
+    a, b, c = ([{"role": "user", "content": t}] for t in ("hi", "what is AI", "bye"))
+    chats = [a, a, b, b, c, c]
+    texts = ["I am a bot.", "I am a bot.", "I am a bot. ", "AI is software.", "I am a bot.", "Bye!"]
+    usable = torch.tensor([True, True, True, True, False, True])
+    # "I am a bot." twice for "hi" counts once; for "bye" it was cut off.
+    assert prompts_per_reply(chats, texts, usable).tolist() == [2, 2, 2, 1, 2, 1]
 
 
 def _tilt(tiny_trained, reward=starts_with_i, corrections=None, **overrides):
