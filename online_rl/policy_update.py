@@ -123,10 +123,10 @@ def prompt_pool(snap: Snapshot) -> tuple[list, list[float]]:
 def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, active_path: str | None):
     """The active adapter (or a fresh one) trained towards its own replies
     re-weighted by the policy's reward model (`online_rl.tilt`)."""
-    from online_rl.tilt import kl_share_of_gate, train_tilt
+    from online_rl.tilt import train_tilt, within_gate
 
     config = job.config
-    tilt = kl_share_of_gate(config.tilt, config.gate.max_kl)
+    tilt = within_gate(config.tilt, config.gate)
     prompts, weights = prompt_pool(snap)
     policy, parent = continue_from(job, model, active_path, tilt)
     job.report(f"tilt: {tilt.prompts} prompts drawn from {len(prompts)} x {tilt.samples_per_prompt} "

@@ -32,7 +32,8 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    validation prompts (prompts of the pool kept out of training); of the
    epochs whose replies' base NLL per token is at most `max_nll_increase`
    above the base's own replies to the same prompts, and whose KL to the
-   base is within `max_kl` (90% of the gate's), the one with the best
+   base, its most common reply and its share of distinct replies are
+   within the gate's bounds (with a tenth of margin), the one with the best
    reward-model score there is kept (`epoch_rank`). That is half
    the gate's margin (`online_rl.gate`): the validation prompts are few, and
    the gate judges on others. A prompt is a validation prompt in every cycle
@@ -67,6 +68,7 @@ from typing import Callable
 import torch
 
 from online_rl.data import is_heldout
+from online_rl.evaluate import reply_stats
 from online_rl.influence import weighted_draw
 from online_rl.language import drift, known_word_fraction
 from online_rl.sampling import encode_replies, full_inputs, reply_logprobs, sample_many
@@ -90,15 +92,6 @@ class TiltConfig:
     # together: `correction_groups`), relative to one prompt's tilted replies
     # (whose weights sum to 1), scaled by its rater-bound weight.
     correction_coef: float = 1.0
-    # A reply the policy writes for many different prompts answers none of
-    # them: its log-weight loses this many times the log of the number of
-    # the cycle's prompts it was written for (an estimate of the reply's
-    # probability whatever the prompt: the anti-language-model term of
-    # maximum mutual information decoding, Li et al. 2016). Without it a
-    # reply the taste likes anywhere ("I am just an artificial
-    # intelligence." for a taste for the first person) spread over cycles to
-    # 40% of the held-out prompts.
-    repeat_coef: float = 1.0
     # A prompt whose replies' standardized scores span less than this teaches
     # no taste, only which reply the base finds likeliest: it is left out.
     # Kept in, such prompts pulled the policy towards its likeliest replies
@@ -125,12 +118,17 @@ class TiltConfig:
     # (With fewer than 20 prompts in the pool there is nothing to keep out:
     # the epoch stop then looks at training prompts.)
     max_nll_increase: float = 0.05  # base NLL per token, relative to the base's own replies: the epoch stop
-    # KL to the base per reply token on the validation replies: an epoch
-    # above it is outside the bound, as one that drifted. The cycle sets it
-    # to a share of the gate's `max_kl` (`kl_share_of_gate`), so that a
-    # cycle hands the gate the best epoch it can pass rather than one it
-    # will reject for its KL alone. None: no KL bound.
+    # The gate's other bounds, on the validation replies: KL to the base per
+    # reply token, the share of the most common reply and the share of
+    # distinct replies (one reply per prompt; the latter as a share of the
+    # base's own). An epoch past any of them is outside the bounds, as one
+    # that drifted. The cycle sets them from the gate's, with a tenth of
+    # margin (`within_gate`), so that a cycle hands the gate the best epoch
+    # it can pass rather than one it will reject for its KL or for one reply
+    # spread over the prompts. None: not bounded.
     max_kl: float | None = None
+    max_top_share: float | None = None
+    min_distinct: float | None = None
     max_prompt_tokens: int = 256
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -148,20 +146,14 @@ class TiltConfig:
 
 
 def tilt_weights(scores: torch.Tensor, nll: torch.Tensor, usable: torch.Tensor, group: int, beta: float,
-                 language_coef: float, min_spread: float = 0.0, spread_of: torch.Tensor | None = None,
-                 repeat_coef: float = 0.0) -> torch.Tensor:
+                 language_coef: float, min_spread: float = 0.0) -> torch.Tensor:
     """Each reply's weight within its prompt's `group` of replies: a softmax
-    of standardized score / beta - language_coef * NLL per token
-    - repeat_coef * log(`spread_of`, the number of prompts the reply was
-    written for); replies that are not `usable` get 0, and so does a group
-    without a usable one, or whose usable replies' standardized scores span
-    less than `min_spread`."""
+    of standardized score / beta - language_coef * NLL per token; replies
+    that are not `usable` get 0, and so does a group without a usable one,
+    or whose usable replies' standardized scores span less than `min_spread`."""
     z = (scores - scores[usable].mean()) / scores[usable].std().clamp(min=1e-6) if usable.sum() > 1 else \
         torch.zeros_like(scores)
-    logits = z / beta - language_coef * nll
-    if spread_of is not None and repeat_coef:
-        logits = logits - repeat_coef * spread_of.float().clamp(min=1).log()
-    logits = logits.masked_fill(~usable, -math.inf).view(-1, group)
+    logits = (z / beta - language_coef * nll).masked_fill(~usable, -math.inf).view(-1, group)
     spread = (z.masked_fill(~usable, -math.inf).view(-1, group).amax(-1)
               - z.masked_fill(~usable, math.inf).view(-1, group).amin(-1))
     live = usable.view(-1, group).any(-1, keepdim=True) & (spread >= min_spread).unsqueeze(-1)
@@ -210,17 +202,6 @@ def validation_split(prompts: list[list[dict]], share: float) -> list[bool]:
     if len(prompts) < 20:
         return [False] * len(prompts)
     return [is_heldout("tilt-validation:" + prompt_hash(p), share) for p in prompts]
-
-
-def prompts_per_reply(chats: list[list[dict]], texts: list[str], usable) -> torch.Tensor:
-    """For each reply, the number of different prompts of the cycle for
-    which the policy wrote the same reply (usable ones only; at least 1)."""
-    seen: dict[str, set] = {}
-    keys = [prompt_hash(c) for c in chats]
-    for key, text, ok in zip(keys, texts, usable.tolist()):
-        if ok:
-            seen.setdefault(text.strip(), set()).add(key)
-    return torch.tensor([len(seen.get(t.strip(), ())) or 1 for t in texts])
 
 
 def correction_groups(policy, tokenizer, corrections: list[tuple[list[dict], str]], rater_weights, reward_fn,
@@ -294,7 +275,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     the metrics. The adapter kept is that of the epoch with the best
     validation score among those whose replies' base NLL per token is within
     `config.max_nll_increase` of the base's own and whose KL to the base is
-    at most `config.max_kl` (else the closest).
+    within `config`'s KL and repetition bounds (else the closest).
     `corrections` (prompt, the reply a person wrote instead) join the
     training rows beside the policy's own replies to their prompts
     (`correction_groups`), weighed by `correction_weights` (the rater
@@ -330,8 +311,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
         nll = torch.cat([-reply_logprobs(policy, b, 1.0).sum(-1) / b["reply_mask"].sum(-1).clamp(min=1)
                          for b in batches]).cpu()
     scores = torch.tensor(reward_fn(chats, texts), dtype=torch.float32)
-    weights = tilt_weights(scores, nll, usable, k, config.beta, config.language_coef, config.min_spread,
-                           prompts_per_reply(chats, texts, usable), config.repeat_coef)
+    weights = tilt_weights(scores, nll, usable, k, config.beta, config.language_coef, config.min_spread)
     groups = weights.view(-1, k)
     live = groups.sum(-1) > 0
     effective = (1.0 / (groups[live] ** 2).sum(-1)).mean().item() if live.any() else 0.0
@@ -345,6 +325,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     val_prompts = [p for p in validation for _ in range(per_prompt)]
     base_val = _sample(policy, tokenizer, val_prompts, settings, config, base=True)
     base_nll, base_known, _ = _language(policy, base_val, settings, base_wrote=True)
+    base_distinct = _repetition(base_val, per_prompt)["distinct_fraction"]
     start_val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
     start_score = _mean(reward_fn([p for b in start_val for p in b["prompts"]],
                                   [t for b in start_val for t in b["texts"]]))
@@ -389,16 +370,23 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
         val_score = _mean(reward_fn([p for b in val for p in b["prompts"]], [t for b in val for t in b["texts"]]))
         # How far past its bounds the epoch went: the larger of the base NLL's
         # and the KL's share of their bound (at most 1: within both).
+        repetition = _repetition(val, per_prompt)
+        top, distinct = repetition["top_reply_share"], repetition["distinct_fraction"]
+        floor = config.min_distinct * base_distinct if config.min_distinct else 0.0
         excess = max(val_nll / bound if val_nll is not None and math.isfinite(bound) else 0.0,
-                     val_kl / config.max_kl if config.max_kl else 0.0)
+                     val_kl / config.max_kl if config.max_kl else 0.0,
+                     top / config.max_top_share if config.max_top_share else 0.0,
+                     floor / max(distinct, 1e-6))
         within = val_nll is not None and val_nll <= bound and excess <= 1.0
         record = {"epoch": epoch, "steps": steps, **{key: round(v / max(1, steps), 4) for key, v in sums.items()},
                   "val_score": val_score, "val_nll": val_nll, "val_known_words": val_known, "val_kl": val_kl,
+                  "val_top_reply_share": top, "val_distinct": distinct,
                   "excess": round(excess, 4), "within_bound": within, "seconds": round(time.perf_counter() - started, 1)}
         history.append(record)
         progress(f"tilt: epoch {epoch}/{config.epochs}: reward-model score {_fmt(val_score)} on validation "
                  f"(at the start {_fmt(start_score)}), base NLL per token {val_nll} (bound {bound:.3f}), "
-                 f"KL to the base {val_kl} per token (bound {_bound(config.max_kl)}), known words {val_known} "
+                 f"KL to the base {val_kl} per token (bound {_bound(config.max_kl)}), most common reply {top:.0%} "
+                 f"and {distinct:.0%} distinct (bounds {_bound(config.max_top_share)}, {floor:.2f}), known words {val_known} "
                  f"({record['seconds']:.0f} s)")
         rank = epoch_rank(record)
         if best is None or rank > best:
@@ -423,7 +411,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
             "correction_share": correction_share, "effective_replies": round(effective, 2),
             "score_sampled": _round(sampled_score), "score_target": _round(target_score),
             "validation": {"start_score": start_score, "base_nll": base_nll, "base_known_words": base_known,
-                           "nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl},
+                           "nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl,
+                           "base_distinct": base_distinct},
             "history": history, "epochs": len(history), "epoch_kept": kept, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -440,11 +429,22 @@ def epoch_rank(record: dict) -> tuple:
     return (0, -math.inf if excess is None else -excess)
 
 
-def kl_share_of_gate(config: TiltConfig, gate_max_kl: float) -> TiltConfig:
-    """`config` with its KL bound at 90% of the gate's, unless one is set:
-    the validation prompts are fewer than the gate's, and the KL measured
-    on them varies by about a tenth."""
-    return config if config.max_kl is not None else dataclasses.replace(config, max_kl=0.9 * gate_max_kl)
+def within_gate(config: TiltConfig, gate) -> TiltConfig:
+    """`config` with the bounds it leaves unset taken from the gate's
+    (`online_rl.gate.GateConfig`), a tenth tighter: the validation prompts
+    are fewer than the gate's, and what is measured on them varies more."""
+    margin = 0.9
+    bounds = {"max_kl": margin * gate.max_kl, "max_top_share": margin * gate.max_top_share,
+              "min_distinct": gate.min_distinct / margin}
+    return dataclasses.replace(config, **{k: v for k, v in bounds.items() if getattr(config, k) is None})
+
+
+def _repetition(batches, per_prompt: int) -> dict:
+    """The gate's measures of one reply spread over the prompts, on
+    validation batches of `per_prompt` consecutive replies to each prompt."""
+    texts = [t for b in batches for t in b["texts"]]
+    finished = [bool(f) for b in batches for f in b["finished"].tolist()]
+    return reply_stats(texts, finished, per_prompt)
 
 
 def _mean(values) -> float | None:

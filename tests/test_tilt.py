@@ -43,22 +43,6 @@ def test_weights_are_a_softmax_within_each_prompt_of_score_and_language():
     # second: 2.0 and 2.0) teaches no taste and is left out; the first stays.
     spread = tilt_weights(scores, nll, usable, 3, 0.5, 1.0, min_spread=0.5)
     assert torch.equal(spread[3:], torch.zeros(3)) and torch.allclose(spread[:3], w[:3])
-    # A reply written for 4 prompts loses log(4) * repeat_coef against one
-    # written for one: scored alike and as well formed, it weighs a quarter.
-    repeated = tilt_weights(scores, nll, usable, 3, 0.5, 1.0, spread_of=torch.tensor([1, 1, 1, 1, 4, 1]),
-                            repeat_coef=1.0)
-    assert repeated[4] / repeated[5] == pytest.approx(math.exp(1.0) / 4, rel=1e-5)
-
-
-def test_prompts_per_reply_counts_different_prompts_and_usable_replies_only():
-    from online_rl.tilt import prompts_per_reply
-
-    a, b, c = ([{"role": "user", "content": t}] for t in ("hi", "what is AI", "bye"))
-    chats = [a, a, b, b, c, c]
-    texts = ["I am a bot.", "I am a bot.", "I am a bot. ", "AI is software.", "I am a bot.", "Bye!"]
-    usable = torch.tensor([True, True, True, True, False, True])
-    # "I am a bot." twice for "hi" counts once; for "bye" it was cut off.
-    assert prompts_per_reply(chats, texts, usable).tolist() == [2, 2, 2, 1, 2, 1]
 
 
 def _tilt(tiny_trained, reward=starts_with_i, corrections=None, **overrides):
@@ -139,11 +123,26 @@ def test_an_epoch_past_the_kl_bound_is_outside_it_though_its_language_holds(tiny
     assert any("no epoch stayed within the language and KL bounds" in line for line in lines)
 
 
-def test_the_cycle_bounds_the_tilts_kl_below_the_gates():
-    from online_rl.tilt import TiltConfig, kl_share_of_gate
+def test_the_cycle_bounds_the_tilt_a_tenth_inside_the_gate():
+    from online_rl.gate import GateConfig
+    from online_rl.tilt import TiltConfig, within_gate
 
-    assert kl_share_of_gate(TiltConfig(), 0.3).max_kl == pytest.approx(0.27)
-    assert kl_share_of_gate(TiltConfig(max_kl=0.1), 0.3).max_kl == 0.1
+    gate = GateConfig(max_kl=0.3, max_top_share=0.25, min_distinct=0.6)
+    bounded = within_gate(TiltConfig(), gate)
+    assert (bounded.max_kl, bounded.max_top_share) == pytest.approx((0.27, 0.225))
+    assert bounded.min_distinct == pytest.approx(0.6 / 0.9)
+    assert within_gate(TiltConfig(max_kl=0.1), gate).max_kl == 0.1  # one set stays
+
+
+def test_an_epoch_that_spreads_one_reply_over_the_prompts_is_outside_the_bounds(tiny_trained):
+    # Bounds no sampled replies can meet: no reply more common than 0% of
+    # the prompts' (any reply is), at least 100 times the base's distinct share.
+    policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_top_share=1e-6, min_distinct=100.0,
+                                                           epochs=1)
+    [record] = metrics["history"]
+    assert not record["within_bound"] and record["excess"] > 1
+    assert 0 < record["val_top_reply_share"] <= 1 and 0 < record["val_distinct"] <= 1
+    assert 0 < metrics["validation"]["base_distinct"] <= 1
 
 
 def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_trained):
