@@ -400,11 +400,10 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                 if name in kept_state:
                     param.copy_(kept_state[name])
     if not best[0]:
-        progress(f"tilt: no epoch stayed within the language and KL bounds; epoch {kept}, the closest, is kept "
-                 "for the gate to judge")
+        progress(f"tilt: no epoch stayed within the bounds (language, KL, repetition); epoch {kept}, the closest, "
+                 "is kept for the gate to judge")
     else:
-        progress(f"tilt: epoch {kept} kept: the best reward-model score on validation within the language and KL "
-                 "bounds")
+        progress(f"tilt: epoch {kept} kept: the best reward-model score on validation within the bounds")
     return {"method": "tilt", "prompts": len(train), "validation_prompts": len(validation),
             "replies": int(usable.numel()), "usable_replies": int(usable.sum()),
             "corrections": len(corrections or []) if config.correction_coef > 0 else 0,
@@ -418,10 +417,10 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
 
 def epoch_rank(record: dict) -> tuple:
     """How an epoch's validation record ranks (higher is better): any epoch
-    within the language and KL bounds above every epoch outside them; within
-    them, the higher reward-model score (the score peaks while later epochs
-    only fit the training prompts, and drift); outside them, the less far
-    past its bounds (`excess`)."""
+    within the bounds (language, KL, repetition) above every epoch outside
+    them; within them, the higher reward-model score (the score peaks while
+    later epochs only fit the training prompts, and drift); outside them,
+    the less far past its bounds (`excess`)."""
     if record["within_bound"]:
         score = record["val_score"]
         return (1, -math.inf if score is None else score)

@@ -120,7 +120,7 @@ def test_an_epoch_past_the_kl_bound_is_outside_it_though_its_language_holds(tiny
     assert not any(h["within_bound"] for h in history)
     assert metrics["epoch_kept"] == min(history, key=lambda h: h["excess"])["epoch"]
     assert metrics["validation"]["kl_bound"] == 1e-6
-    assert any("no epoch stayed within the language and KL bounds" in line for line in lines)
+    assert any("no epoch stayed within the bounds (language, KL, repetition)" in line for line in lines)
 
 
 def test_the_cycle_bounds_the_tilt_a_tenth_inside_the_gate():
@@ -152,7 +152,7 @@ def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_tra
     assert not any(h["within_bound"] for h in history)
     closest = min(history, key=lambda h: h["excess"])
     assert metrics["epoch_kept"] == closest["epoch"]
-    assert any("no epoch stayed within the language and KL bounds" in line for line in lines)
+    assert any("no epoch stayed within the bounds (language, KL, repetition)" in line for line in lines)
 
 
 CORRECTION = "I am well, thank you for asking."
