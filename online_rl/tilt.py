@@ -274,8 +274,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     active version's) towards its own replies tilted by `reward_fn`; returns
     the metrics. The adapter kept is that of the epoch with the best
     validation score among those whose replies' base NLL per token is within
-    `config.max_nll_increase` of the base's own and whose KL to the base is
-    within `config`'s KL and repetition bounds (else the closest).
+    `config.max_nll_increase` of the base's own and that stay within
+    `config`'s KL and repetition bounds (else the closest).
     `corrections` (prompt, the reply a person wrote instead) join the
     training rows beside the policy's own replies to their prompts
     (`correction_groups`), weighed by `correction_weights` (the rater
