@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="bench-poisoning", help="per-condition JSON and logs go here")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--reuse", action="store_true",
+                        help="write docs/benchmarks.md from the summary.json already in --out, without simulating")
     return parser
 
 
@@ -167,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     args.n_loud = max(1, round(args.loud * args.scale))
     args.n_quiet = max(1, round(args.quiet_thumbs * args.scale))
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        summary = json.loads((Path(args.out) / "summary.json").read_text())
+        write_doc(summary, argparse.Namespace(**{**summary["args"], "data_dir": args.data_dir}))
+        return 0
 
     from chatbot.models import GenerationSettings
     from chatbot.starter import ensure_starter

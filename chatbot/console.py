@@ -40,7 +40,7 @@ ERROR_CHARS = 200  # a run's error in the table; the full text is in `app.py sta
 PREVIOUS = ""  # the rollback target meaning "what was active before"
 
 RUN_COLUMNS = ["run", "method", "status", "started", "seconds", "version", "gate", "win rate", "judge",
-               "KL/token", "base NLL (base's)", "reward AUC", "error"]
+               "KL/token", "base NLL (base's), excess", "reward AUC", "error"]
 ADAPTER_COLUMNS = ["version", "status", "reason", "run", "created"]
 VERSION_COLUMNS = ["version", "replies", "up", "down", "approval"]
 SHARE_COLUMNS = ["data", "rater", "rows", "share before", "share after"]
@@ -206,9 +206,14 @@ def _round(value, digits: int = 3):
 
 
 def _nll(run: dict) -> str:
-    """The base model's NLL per token of the candidate's replies, beside that of the base's own."""
-    nll, base = run.get("base_nll"), run.get("base_nll_of_base")
-    return "" if nll is None else f"{nll:.3f} ({base:.3f})" if base is not None else f"{nll:.3f}"
+    """The base model's NLL per token of the candidate's replies, beside that
+    of the base's own, and the excess over the base's own choices that the
+    gate bounds (`online_rl.language`)."""
+    nll, base, excess = run.get("base_nll"), run.get("base_nll_of_base"), run.get("excess_nll")
+    if nll is None:
+        return ""
+    text = f"{nll:.3f} ({base:.3f})" if base is not None else f"{nll:.3f}"
+    return text if excess is None else f"{text}, excess {excess:+.3f}"
 
 
 def gate_text(gate: dict | None) -> str:

@@ -193,7 +193,8 @@ def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, co
     judge_cand = judge_fn(prompts, cand["texts"]) if judged else []
     judge_act = judge_fn(prompts, act["texts"]) if judged else []
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
-    numbers = [*cand_scores, *act_scores, *judge_cand, cand["kl_to_base"], cand["base_nll"] or 0.0]
+    numbers = [*cand_scores, *act_scores, *judge_cand, cand["kl_to_base"], cand["base_nll"] or 0.0,
+               cand["excess_nll"] or 0.0]
     return {
         "prompts": len(prompts) // samples,
         "samples": len(prompts),
@@ -210,6 +211,7 @@ def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, co
         "active_kl_to_base": act["kl_to_base"],
         "active_kl_per_token": act["kl_per_token"],
         "base_nll": {"candidate": cand["base_nll"], "active": act["base_nll"], "base": base["base_nll"]},
+        "excess_nll": {"candidate": cand["excess_nll"], "active": act["excess_nll"], "base": base["excess_nll"]},
         "known_words": {"candidate": cand["known_words"], "active": act["known_words"],
                         "base": base["known_words"]},
         "nan": not all(math.isfinite(x) for x in numbers),

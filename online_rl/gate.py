@@ -17,10 +17,15 @@ prompts and passes a candidate only when every check holds:
 - **close to the base**: KL to the base at most `max_kl` nats *per token*
   (a taste for longer replies does not pay KL for its length);
 - **still language, judged against the base** (so drift cannot build up
-  round after round): the base model's NLL per token of its replies at most
-  `max_nll_increase` above that of the base's own replies (or `nll_slack`
-  nats, where that is more: on prompts a base knows by heart 10% is noise),
-  and its known-word share at most `max_known_words_drop` below theirs;
+  round after round): the base model's excess NLL per token of its replies
+  (`online_rl.language`: each token's NLL less what the base's own choice
+  costs it at the same position, 0 for the base's own replies) at most
+  `max_nll_increase` of the base's own NLL per token (or `nll_slack` nats,
+  where that is more: on prompts a base knows by heart 10% is noise), and
+  its known-word share at most `max_known_words_drop` below theirs. The
+  plain NLL per token is reported beside it but not bounded: it rises for
+  short replies and falls for long ones with no word less likely, so a
+  bound on it turned away a taste for short replies for its length;
 - **not degenerate**: enough distinct replies across the prompts, against
   the base's own (one reply for every prompt is reward hacking, not
   learning), no single reply taking over, few empty
@@ -48,7 +53,9 @@ class GateConfig:
     # below it; docs/learning.md), and it was the bound every taste that
     # learned at all reached first.
     max_kl: float = 0.3
-    max_nll_increase: float = 0.10  # base NLL per token, relative to the base's own replies ...
+    # The excess NLL per token may be at most this share of the base's own
+    # NLL per token (0.045 nats on the starter) ...
+    max_nll_increase: float = 0.10
     # ... or this many nats where that is more: on prompts the base knows by
     # heart its own replies cost it about 0.01 nats per token, where 10% is
     # noise. Not added to the 10%: at the starter's 0.45 that would allow 14%.
@@ -92,6 +99,7 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     judge = evaluation.get("judge_win_rate")
     judge_used = judge is not None and bool(evaluation.get("judge_informative"))
     nll = evaluation.get("base_nll") or {}
+    excess = evaluation.get("excess_nll") or {}
     known = evaluation.get("known_words") or {}
     thumbs = evaluation.get("heldout_thumbs") or {}
 
@@ -112,11 +120,14 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     if kl is None or kl > config.max_kl:
         reasons.append(f"KL to the base {_fmt(kl, 3)} nats per token is above the bound of {config.max_kl:g}")
     cand_nll, base_nll = nll.get("candidate"), nll.get("base")
-    nll_bound = None if base_nll is None else base_nll + max(base_nll * config.max_nll_increase, config.nll_slack)
-    if cand_nll is not None and nll_bound is not None and cand_nll > nll_bound:
-        reasons.append(f"its language drifted: the base model's NLL per token of its replies is {cand_nll:.3f}, "
-                       f"above the bound of {nll_bound:.3f} ({config.max_nll_increase:.0%} or "
-                       f"{config.nll_slack:g} nats above the base's own {base_nll:.3f})")
+    cand_excess, base_excess = excess.get("candidate"), excess.get("base")
+    excess_bound = (None if base_nll is None or base_excess is None
+                    else base_excess + max(base_nll * config.max_nll_increase, config.nll_slack))
+    if cand_excess is not None and excess_bound is not None and cand_excess > excess_bound:
+        reasons.append(f"its language drifted: the base model's excess NLL per token of its replies (above its own "
+                       f"choices at the same positions) is {cand_excess:+.3f}, above the bound of {excess_bound:+.3f} "
+                       f"({config.max_nll_increase:.0%} of the base's own NLL per token {base_nll:.3f}, or "
+                       f"{config.nll_slack:g} nats; the base's own excess {base_excess:+.3f})")
     cand_known, base_known = known.get("candidate"), known.get("base")
     if cand_known is not None and base_known is not None and cand_known < base_known - config.max_known_words_drop:
         reasons.append(f"its language drifted: {cand_known:.0%} of its words are known words, against "
@@ -140,7 +151,8 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
 
     checks = {"prompts": prompts, "win_rate": win_rate, "judge_win_rate": judge, "judge_used": judge_used,
               "thumbs_margin": margin, "thumbs_margin_se": se, "kl_per_token": kl,
-              "base_nll": cand_nll, "base_nll_of_base": base_nll, "base_nll_bound": nll_bound, "known_words": cand_known,
+              "base_nll": cand_nll, "base_nll_of_base": base_nll, "excess_nll": cand_excess,
+              "excess_nll_of_base": base_excess, "excess_nll_bound": excess_bound, "known_words": cand_known,
               "known_words_of_base": base_known, "nan": bool(evaluation.get("nan")),
               "distinct_fraction": distinct, "distinct_floor": distinct_floor, "top_reply_share": top, "empty_fraction": empty,
               "cut_off_fraction": cut, "active_cut_off_fraction": act_cut, "config": asdict(config)}

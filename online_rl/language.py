@@ -16,6 +16,22 @@
   the luck of the draw at each position (`expected_nll`). The gate bounds it
   to a tenth above the base's own, and with only the drawn tokens two
   samplings of one pair of versions differed by up to 0.085 nats.
+- **Excess NLL per token**, what the gate and the tilt bound: the same
+  base NLL less, at each position, what the base's own next token would
+  cost it there, drawn as the bot samples (``sum_v s(v) * -log base(v)``,
+  `s` the base's distribution after the serving temperature and nucleus).
+  Expected over the writer's distribution it is 0 for the base's own
+  replies at every position, whatever their length. The plain figure
+  depends on *where* a reply's tokens are: the first tokens of a reply are
+  the uncertain ones (the starter's replies of under 5 tokens cost it 0.79
+  nats per token, those of 10 to 20 tokens 0.30), so choosing the shorter
+  of the base's own replies (the exact tilt of 16 replies per prompt
+  towards the `concise` taste) raised it by 0.052 nats, 13%, past the
+  gate's 10%, with no new word in them. The excess rose by 0.028 there:
+  what is left is the cost of the choices themselves (stopping earlier
+  than the base expects). Replies sampled at temperature 1 without the
+  nucleus, which lose words (known words 0.87 against 0.95), raised it by
+  0.30, and at temperature 1.3 by 1.04 (`docs/learning.md`).
 - **Known-word share**: the share of the replies' words that occur in the
   dialogue corpus (`chatterbot-corpus`, the starter's whole vocabulary of
   real words). Exact for the starter; for a larger model a relative figure
@@ -59,6 +75,46 @@ def expected_nll(version_logits, base_logits, batch: dict, settings):
     base_logp = torch.log_softmax(base_logits, dim=-1).clamp(min=-1e4)  # 0 x -inf: a token never drawn costs 0
     per_token = -(drawn_from * base_logp).sum(-1) * batch["reply_mask"]
     return per_token.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)
+
+
+def position_cost(base_logits, settings):
+    """At each position, what the base's own next token costs it on average,
+    drawn as the bot samples (`settings`' temperature and nucleus):
+    ``sum_v s(v) * -log base(v)``."""
+    import torch
+
+    base_logp = torch.log_softmax(base_logits, dim=-1).clamp(min=-1e4)
+    return -(settings.next_token_probs(base_logits) * base_logp).sum(-1)
+
+
+def expected_excess(version_logits, base_logits, batch: dict, settings):
+    """Per reply: the excess NLL per token, expected over the distribution
+    the writing version drew each token from (`expected_nll` less
+    `position_cost`, averaged over the reply's tokens): 0 for the base's own."""
+    mask = batch["reply_mask"]
+    own = expected_nll(version_logits, base_logits, batch, settings)
+    return own - (position_cost(base_logits, settings) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def drawn_excess(base_logits, reply, mask, settings):
+    """Per reply: the excess NLL per token of the tokens drawn (the base's
+    NLL of each, at temperature 1, less `position_cost`), averaged over the
+    reply's tokens: how one reply compares with the base's own at the same
+    positions, as the tilt and PPO weigh it."""
+    import torch
+
+    base_logp = torch.log_softmax(base_logits, dim=-1).clamp(min=-1e4)
+    drawn = -base_logp.gather(-1, reply.unsqueeze(-1)).squeeze(-1)
+    return ((drawn - position_cost(base_logits, settings)) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def reply_excess(model, batches: list[dict], settings):
+    """`drawn_excess` of every reply in `online_rl.sampling` batches, in
+    order (a `PeftModel`'s adapter disabled: the base judges)."""
+    import torch
+
+    return torch.cat([drawn_excess(base, piece["reply"], piece["reply_mask"], settings).cpu()
+                      for piece, _, base in version_and_base_logits(model, batches)])
 
 
 def version_and_base_logits(model, batches: list[dict], version=None):
@@ -107,21 +163,23 @@ def drift(model, batches: list[dict], settings, version=None, *, base_wrote: boo
     (``kl_to_base``) and per token (``kl_per_token``). The writer:
     `version`, a context in which `model` is it; else, for a `PeftModel`,
     its active adapter, or with `base_wrote` (or for a plain model) the base,
-    whose KL is 0."""
+    whose KL is 0. ``excess_nll``: the excess NLL per token
+    (`expected_excess`), averaged over the replies."""
     import contextlib
 
     from online_rl.sampling import token_logprobs
 
     if version is None and not base_wrote and hasattr(model, "disable_adapter"):
         version = contextlib.nullcontext
-    nlls, kls, tokens = [], [], 0.0
+    nlls, excess, kls, tokens = [], [], [], 0.0
     temperature = settings.logprob_temperature
     for piece, own, base in version_and_base_logits(model, batches, version):
         nlls += expected_nll(own, base, piece, settings).tolist()
+        excess += expected_excess(own, base, piece, settings).tolist()
         if version is not None:
             kls += (token_logprobs(own, piece, temperature) - token_logprobs(base, piece, temperature)).sum(-1).tolist()
         tokens += float(piece["reply_mask"].sum())
-    return {"base_nll": mean_of(nlls),
+    return {"base_nll": mean_of(nlls), "excess_nll": mean_of(excess),
             "kl_to_base": round(sum(kls) / len(kls), 4) if kls else 0.0,
             "kl_per_token": round(sum(kls) / max(tokens, 1.0), 4) if kls else 0.0}
 

@@ -11,9 +11,11 @@ One step:
    the reward model's logit (its log-odds of a thumbs-up), never squashed
    into [0, 1], so that the users' taste is not drowned by the KL term.
    Scores are standardized over the step's rollouts, and each reply loses
-   `language_coef` times the base model's NLL per token of it: a babbled
-   reply scores below a real one the taste likes as much (per token, so
-   length is not charged).
+   `language_coef` times its excess NLL per token (`online_rl.language`:
+   the base's NLL of its tokens less what the base's own choices cost at
+   the same positions): a babbled reply scores below a real one the taste
+   likes as much, and neither a short nor a long reply is charged for where
+   its tokens are.
 3. **Advantages, critic-free** (RLOO, Ahmadian et al. 2024): each reply's
    reward minus the mean reward of the other replies to the same prompt,
    divided by the batch's standard deviation; below-average replies count
@@ -64,6 +66,7 @@ import torch
 
 from online_rl.distributed import GenerateThroughRoot, gather_adapter, prepare, training_accelerator
 from online_rl.influence import weighted_draw
+from online_rl.language import drawn_excess
 from online_rl.sampling import encode_replies, full_inputs, sample
 
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
@@ -95,9 +98,10 @@ class PPOConfig:
     negative_weight: float = 1.0
     # Weight of language in the reward: each reply's score (the reward
     # model's logits, standardized over the step's rollouts) loses this many
-    # times the base model's NLL per token of the reply. Made-up words are
-    # improbable to the base, so a babbled reply scores below a real one the
-    # taste likes as much; per token, so length is not charged.
+    # times the reply's excess NLL per token. Made-up words are improbable
+    # to the base, so a babbled reply scores below a real one the taste likes
+    # as much; against the base's own choices at the same positions, so
+    # length is not charged.
     language_coef: float = 1.0
     kl_coef: float = 0.05  # initial coefficient of the KL to the base (per token); a cycle continues the last one's
     # nats per reply token the adaptive coefficient steers towards. Choosing
@@ -286,7 +290,8 @@ class PPOTrainer:
             base_logprobs, _ = token_logprobs(base_logits, batch["reply"], 1.0)
         kl_tokens = (old_logprobs - ref_logprobs) * mask
         base_nll = -(base_logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        rewards = (scores - scores.mean()) / (scores.std() + 1e-6) - cfg.language_coef * base_nll
+        excess = drawn_excess(base_logits, batch["reply"], mask, self.settings)
+        rewards = (scores - scores.mean()) / (scores.std() + 1e-6) - cfg.language_coef * excess
         advantages = leave_one_out(rewards, k)
         advantages = advantages / (advantages.std() + 1e-6)
         advantages = torch.where(advantages < 0, cfg.negative_weight * advantages, advantages)

@@ -88,7 +88,7 @@ def approval(bot: Bot, prompts: list[str], taste: Taste, settings, samples: int,
     """The true taste's approval on held-out prompts, its standard error
     (from the per-prompt means, so replies to one prompt are not counted as
     independent), and the language figures of the replies."""
-    from online_rl.language import base_nll_per_token, known_word_fraction
+    from online_rl.language import drift, known_word_fraction
 
     batches = [b for k in range(samples) for b in bot.sample(prompts, settings, seed + k)]
     replies = [t for b in batches for t in b["texts"]]
@@ -98,7 +98,8 @@ def approval(bot: Bot, prompts: list[str], taste: Taste, settings, samples: int,
         "approval": share,
         "se": se,
         "known_words": known_word_fraction(replies),
-        "base_nll": base_nll_per_token(bot.model, batches, settings),
+        **{key: value for key, value in drift(bot.model, batches, settings).items()
+           if key in ("base_nll", "excess_nll")},
         "distinct_fraction": round(len(set(replies)) / len(replies), 4),
         "mean_words": round(sum(len(r.split()) for r in replies) / len(replies), 2),
         "samples": [{"prompt": p, "reply": r, "liked": ok} for p, r, ok in list(zip(prompts, replies, liked))[:8]],
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_prompts": len(heldout), "samples_per_prompt": args.samples,
         "approval": [before["approval"]], "approval_se": [before["se"]], "versions": [bot.version],
         "known_words": [before["known_words"]], "base_nll": [before["base_nll"]],
+        "excess_nll": [before["excess_nll"]],
         "distinct_fraction": [before["distinct_fraction"]], "mean_words": [before["mean_words"]],
         "kl_per_token": [0.0], "wall_s": [], "thumbs_up_given": [], "reward_auc": [], "judge_auc": [],
         "win_rate": [], "judge_win_rate": [], "decisions": [], "candidate_approval": [], "runs": [],
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         result["versions"].append(bot.version)
         result["known_words"].append(current["known_words"])
         result["base_nll"].append(current["base_nll"])
+        result["excess_nll"].append(current["excess_nll"])
         result["distinct_fraction"].append(current["distinct_fraction"])
         result["mean_words"].append(current["mean_words"])
         if decision == "promoted":
@@ -299,12 +302,14 @@ def main(argv: list[str] | None = None) -> int:
         result["candidate_approval"].append(None if candidate is None else
                                             {"approval": candidate["approval"], "se": candidate["se"],
                                              "known_words": candidate["known_words"],
-                                             "base_nll": candidate["base_nll"]})
+                                             "base_nll": candidate["base_nll"],
+                                             "excess_nll": candidate["excess_nll"]})
         result["samples"].append(current["samples"])
         if cycle is not None:
             result["runs"].append(summary_line(cycle))
         log(f"round {r} ({bot.version}, candidate {decision}): approval {current['approval']:.3f} ± "
-            f"{current['se']:.3f}, known words {current['known_words']}, base NLL {current['base_nll']}, "
+            f"{current['se']:.3f}, known words {current['known_words']}, base NLL {current['base_nll']} "
+            f"(excess {current['excess_nll']}), "
             f"mean words {current['mean_words']}, {result['wall_s'][-1]:.0f} s")
         write()
     print(json.dumps({k: result[k] for k in ("preference", "method", "approval", "kl_per_token", "wall_s")}))

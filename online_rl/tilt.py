@@ -11,7 +11,11 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    active version) at the serving settings.
 2. **Weights.** Each reply's reward-model logit, standardized over the
    cycle's replies and divided by `beta`, minus `language_coef` times the
-   base's NLL per token of the reply; then a softmax over each prompt's
+   reply's excess NLL per token (the base's NLL of its tokens less what the
+   base's own choices cost at the same positions, `online_rl.language`);
+   then a softmax over each prompt's replies. The plain NLL per token would
+   weigh length as well as language: a short reply's tokens are the
+   uncertain first ones, and the term worked against a taste for short
    replies. Replies cut off at the reply cap, and empty ones, get no weight,
    and so do prompts whose replies all score alike (within `min_spread`
    standard deviations): they teach no taste.
@@ -30,8 +34,9 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    per token 0.40 -> 0.60 in three epochs, against 0.41 -> 0.47 here).
 4. **Epochs, stopped by language.** After each epoch the policy answers the
    validation prompts (prompts of the pool kept out of training); of the
-   epochs whose replies' base NLL per token is at most `max_nll_increase`
-   above the base's own replies to the same prompts, and whose KL to the
+   epochs whose replies' excess NLL per token is at most `max_nll_increase`
+   of the base's own NLL per token above that of the base's own replies to
+   the same prompts (0 by definition), and whose KL to the
    base, its most common reply and its share of distinct replies are
    within the gate's bounds (with a tenth of margin), the one with the best
    reward-model score there is kept (`epoch_rank`). That is half
@@ -70,8 +75,8 @@ import torch
 from online_rl.data import is_heldout
 from online_rl.evaluate import reply_stats
 from online_rl.influence import weighted_draw
-from online_rl.language import drift, known_word_fraction
-from online_rl.sampling import encode_replies, full_inputs, reply_logprobs, sample_many
+from online_rl.language import drift, known_word_fraction, reply_excess
+from online_rl.sampling import encode_replies, full_inputs, sample_many
 from storage.common import prompt_hash
 
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]
@@ -84,8 +89,8 @@ class TiltConfig:
     samples_per_prompt: int = 8  # the policy's replies to each, re-weighted
     beta: float = 0.5  # temperature of the tilt, in standard deviations of the reward-model logits
     # Weight of language in the tilt: each reply's log-weight loses this many
-    # times the base's NLL per token of it, so that among replies the taste
-    # likes as much the better-formed one is chosen.
+    # times its excess NLL per token, so that among replies the taste likes
+    # as much the better-formed one is chosen.
     language_coef: float = 2.0
     # Weight of each correction's group (the reply a person wrote in place of
     # the bot's, beside the policy's own replies to that prompt, tilted
@@ -117,7 +122,9 @@ class TiltConfig:
     validation_replies: int = 256
     # (With fewer than 20 prompts in the pool there is nothing to keep out:
     # the epoch stop then looks at training prompts.)
-    max_nll_increase: float = 0.05  # base NLL per token, relative to the base's own replies: the epoch stop
+    # The epoch stop: excess NLL per token at most this share of the base's
+    # own NLL per token above the base's own replies' (half the gate's).
+    max_nll_increase: float = 0.05
     # The gate's other bounds, on the validation replies: KL to the base per
     # reply token, the share of the most common reply and the share of
     # distinct replies (one reply per prompt; the latter as a share of the
@@ -145,15 +152,16 @@ class TiltConfig:
         return self
 
 
-def tilt_weights(scores: torch.Tensor, nll: torch.Tensor, usable: torch.Tensor, group: int, beta: float,
+def tilt_weights(scores: torch.Tensor, excess: torch.Tensor, usable: torch.Tensor, group: int, beta: float,
                  language_coef: float, min_spread: float = 0.0) -> torch.Tensor:
     """Each reply's weight within its prompt's `group` of replies: a softmax
-    of standardized score / beta - language_coef * NLL per token; replies
+    of standardized score / beta - language_coef * `excess` (its excess NLL per
+    token, `online_rl.language.drawn_excess`); replies
     that are not `usable` get 0, and so does a group without a usable one,
     or whose usable replies' standardized scores span less than `min_spread`."""
     z = (scores - scores[usable].mean()) / scores[usable].std().clamp(min=1e-6) if usable.sum() > 1 else \
         torch.zeros_like(scores)
-    logits = (z / beta - language_coef * nll).masked_fill(~usable, -math.inf).view(-1, group)
+    logits = (z / beta - language_coef * excess).masked_fill(~usable, -math.inf).view(-1, group)
     spread = (z.masked_fill(~usable, -math.inf).view(-1, group).amax(-1)
               - z.masked_fill(~usable, math.inf).view(-1, group).amin(-1))
     live = usable.view(-1, group).any(-1, keepdim=True) & (spread >= min_spread).unsqueeze(-1)
@@ -214,7 +222,7 @@ def correction_groups(policy, tokenizer, corrections: list[tuple[list[dict], str
     more reply to its prompt, weighed by the tilt's own rule: its
     reward-model score, taken as at least that of the best of the policy's
     replies (the person preferred it to the bot's), less `language_coef`
-    times the base's NLL per token. So a correction in the base's language
+    times its excess NLL per token. So a correction in the base's language
     is the prompt's target, and one far from it (a person's own words, a
     reply written for another prompt) hands its weight to the policy's own
     replies the reward model likes, instead of pulling the policy off its
@@ -224,7 +232,7 @@ def correction_groups(policy, tokenizer, corrections: list[tuple[list[dict], str
     `min_spread` here: a correction is a preference stated. Where none of
     the policy's replies is usable (all cut off, or empty), the correction
     is weighed against a typical reply of the cycle (`reference_nll`, the
-    median base NLL per token of its usable replies), scored alike: it keeps
+    median excess NLL per token of its usable replies), scored alike: it keeps
     the share it would take from that. `center`: the mean and standard
     deviation the cycle's scores are standardized with."""
     k = config.samples_per_prompt
@@ -239,32 +247,30 @@ def correction_groups(policy, tokenizer, corrections: list[tuple[list[dict], str
         texts += sampled[own] + [correction]
         usable += [bool(t.strip()) and f for t, f in zip(sampled[own], finished[own])] + [bool(correction.strip())]
     device = next(policy.parameters()).device
-    nll = []
-    with torch.no_grad(), policy.disable_adapter():
-        for i in range(0, len(texts), config.sample_batch):
-            batch = encode_replies(tokenizer, chats[i:i + config.sample_batch], texts[i:i + config.sample_batch],
-                                   max_length=config.max_prompt_tokens, device=device)
-            nll.append((-reply_logprobs(policy, batch, 1.0).sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)).cpu())
-    nll = torch.cat(nll).view(-1, k + 1)
+    encoded = [encode_replies(tokenizer, chats[i:i + config.sample_batch], texts[i:i + config.sample_batch],
+                              max_length=config.max_prompt_tokens, device=device)
+               for i in range(0, len(texts), config.sample_batch)]
+    excess = reply_excess(policy, encoded, settings).view(-1, k + 1)
     usable = torch.tensor(usable).view(-1, k + 1)
     mean, std = center
     z = ((torch.tensor(reward_fn(chats, texts), dtype=torch.float32) - mean) / max(float(std), 1e-6)).view(-1, k + 1)
     best_own = z[:, :k].masked_fill(~usable[:, :k], -math.inf).amax(-1)
     z[:, k] = torch.maximum(z[:, k], best_own)
-    logits = (z / config.beta - config.language_coef * nll).masked_fill(~usable, -math.inf)
+    logits = (z / config.beta - config.language_coef * excess).masked_fill(~usable, -math.inf)
     live = usable.any(-1, keepdim=True)
     weights = torch.softmax(logits.masked_fill(~live, 0.0), -1) * live
     alone = ~usable[:, :k].any(-1)
-    weights[alone, k] = torch.sigmoid(config.language_coef * (reference_nll - nll[alone, k])) * usable[alone, k]
+    weights[alone, k] = torch.sigmoid(config.language_coef * (reference_nll - excess[alone, k])) * usable[alone, k]
     raters = torch.tensor(rater_weights or [1.0] * len(corrections), dtype=torch.float32)
     weights = weights * (config.correction_coef * raters / raters.mean().clamp(min=1e-6)).unsqueeze(-1)
     return chats, texts, weights.reshape(-1)
 
 
-def _language(policy, batches, settings, base_wrote: bool = False) -> tuple[float | None, float | None, float]:
-    """(base NLL per token, known-word share, KL to the base per token) of replies."""
+def _language(policy, batches, settings, base_wrote: bool = False) -> dict:
+    """`language.drift`'s figures of replies (base NLL and excess NLL per
+    token, KL to the base per token) and their known-word share."""
     figures = drift(policy, batches, settings, base_wrote=base_wrote)
-    return figures["base_nll"], known_word_fraction([t for b in batches for t in b["texts"]]), figures["kl_per_token"]
+    return {**figures, "known_words": known_word_fraction([t for b in batches for t in b["texts"]])}
 
 
 def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, settings, config: TiltConfig, *,
@@ -307,11 +313,9 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     texts = [t for b in batches for t in b["texts"]]
     chats = [p for b in batches for p in b["prompts"]]
     usable = torch.tensor([bool(t.strip()) and f for b in batches for t, f in zip(b["texts"], b["finished"].tolist())])
-    with torch.no_grad(), policy.disable_adapter():
-        nll = torch.cat([-reply_logprobs(policy, b, 1.0).sum(-1) / b["reply_mask"].sum(-1).clamp(min=1)
-                         for b in batches]).cpu()
+    excess = reply_excess(policy, batches, settings)
     scores = torch.tensor(reward_fn(chats, texts), dtype=torch.float32)
-    weights = tilt_weights(scores, nll, usable, k, config.beta, config.language_coef, config.min_spread)
+    weights = tilt_weights(scores, excess, usable, k, config.beta, config.language_coef, config.min_spread)
     groups = weights.view(-1, k)
     live = groups.sum(-1) > 0
     effective = (1.0 / (groups[live] ** 2).sum(-1)).mean().item() if live.any() else 0.0
@@ -324,18 +328,22 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     per_prompt = max(1, math.ceil(config.validation_replies / len(validation)))
     val_prompts = [p for p in validation for _ in range(per_prompt)]
     base_val = _sample(policy, tokenizer, val_prompts, settings, config, base=True)
-    base_nll, base_known, _ = _language(policy, base_val, settings, base_wrote=True)
+    base_language = _language(policy, base_val, settings, base_wrote=True)
+    base_nll, base_excess, base_known = (base_language[key] for key in ("base_nll", "excess_nll", "known_words"))
     base_distinct = _repetition(base_val, per_prompt)["distinct_fraction"]
     start_val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
     start_score = _mean(reward_fn([p for b in start_val for p in b["prompts"]],
                                   [t for b in start_val for t in b["texts"]]))
-    bound = base_nll * (1 + config.max_nll_increase) if base_nll is not None else math.inf
-    progress(f"tilt: validation on {len(validation)} prompts: base NLL per token {base_nll}, bound {bound:.3f}")
+    # The language bound: the excess NLL per token at most this above the base's own (0 by definition).
+    allowance = config.max_nll_increase * base_nll if base_nll is not None and base_excess is not None else None
+    bound = base_excess + allowance if allowance is not None else math.inf
+    progress(f"tilt: validation on {len(validation)} prompts: base NLL per token {base_nll}, excess NLL per token "
+             f"bound {bound:+.3f}")
 
     correction_share = None
     if corrections and config.correction_coef > 0:
         center = (scores[usable].mean(), scores[usable].std()) if usable.sum() > 1 else (scores.mean(), 1.0)
-        reference = float(nll[usable].median()) if usable.any() else float(nll.median())
+        reference = float(excess[usable].median()) if usable.any() else float(excess.median())
         extra = correction_groups(policy, tokenizer, corrections, correction_weights, reward_fn, settings, config,
                                   center, reference)
         chats, texts, weights = chats + extra[0], texts + extra[1], torch.cat([weights, extra[2]])
@@ -366,25 +374,36 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                 sums[key] += value
         policy.eval()
         val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
-        val_nll, val_known, val_kl = _language(policy, val, settings)
+        language = _language(policy, val, settings)
+        val_nll, val_excess, val_known, val_kl = (language[key] for key in ("base_nll", "excess_nll", "known_words",
+                                                                           "kl_per_token"))
         val_score = _mean(reward_fn([p for b in val for p in b["prompts"]], [t for b in val for t in b["texts"]]))
-        # How far past its bounds the epoch went: the larger of the base NLL's
-        # and the KL's share of their bound (at most 1: within both).
+        # How far past its bounds the epoch went: the largest of the excess
+        # NLL's rise and the KL as a share of what they are allowed, and the
+        # repetition figures against their bounds (at most 1: within all).
         repetition = _repetition(val, per_prompt)
         top, distinct = repetition["top_reply_share"], repetition["distinct_fraction"]
         floor = config.min_distinct * base_distinct if config.min_distinct else 0.0
-        excess = max(val_nll / bound if val_nll is not None and math.isfinite(bound) else 0.0,
+        if val_excess is None or allowance is None:
+            language_over = 0.0
+        elif allowance > 0:
+            language_over = (val_excess - base_excess) / allowance
+        else:  # a bound below the base's own: only how far past it counts
+            language_over = math.inf if val_excess > bound else 0.0
+        over = max(language_over,
                      val_kl / config.max_kl if config.max_kl else 0.0,
                      top / config.max_top_share if config.max_top_share else 0.0,
                      floor / max(distinct, 1e-6))
-        within = val_nll is not None and val_nll <= bound and excess <= 1.0
+        within = val_excess is not None and val_excess <= bound and over <= 1.0
         record = {"epoch": epoch, "steps": steps, **{key: round(v / max(1, steps), 4) for key, v in sums.items()},
-                  "val_score": val_score, "val_nll": val_nll, "val_known_words": val_known, "val_kl": val_kl,
+                  "val_score": val_score, "val_nll": val_nll, "val_excess_nll": val_excess,
+                  "val_known_words": val_known, "val_kl": val_kl,
                   "val_top_reply_share": top, "val_distinct": distinct,
-                  "excess": round(excess, 4), "within_bound": within, "seconds": round(time.perf_counter() - started, 1)}
+                  "over_bounds": round(over, 4), "within_bound": within, "seconds": round(time.perf_counter() - started, 1)}
         history.append(record)
         progress(f"tilt: epoch {epoch}/{config.epochs}: reward-model score {_fmt(val_score)} on validation "
-                 f"(at the start {_fmt(start_score)}), base NLL per token {val_nll} (bound {bound:.3f}), "
+                 f"(at the start {_fmt(start_score)}), excess NLL per token {val_excess} (bound {bound:+.3f}; plain "
+                 f"{val_nll}), "
                  f"KL to the base {val_kl} per token (bound {_bound(config.max_kl)}), most common reply {top:.0%} "
                  f"and {distinct:.0%} distinct (bounds {_bound(config.max_top_share)}, {floor:.2f}), known words {val_known} "
                  f"({record['seconds']:.0f} s)")
@@ -409,8 +428,9 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
             "corrections": len(corrections or []) if config.correction_coef > 0 else 0,
             "correction_share": correction_share, "effective_replies": round(effective, 2),
             "score_sampled": _round(sampled_score), "score_target": _round(target_score),
-            "validation": {"start_score": start_score, "base_nll": base_nll, "base_known_words": base_known,
-                           "nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl,
+            "validation": {"start_score": start_score, "base_nll": base_nll, "base_excess_nll": base_excess,
+                           "base_known_words": base_known,
+                           "excess_nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl,
                            "base_distinct": base_distinct},
             "history": history, "epochs": len(history), "epoch_kept": kept, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -420,12 +440,12 @@ def epoch_rank(record: dict) -> tuple:
     within the bounds (language, KL, repetition) above every epoch outside
     them; within them, the higher reward-model score (the score peaks while
     later epochs only fit the training prompts, and drift); outside them,
-    the less far past its bounds (`excess`)."""
+    the less far past its bounds (`over_bounds`)."""
     if record["within_bound"]:
         score = record["val_score"]
         return (1, -math.inf if score is None else score)
-    excess = record["excess"]
-    return (0, -math.inf if excess is None else -excess)
+    over = record["over_bounds"]
+    return (0, -math.inf if over is None else -over)
 
 
 def within_gate(config: TiltConfig, gate) -> TiltConfig:

@@ -150,7 +150,8 @@ def run_summary(run: dict) -> dict:
         "judge_win_rate": evaluation.get("judge_win_rate"), "kl_to_base": evaluation.get("kl_to_base"),
         "kl_per_token": evaluation.get("kl_per_token"),
         "base_nll": (evaluation.get("base_nll") or {}).get("candidate"),
-        "base_nll_of_base": (evaluation.get("base_nll") or {}).get("base"), "reward_auc": reward.get("auc"),
+        "base_nll_of_base": (evaluation.get("base_nll") or {}).get("base"),
+        "excess_nll": (evaluation.get("excess_nll") or {}).get("candidate"), "reward_auc": reward.get("auc"),
         "progress": run.get("progress") if run["status"] == "running" else None,
     }
 

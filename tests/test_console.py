@@ -86,7 +86,8 @@ def seeded(store, tmp_path):
     store.finish_run(done, "succeeded", metrics={
         "version": "v1", "seconds": 12.34, "gate": {"passed": True, "reason": "passed every check"},
         "evaluation": {"win_rate": 0.625, "judge_win_rate": 0.55, "kl_per_token": 0.01234,
-                       "base_nll": {"candidate": 0.2, "base": 0.19}}, "reward_model": {"auc": 0.8}})
+                       "base_nll": {"candidate": 0.2, "base": 0.19},
+                       "excess_nll": {"candidate": 0.004, "base": 0.0}}, "reward_model": {"auc": 0.8}})
     for version in ("v1", "v2"):
         path = tmp_path / "adapters" / version
         path.mkdir(parents=True)
@@ -225,7 +226,7 @@ def test_runs_frame(ops, seeded):
     assert (done["status"], done["version"], done["gate"]) == ("succeeded", "v1", "passed: passed every check")
     assert (done["win rate"], done["judge"], done["KL/token"], done["reward AUC"], done["seconds"]) == (
         0.625, 0.55, 0.012, 0.8, 12.3)
-    assert done["base NLL (base's)"] == "0.200 (0.190)"
+    assert done["base NLL (base's), excess"] == "0.200 (0.190), excess +0.004"
     error = frame.loc[seeded["failed"], "error"]
     assert error.startswith("ValueError: <script>") and len(error) == console.ERROR_CHARS
 

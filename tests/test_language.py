@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from chatbot.models import GenerationSettings  # noqa: E402
-from online_rl.language import base_nll_per_token, expected_nll  # noqa: E402
+from online_rl.language import base_nll_per_token, drawn_excess, drift, expected_nll, reply_excess  # noqa: E402
 from online_rl.sampling import reply_logits, row_chunks, sample, token_logprobs  # noqa: E402
 
 
@@ -61,6 +61,31 @@ def test_a_peft_versions_figure_is_taken_against_its_base(tiny_trained):
                 p.add_(0.5)
     assert base_nll_per_token(version, [batch], settings, base_wrote=True) == pytest.approx(alone, abs=1e-4)
     assert base_nll_per_token(version, [batch], settings) != pytest.approx(alone, abs=1e-3)
+
+
+def test_the_excess_is_zero_for_the_bases_own_replies_whatever_their_length(tiny_trained):
+    # Replies cut at 2 tokens and at 12: the plain NLL per token differs with
+    # the positions (the first tokens are the uncertain ones), the expected
+    # excess of the base's own replies is 0 at every position.
+    figures = {}
+    for length in (2, 12):
+        settings = GenerationSettings(max_new_tokens=length, temperature=0.8, top_p=0.95)
+        model, batch = _one_token_replies(tiny_trained, settings, 64)
+        figures[length] = drift(model, [batch], settings, base_wrote=True)
+        assert figures[length]["excess_nll"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(figures[2]["base_nll"] - figures[12]["base_nll"]) > 0.05
+
+
+def test_the_drawn_excess_averages_to_zero_on_the_bases_samples_and_rises_for_unlikely_tokens(tiny_trained):
+    settings = GenerationSettings(max_new_tokens=1, temperature=0.8, top_p=0.95)
+    model, batch = _one_token_replies(tiny_trained, settings, 3000)
+    drawn = reply_excess(model, [batch], settings)
+    assert abs(drawn.mean().item()) < 4 * drawn.std().item() / math.sqrt(len(drawn)) + 1e-4
+    # The same positions with the base's least likely token in place of each draw.
+    logits = reply_logits(model, batch)
+    worst = logits.argmin(-1)
+    unlikely = drawn_excess(logits, worst, batch["reply_mask"], settings)
+    assert (unlikely > drawn.max() + 1.0).all()
 
 
 def test_a_large_vocabulary_is_scored_in_pieces_of_whole_rows():

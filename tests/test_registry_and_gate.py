@@ -127,6 +127,7 @@ def _evaluation(**overrides):
     evaluation = {"prompts": 20, "win_rate": 0.6, "judge_win_rate": 0.55, "judge_informative": True,
                   "kl_per_token": 0.2, "nan": False, "heldout_thumbs": {"margin": 0.01, "se": 0.02},
                   "base_nll": {"candidate": 1.5, "active": 1.45, "base": 1.4},
+                  "excess_nll": {"candidate": 0.05, "active": 0.04, "base": 0.0},
                   "known_words": {"candidate": 0.95, "active": 0.96, "base": 0.96},
                   "candidate": dict(stats), "active": dict(stats), "base": dict(stats), "active_version": "v0"}
     for key, value in overrides.items():
@@ -148,7 +149,8 @@ def test_a_good_candidate_passes_the_gate():
     ({"judge_win_rate": 0.3}, "the judge (a reward model the update never saw) prefers the active version: win rate 0.300"),
     ({"heldout_thumbs": {"margin": -0.1, "se": 0.02}}, "moved away from what people liked"),
     ({"kl_per_token": 0.9}, "KL to the base 0.900 nats per token"),
-    ({"base_nll": {"candidate": 1.6, "base": 1.4}}, "NLL per token of its replies is 1.600"),
+    ({"excess_nll": {"candidate": 0.2, "base": 0.0}}, "excess NLL per token of its replies (above its own "
+                                                      "choices at the same positions) is +0.200"),
     ({"known_words": {"candidate": 0.85, "base": 0.96}}, "85% of its words are known words"),
     ({"nan": True}, "NaN"),
     ({"distinct_fraction": 0.05}, "only 5% of its replies are distinct"),
@@ -171,16 +173,26 @@ def test_gate_thresholds_are_settings():
 
 def test_language_is_judged_against_the_base_with_a_small_absolute_slack():
     # On prompts the base knows by heart its own replies cost it ~0.01 nats a token: 10% of that is noise.
-    assert decide(_evaluation(base_nll={"candidate": 0.03, "base": 0.012})).passed
-    assert not decide(_evaluation(base_nll={"candidate": 0.05, "base": 0.012})).passed
+    known = {"candidate": 0.012, "base": 0.012}
+    assert decide(_evaluation(base_nll=known, excess_nll={"candidate": 0.018, "base": 0.0})).passed
+    assert not decide(_evaluation(base_nll=known, excess_nll={"candidate": 0.025, "base": 0.0})).passed
 
 
 def test_the_slack_is_not_added_to_the_relative_bound():
     # At the starter's own 0.45 nats a token, 10% is 0.045: the 0.02 slack does not widen it to 14%.
-    assert decide(_evaluation(base_nll={"candidate": 0.49, "base": 0.45})).passed
-    verdict = decide(_evaluation(base_nll={"candidate": 0.50, "base": 0.45}))
-    assert not verdict.passed and "above the bound of 0.495" in verdict.reason()
-    assert verdict.checks["base_nll_bound"] == pytest.approx(0.495)
+    nll = {"candidate": 0.6, "base": 0.45}
+    assert decide(_evaluation(base_nll=nll, excess_nll={"candidate": 0.04, "base": 0.0})).passed
+    verdict = decide(_evaluation(base_nll=nll, excess_nll={"candidate": 0.05, "base": 0.0}))
+    assert not verdict.passed and "above the bound of +0.045" in verdict.reason()
+    assert verdict.checks["excess_nll_bound"] == pytest.approx(0.045)
+
+
+def test_the_plain_nll_per_token_is_reported_not_bounded():
+    # Short replies cost more per token (their first tokens are the uncertain ones) with no word less
+    # likely: the bound is on the excess over the base's own choices, not on the plain figure.
+    verdict = decide(_evaluation(base_nll={"candidate": 0.6, "base": 0.45},
+                                 excess_nll={"candidate": -0.01, "base": 0.0}))
+    assert verdict.passed and verdict.checks["base_nll"] == 0.6
 
 
 def test_few_held_out_prompts_get_more_replies_each():
@@ -261,6 +273,8 @@ def test_gate_rejects_a_babbling_candidate_that_wins_on_its_training_reward_mode
     evaluation["active_version"] = "v0"
     assert evaluation["win_rate"] > 0.5  # it did win where it was trained
     assert evaluation["base_nll"]["candidate"] > 1.1 * evaluation["base_nll"]["base"]
+    assert evaluation["excess_nll"]["base"] == pytest.approx(0.0, abs=1e-4)  # the base's own choices: 0 by definition
+    assert evaluation["excess_nll"]["candidate"] > 0.1
     _register(store, tmp_path, "v1")
     verdict = apply(store, "v1", evaluation)
     assert not verdict.passed

@@ -91,7 +91,8 @@ def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
     within = [h for h in history if h["within_bound"]]
     assert within and metrics["epoch_kept"] == max(within, key=lambda h: h["val_score"])["epoch"]
     assert history[-1]["val_score"] > metrics["validation"]["start_score"]
-    for key in ("choice_nll", "anchor_kl", "choice_share", "val_nll", "val_known_words", "within_bound"):
+    for key in ("choice_nll", "anchor_kl", "choice_share", "val_nll", "val_excess_nll", "val_known_words",
+                "within_bound"):
         assert key in history[-1]
     assert 0 < history[-1]["choice_share"] < 1  # some tokens are choices, the rest are held to the base
     assert any(line.startswith("tilt: epoch 3/3") for line in lines)
@@ -101,8 +102,8 @@ def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
 def test_epochs_within_the_language_bound_rank_by_score_the_others_by_closeness():
     from online_rl.tilt import epoch_rank
 
-    def rec(within, score, excess):
-        return {"within_bound": within, "val_score": score, "excess": excess}
+    def rec(within, score, over):
+        return {"within_bound": within, "val_score": score, "over_bounds": over}
 
     records = [rec(True, 0.2, 0.90), rec(True, 0.5, 0.98), rec(False, 0.9, 1.2), rec(False, 0.8, 1.1)]
     ranked = sorted(records, key=epoch_rank, reverse=True)
@@ -116,9 +117,9 @@ def test_an_epoch_past_the_kl_bound_is_outside_it_though_its_language_holds(tiny
     policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_nll_increase=10.0, max_kl=1e-6,
                                                            epochs=2)
     history = metrics["history"]
-    assert all(h["val_kl"] > 1e-6 and h["val_nll"] <= metrics["validation"]["nll_bound"] for h in history)
+    assert all(h["val_kl"] > 1e-6 and h["val_excess_nll"] <= metrics["validation"]["excess_nll_bound"] for h in history)
     assert not any(h["within_bound"] for h in history)
-    assert metrics["epoch_kept"] == min(history, key=lambda h: h["excess"])["epoch"]
+    assert metrics["epoch_kept"] == min(history, key=lambda h: h["over_bounds"])["epoch"]
     assert metrics["validation"]["kl_bound"] == 1e-6
     assert any("no epoch stayed within the bounds (language, KL, repetition)" in line for line in lines)
 
@@ -140,17 +141,17 @@ def test_an_epoch_that_spreads_one_reply_over_the_prompts_is_outside_the_bounds(
     policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_top_share=1e-6, min_distinct=100.0,
                                                            epochs=1)
     [record] = metrics["history"]
-    assert not record["within_bound"] and record["excess"] > 1
+    assert not record["within_bound"] and record["over_bounds"] > 1
     assert 0 < record["val_top_reply_share"] <= 1 and 0 < record["val_distinct"] <= 1
     assert 0 < metrics["validation"]["base_distinct"] <= 1
 
 
 def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_trained):
-    # A bound no reply can meet (NLL below half the base's): every epoch fails it.
-    policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_nll_increase=-0.5, epochs=2)
+    # A bound no reply can meet (an excess NLL per token five times the base's NLL below zero).
+    policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_nll_increase=-5.0, epochs=2)
     history = metrics["history"]
     assert not any(h["within_bound"] for h in history)
-    closest = min(history, key=lambda h: h["excess"])
+    closest = min(history, key=lambda h: h["over_bounds"])
     assert metrics["epoch_kept"] == closest["epoch"]
     assert any("no epoch stayed within the bounds (language, KL, repetition)" in line for line in lines)
 
