@@ -339,5 +339,6 @@ def evaluate_candidate(job: Job, snap: Snapshot, policy, tokenizer, rewards: Rew
     evaluation["judge_informative"] = rewards.judge_informative
     job.report(f"evaluation: win rate {evaluation['win_rate']} (judge {evaluation['judge_win_rate']}) against "
                f"{job.active}, KL to base {evaluation['kl_per_token']} nats per token, base NLL per token "
-               f"{evaluation['base_nll']}, known words {evaluation['known_words']}")
+               f"{evaluation['base_nll']}, excess NLL per token {evaluation['excess_nll']}, known words "
+               f"{evaluation['known_words']}")
     return evaluation
