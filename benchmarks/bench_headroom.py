@@ -64,7 +64,7 @@ def headroom(path: str, prompts: list[str], samples: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chatbot.models import GenerationSettings
-    from online_rl.language import base_nll_per_token, drawn_excess, known_word_fraction
+    from online_rl.language import drawn_excess, known_word_fraction
     from online_rl.sampling import reply_logits, sample_many, token_logprobs
     from online_rl.tastes import TASTES
 
@@ -73,7 +73,7 @@ def headroom(path: str, prompts: list[str], samples: int) -> dict:
     settings = GenerationSettings(max_new_tokens=96, temperature=0.8, top_p=0.95)
     messages = [[{"role": "user", "content": p}] for p in prompts]
     replies: list[list[str]] = [[] for _ in prompts]
-    nll, per_reply, excess = [], [[] for _ in prompts], [[] for _ in prompts]
+    per_reply, excess = [[] for _ in prompts], [[] for _ in prompts]
     for k in range(samples):
         torch.manual_seed(k)
         for batch in sample_many(model, tokenizer, messages, settings, batch_size=len(prompts)):
@@ -81,7 +81,6 @@ def headroom(path: str, prompts: list[str], samples: int) -> dict:
                 replies[i].append(text)
             logits = reply_logits(model, batch)
             logp = token_logprobs(logits, batch, 1.0)
-            nll.append(base_nll_per_token(model, [batch], settings))
             mask = batch["reply_mask"]
             for i, x in enumerate((-logp.sum(-1) / mask.sum(-1).clamp(min=1)).tolist()):
                 per_reply[i].append(x)
@@ -107,8 +106,8 @@ def headroom(path: str, prompts: list[str], samples: int) -> dict:
                 hot_excess += drawn_excess(logits, batch["reply"], mask, settings).tolist()
         hotter[temperature] = (sum(hot_nll) / len(hot_nll), sum(hot_excess) / len(hot_excess),
                                known_word_fraction(hot_texts))
-    flat_excess = [x for xs in excess for x in xs]
-    return {"nll": sum(nll) / len(nll), "excess": sum(flat_excess) / len(flat_excess), "hotter": hotter,
+    flat_excess, flat_nll = [x for xs in excess for x in xs], [x for xs in per_reply for x in xs]
+    return {"nll": sum(flat_nll) / len(flat_nll), "excess": sum(flat_excess) / len(flat_excess), "hotter": hotter,
             "known": known_word_fraction(flat),
             "distinct": sum(len(set(rs)) for rs in replies) / len(prompts), "tastes": tastes}
 
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
     prompts = corpus_prompts(0, 200)[1][: args.prompts]
     results = {label: headroom(path, prompts, args.samples) for label, path in zip(labels, args.models)}
     n = args.samples
-    language = table(["model", "base NLL/token (own)", "excess NLL/token (drawn)", "known words",
+    language = table(["model", "base NLL/token (drawn)", "excess NLL/token (drawn)", "known words",
                       f"distinct replies of {n}"],
                      [[label, f"{r['nll']:.3f}", f"{r['excess']:+.3f}", f"{r['known']:.3f}", f"{r['distinct']:.1f}"]
                       for label, r in results.items()])
