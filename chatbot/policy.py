@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from chatbot.adapters import AdapterLoadError, check_adapter  # noqa: F401 - AdapterLoadError is raised from here too
+from chatbot.adapters import AdapterLoadError, check_adapter, fingerprint  # noqa: F401 - AdapterLoadError is raised from here too
 from chatbot.cpu import own_thread, transpose_for_decoding
 from chatbot.engine import PREFILL_TOKENS, Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
@@ -96,6 +96,9 @@ class Policy:
         self.canary: Canary | None = None
         self._loads = itertools.count(1)
         self._swap_lock = threading.Lock()
+        # The adapter `check_adapter` read last, with its files' fingerprint:
+        # a promotion checks a version, then swaps to it, and reads it once.
+        self._checked: tuple | None = None
         # Called as fn(outcome, generation) after every request: outcome is ok,
         # stopped, busy or error; generation is None unless it ran (metrics).
         self.listeners: list = []
@@ -129,7 +132,7 @@ class Policy:
         started = time.perf_counter()
         canary = self.canary if self.canary is not None and self.canary.version == version else None
         # Torch work off the engine's thread runs on a thread of its own (chatbot.cpu: one OpenMP pool).
-        prepared = None if version == BASE_VERSION or canary else own_thread(self._read_adapter, version, path)
+        prepared = None if version == BASE_VERSION or canary else self._prepared(version, path)
         read_s = time.perf_counter() - started
         with self._swap_lock:
             name = canary.adapter if canary else None if prepared is None else f"{version}_{next(self._loads)}"
@@ -158,7 +161,7 @@ class Policy:
         files do not load."""
         if version == BASE_VERSION or version == self.version:
             raise AdapterLoadError(f"{version} cannot be a canary beside {self.version}")
-        prepared = own_thread(self._read_adapter, version, path)
+        prepared = self._prepared(version, path)
         with self._swap_lock:
             name = f"{version}_{next(self._loads)}"
             with self.engine.between_steps():
@@ -184,8 +187,19 @@ class Policy:
 
     def check_adapter(self, version: str, path: str | None) -> None:
         """Raise `AdapterLoadError` unless `version`'s files would load on the
-        base this policy serves (see `chatbot.adapters`); changes nothing."""
-        own_thread(self._read_adapter, version, path)
+        base this policy serves (see `chatbot.adapters`); changes nothing
+        that serves. What it read is kept for the swap that follows, while
+        the files stay as they were."""
+        prepared = own_thread(self._read_adapter, version, path)
+        self._checked = (version, str(path), fingerprint(path), prepared)
+
+    def _prepared(self, version: str, path: str | None) -> tuple:
+        """`version`'s checked adapter: the one `check_adapter` read if its
+        files have not changed since, else read and checked now."""
+        checked, self._checked = self._checked, None
+        if checked is not None and checked[:3] == (version, str(path), fingerprint(path)):
+            return checked[3]
+        return own_thread(self._read_adapter, version, path)
 
     def _read_adapter(self, version: str, path: str | None) -> tuple:
         checked = check_adapter(version, path, base_config=self.base.config, base_class=type(self.base),

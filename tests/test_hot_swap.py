@@ -204,6 +204,30 @@ def test_an_adapter_that_cannot_load_leaves_the_old_version_serving(tiny_trained
     assert policy.version == "v2" and follower.state()["error"] is None
 
 
+def test_a_promotion_reads_the_adapter_once_unless_its_files_change_in_between(tiny_trained, adapters, tmp_path,
+                                                                               monkeypatch):
+    import os
+    import shutil
+
+    from chatbot.models import load_model
+    from chatbot.policy import Policy
+
+    policy = Policy(load_model(str(tiny_trained), tiny_trained, device="cpu"))
+    reads = []
+    read = policy._read_adapter
+    monkeypatch.setattr(policy, "_read_adapter", lambda v, p: reads.append(v) or read(v, p))
+    policy.check_adapter("v1", str(adapters["v1"]))  # the operator API checks before it promotes ...
+    policy.swap_to("v1", str(adapters["v1"]))  # ... and the swap loads what the check read
+    assert reads == ["v1"] and policy.version == "v1"
+    # Files rewritten between the check and the swap are read again.
+    copy = shutil.copytree(adapters["v2"], tmp_path / "v2")
+    policy.check_adapter("v2", str(copy))
+    weights = next(f for f in copy.iterdir() if f.suffix == ".safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    policy.swap_to("v2", str(copy))
+    assert reads == ["v1", "v2", "v2"] and policy.version == "v2"
+
+
 ROUTES = [("GET", "/v1/admin/status", None), ("POST", "/v1/admin/retrain", {"method": "kto"}),
           ("POST", "/v1/admin/promote", {"version": "v1"}), ("POST", "/v1/admin/rollback", {}),
           ("POST", "/v1/admin/schedule", {"action": "pause"})]
