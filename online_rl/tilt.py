@@ -36,13 +36,16 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    validation prompts (prompts of the pool kept out of training); of the
    epochs whose replies' excess NLL per token is at most `max_nll_increase`
    of the base's own NLL per token above that of the base's own replies to
-   the same prompts (0 by definition), and whose KL to the
-   base, its most common reply and its share of distinct replies are
-   within the gate's bounds (with a tenth of margin), the one with the best
-   reward-model score there is kept (`epoch_rank`). That is half
-   the gate's margin (`online_rl.gate`): the validation prompts are few, and
-   the gate judges on others. A prompt is a validation prompt in every cycle
-   or in none (a hash of it), so none was learned by heart in an earlier one.
+   the same prompts (0 by definition), and whose KL to the base, its most
+   common reply and its share of distinct replies are within the gate's
+   bounds too, each a tenth inside the gate's (`within_gate`, the validation
+   prompts are fewer than the gate's), the one with the best reward-model
+   score there is kept (`epoch_rank`). The language stop was half the
+   gate's once; with a figure that no longer rises for short replies nor
+   falls for long ones, at half it kept only each cycle's first, smallest
+   epoch, and the gate accepted the ones it turned away (docs/learning.md).
+   A prompt is a validation prompt in every cycle or in none (a hash of
+   it), so none was learned by heart in an earlier one.
 
 Each cycle continues from the active version's adapter, as PPO does, and
 tilts it further by the newest reward model (trained on all the replayed
@@ -123,8 +126,9 @@ class TiltConfig:
     # (With fewer than 20 prompts in the pool there is nothing to keep out:
     # the epoch stop then looks at training prompts.)
     # The epoch stop: excess NLL per token at most this share of the base's
-    # own NLL per token above the base's own replies' (half the gate's).
-    max_nll_increase: float = 0.05
+    # own NLL per token above the base's own replies'. Like the bounds below,
+    # set from the gate's by the cycle (`within_gate`); None: not bounded.
+    max_nll_increase: float | None = None
     # The gate's other bounds, on the validation replies: KL to the base per
     # reply token, the share of the most common reply and the share of
     # distinct replies (one reply per prompt; the latter as a share of the
@@ -335,7 +339,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     start_score = _mean(reward_fn([p for b in start_val for p in b["prompts"]],
                                   [t for b in start_val for t in b["texts"]]))
     # The language bound: the excess NLL per token at most this above the base's own (0 by definition).
-    allowance = config.max_nll_increase * base_nll if base_nll is not None and base_excess is not None else None
+    allowance = (config.max_nll_increase * base_nll
+                 if None not in (config.max_nll_increase, base_nll, base_excess) else None)
     bound = base_excess + allowance if allowance is not None else math.inf
     progress(f"tilt: validation on {len(validation)} prompts: base NLL per token {base_nll}, excess NLL per token "
              f"bound {bound:+.3f}")
@@ -453,8 +458,8 @@ def within_gate(config: TiltConfig, gate) -> TiltConfig:
     (`online_rl.gate.GateConfig`), a tenth tighter: the validation prompts
     are fewer than the gate's, and what is measured on them varies more."""
     margin = 0.9
-    bounds = {"max_kl": margin * gate.max_kl, "max_top_share": margin * gate.max_top_share,
-              "min_distinct": gate.min_distinct / margin}
+    bounds = {"max_nll_increase": margin * gate.max_nll_increase, "max_kl": margin * gate.max_kl,
+              "max_top_share": margin * gate.max_top_share, "min_distinct": gate.min_distinct / margin}
     return dataclasses.replace(config, **{k: v for k, v in bounds.items() if getattr(config, k) is None})
 
 

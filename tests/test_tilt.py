@@ -131,6 +131,7 @@ def test_the_cycle_bounds_the_tilt_a_tenth_inside_the_gate():
     gate = GateConfig(max_kl=0.3, max_top_share=0.25, min_distinct=0.6)
     bounded = within_gate(TiltConfig(), gate)
     assert (bounded.max_kl, bounded.max_top_share) == pytest.approx((0.27, 0.225))
+    assert bounded.max_nll_increase == pytest.approx(0.9 * gate.max_nll_increase)
     assert bounded.min_distinct == pytest.approx(0.6 / 0.9)
     assert within_gate(TiltConfig(max_kl=0.1), gate).max_kl == 0.1  # one set stays
 
