@@ -88,11 +88,13 @@ def position_cost(base_logits, settings):
     return -(settings.next_token_probs(base_logits) * base_logp).sum(-1)
 
 
-def mean_position_cost(base_logits, mask, settings):
-    """Per reply: `position_cost` averaged over the reply's tokens. A reply's
-    `expected_nll` less this is its excess NLL per token, expected over the
-    distribution the writer drew each token from: 0 for the base's own."""
-    return (position_cost(base_logits, settings) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+def expected_excess(version_logits, base_logits, batch: dict, settings):
+    """Per reply: the excess NLL per token, expected over the distribution
+    the writing version drew each token from (`expected_nll` less
+    `position_cost`, averaged over the reply's tokens): 0 for the base's own."""
+    mask = batch["reply_mask"]
+    own = expected_nll(version_logits, base_logits, batch, settings)
+    return own - (position_cost(base_logits, settings) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def drawn_excess(base_logits, reply, mask, settings):
@@ -104,7 +106,7 @@ def drawn_excess(base_logits, reply, mask, settings):
 
     base_logp = torch.log_softmax(base_logits, dim=-1).clamp(min=-1e4)
     drawn = -base_logp.gather(-1, reply.unsqueeze(-1)).squeeze(-1)
-    return (drawn * mask).sum(-1) / mask.sum(-1).clamp(min=1) - mean_position_cost(base_logits, mask, settings)
+    return ((drawn - position_cost(base_logits, settings)) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def reply_excess(model, batches: list[dict], settings):
@@ -162,8 +164,8 @@ def drift(model, batches: list[dict], settings, version=None, *, base_wrote: boo
     (``kl_to_base``) and per token (``kl_per_token``). The writer:
     `version`, a context in which `model` is it; else, for a `PeftModel`,
     its active adapter, or with `base_wrote` (or for a plain model) the base,
-    whose KL is 0. ``excess_nll``: the excess NLL per token (`expected_nll`
-    less `mean_position_cost`), averaged over the replies."""
+    whose KL is 0. ``excess_nll``: the excess NLL per token
+    (`expected_excess`), averaged over the replies."""
     import contextlib
 
     from online_rl.sampling import token_logprobs
@@ -173,9 +175,8 @@ def drift(model, batches: list[dict], settings, version=None, *, base_wrote: boo
     nlls, excess, kls, tokens = [], [], [], 0.0
     temperature = settings.logprob_temperature
     for piece, own, base in version_and_base_logits(model, batches, version):
-        nll = expected_nll(own, base, piece, settings)
-        nlls += nll.tolist()
-        excess += (nll - mean_position_cost(base, piece["reply_mask"], settings)).tolist()
+        nlls += expected_nll(own, base, piece, settings).tolist()
+        excess += expected_excess(own, base, piece, settings).tolist()
         if version is not None:
             kls += (token_logprobs(own, piece, temperature) - token_logprobs(base, piece, temperature)).sum(-1).tolist()
         tokens += float(piece["reply_mask"].sum())
