@@ -134,15 +134,17 @@ def version_and_base_logits(model, batches: list[dict], version=None):
     peft = hasattr(model, "disable_adapter")
     base_context = model.disable_adapter if peft else contextlib.nullcontext
     vocabulary = model.get_output_embeddings().weight.shape[0]
-    with torch.no_grad():
-        for piece in (p for b in batches for p in row_chunks(b, vocabulary)):
+    for piece in (p for b in batches for p in row_chunks(b, vocabulary)):
+        # The contexts close before each yield: a generator suspended inside
+        # one would leave the caller's grad mode (or adapter) switched.
+        with torch.no_grad():
             with base_context():
                 base = reply_logits(model, piece)
-            if version is None:
-                yield piece, base, base
-                continue
-            with version():
-                yield piece, reply_logits(model, piece), base
+            own = base
+            if version is not None:
+                with version():
+                    own = reply_logits(model, piece)
+        yield piece, own, base
 
 
 def base_nll_per_token(model, batches: list[dict], settings, *, base_wrote: bool = False) -> float | None:

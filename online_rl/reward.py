@@ -153,6 +153,8 @@ def train_reward_model(
     training only makes worse is kept as it is)."""
     import torch
 
+    if not train and not train_pairs:
+        raise ValueError(f"no thumbs to train the {name} on")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     if previous and Path(previous).exists():

@@ -113,15 +113,17 @@ def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) 
     job.report(f"reward model: held-out AUC {metrics['auc']} (95% interval {metrics['auc_low']}-"
                f"{metrics['auc_high']}) on {metrics['heldout_examples']} thumbs, Brier {metrics['brier']}, "
                f"pair accuracy {metrics['pair_accuracy']}")
-    job.report("judge: training a reward model on the held-out side", stage="reward_model")
-    judge, judge_metrics = train_reward_model(rm_base, rm_tokenizer, snap.heldout, snap.heldout_pairs, snap.train,
-                                              snap.train_pairs, config.reward, device=device,
-                                              previous=latest_reward_model(job.store, "judge_model_path"),
-                                              progress=lambda line: job.report(line.replace("reward model",
-                                                                                            "judge")),
-                                              name="judge")
-    job.report(f"judge: AUC {judge_metrics['auc']} (95% interval {judge_metrics['auc_low']}-"
-               f"{judge_metrics['auc_high']}) on the {judge_metrics['heldout_examples']} training-side thumbs")
+    judge, judge_metrics = None, None
+    if snap.heldout or snap.heldout_pairs:  # (no held-out thumbs: nothing to train the judge on)
+        job.report("judge: training a reward model on the held-out side", stage="reward_model")
+        judge, judge_metrics = train_reward_model(rm_base, rm_tokenizer, snap.heldout, snap.heldout_pairs, snap.train,
+                                                  snap.train_pairs, config.reward, device=device,
+                                                  previous=latest_reward_model(job.store, "judge_model_path"),
+                                                  progress=lambda line: job.report(line.replace("reward model",
+                                                                                                "judge")),
+                                                  name="judge")
+        job.report(f"judge: AUC {judge_metrics['auc']} (95% interval {judge_metrics['auc_low']}-"
+                   f"{judge_metrics['auc_high']}) on the {judge_metrics['heldout_examples']} training-side thumbs")
     why = informative(metrics, judge_metrics, config.reward.min_auc_low)
     if why is not None:
         if job.dist is not None:
@@ -133,8 +135,10 @@ def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) 
     rm.save(path, metrics)
     if job.dist is not None:
         broadcast(str(path))
-    judge_path = directory / f"run-{job.run_id}-judge"
-    judge.save(judge_path, judge_metrics)
+    judge_path = None
+    if judge is not None:
+        judge_path = directory / f"run-{job.run_id}-judge"
+        judge.save(judge_path, judge_metrics)
     return Rewards(rm, judge, metrics, judge_metrics, path, judge_path)
 
 

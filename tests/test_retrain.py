@@ -26,11 +26,12 @@ def _conversation(store, session, heldout: bool) -> str:
             return conversation
 
 
-def _thumbs(store, n, session="s"):
+def _thumbs(store, n, session="s", heldout_every=5):
     """n rated replies: short ones liked, long ones disliked, each a turn
-    regenerated once; every fifth conversation on the held-out side."""
+    regenerated once; every `heldout_every`th conversation on the held-out
+    side (0: none)."""
     for i in range(n // 2):
-        conversation = _conversation(store, session, heldout=i % 5 == 0)
+        conversation = _conversation(store, session, heldout=bool(heldout_every) and i % heldout_every == 0)
         messages = [{"role": "user", "content": f"hello number {i}"}]
         for reply, vote in ((f"hi {i}", 1), (f"well that is a rather long answer number {i}", -1)):
             rid = store.log_response(conversation_id=conversation, prompt=messages, reply=reply,
@@ -219,6 +220,37 @@ def test_babble_lowers_the_share_of_real_words():
     assert known_word_fraction(["I am fine, thanks!"], vocabulary) == 1.0
     assert known_word_fraction(["I am sportscctrih filects"], vocabulary) == 0.5
     assert known_word_fraction([""], vocabulary) is None
+
+
+def test_no_held_out_thumbs_is_a_wait_for_feedback_not_a_failure(store, data_dir, tiny_model_dir):
+    """Every thumb on the training side: there is nothing to judge the reward
+    model on nor to train the judge on, so the cycle waits, and says why."""
+    from online_rl.cycle import NotEnoughFeedback, run_cycle
+
+    _thumbs(store, 20, heldout_every=0)
+    config = _small()
+    config.reward.min_auc_low = 0.5  # the default
+    with pytest.raises(NotEnoughFeedback, match="no held-out thumbs"):
+        run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=config, progress=lambda line: None)
+    run = store.runs(1)[0]
+    assert run["status"] == "refused" and "no held-out thumbs" in run["error"]
+    assert run["metrics"]["judge_model"] is None and store.adapters() == []
+
+
+def test_without_held_out_thumbs_and_the_bar_off_a_cycle_runs_without_a_judge(store, data_dir, tiny_model_dir):
+    from online_rl.cycle import run_cycle
+
+    _thumbs(store, 20, heldout_every=0)
+    result = run_cycle(store, data_dir=data_dir, model_name=str(tiny_model_dir), config=_small(),
+                       progress=lambda line: None)
+    assert result["status"] == "succeeded" and result["evaluation"]["judge_win_rate"] is None
+
+
+def test_a_reward_model_with_nothing_to_train_on_says_so(tiny_model_dir):
+    from online_rl.reward import RewardConfig, train_reward_model
+
+    with pytest.raises(ValueError, match="no thumbs to train the judge on"):
+        train_reward_model(str(tiny_model_dir), None, [], [], [], [], RewardConfig(), device="cpu", name="judge")
 
 
 def test_a_simulated_round_chats_thumbs_retrains_and_promotes(data_dir, tiny_model_dir, tmp_path, store):
