@@ -13,10 +13,10 @@ leaves the batch the step it ends (an end token, its length cap, or its
 once), and the next waiting request takes its place.
 
 **An adapter per row.** Each request is bound, when it is admitted, to the
-version serving at that moment (its peft adapter name, or the base); the
-batch passes peft one adapter name per row (``adapter_names=``), so replies
-that started on v3 finish on v3 while new ones start on v4 in the same
-forward pass. A hot-swap happens between two steps (`between_steps`), never
+version serving at that moment (its peft adapter name, or the base); each
+row of a forward pass gets its own adapter (`chatbot.lora_rows`, or peft's
+``adapter_names=`` where that does not apply), so replies that started on
+v3 finish on v3 while new ones start on v4 in the same forward pass. A hot-swap happens between two steps (`between_steps`), never
 inside one, and never waits for the batch to drain.
 
 **The batch's cache.** A `transformers.DynamicCache` with one row per
@@ -45,7 +45,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+from chatbot.lora_rows import BASE_ROW, lora_layers, rows_on_adapters, supported
+
 # Prompts read in one forward pass when several requests join the batch at
 # once, in padded tokens (the policy caps it at the model's context, see
 # `prefill_groups`): one pass instead of one per newcomer.
@@ -95,6 +96,7 @@ class Engine:
         self.eos_id = tokenizer.eos_token_id
         self._cache_kwarg = None  # the forward's name for the KV cache, by transformers version
         self._last_only: dict = {}  # logits of the last position only, where the model can
+        self._layers_for: tuple = (None, [])  # (adapters loaded, their LoRA layers) for `_lora_layers`
         self.step_lock = threading.RLock()  # held for one step; a hot-swap takes it between steps
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -222,14 +224,30 @@ class Engine:
             parameters = inspect.signature(base.forward).parameters
             self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
             self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-        if hasattr(model, "peft_config"):
-            names = [r.adapter or BASE_ADAPTER for r in rows]
-            # One adapter for every row, and it is the active one: peft's plain
-            # path, cheaper than its mixed-batch path.
-            if set(names) != {getattr(model, "active_adapter", None)}:
-                kwargs["adapter_names"] = names
         kwargs[self._cache_kwarg] = cache
-        return model(**kwargs, use_cache=True, **self._last_only).logits[:, -1, :].float()
+        per_row = contextlib.nullcontext()
+        if hasattr(model, "peft_config"):
+            names = [r.adapter or BASE_ROW for r in rows]
+            # One adapter for every row, and it is the active one: peft's plain
+            # path. Else each row on its own adapter (`chatbot.lora_rows`), or
+            # peft's mixed-batch path where that does not apply.
+            if set(names) != {getattr(model, "active_adapter", None)}:
+                layers = self._lora_layers(model, names)
+                if layers:
+                    per_row = rows_on_adapters(layers, names)
+                else:
+                    kwargs["adapter_names"] = names
+        with per_row:
+            return model(**kwargs, use_cache=True, **self._last_only).logits[:, -1, :].float()
+
+    def _lora_layers(self, model, names: list[str]) -> list:
+        """`model`'s LoRA layers when `chatbot.lora_rows` can serve `names`
+        (else []); looked up again only when the adapters loaded change."""
+        key = (id(model), tuple(model.peft_config), frozenset(names) - {BASE_ROW})
+        if self._layers_for[0] != key:
+            layers = lora_layers(model)
+            self._layers_for = (key, layers if supported(layers, key[2]) else [])
+        return self._layers_for[1]
 
     def _prefill(self, group: list[Request]) -> None:
         """Read the prompts of `group` in one forward pass (left-padded to the
