@@ -6,7 +6,7 @@ device to count its parameters and LoRA targets; no weights are read):
 
 - **serving**: base weights (in the serving dtype, or 8/4 bits), three LoRA
   adapters (the active one, the one before it while its last replies finish,
-  and one being swapped in), the KV cache of a full batch (`--max-batch` rows)
+  and the spare the next version is copied into, `chatbot.policy`), the KV cache of a full batch (`--max-batch` rows)
   at the longest context served, and a fixed overhead (CUDA context,
   allocator slack). `largest_batch` says how many rows would fit;
 - **one retrain** (its own process): the policy's copy of the base, the

@@ -15,8 +15,13 @@ are read and checked first (the check every version passes before it
 serves, `chatbot.adapters`); then, between two decode steps, the new adapter
 is added beside the others under a name never used before in this process.
 Replies already being written finish on their own adapter; an adapter no
-reply uses any more is deleted between steps, so at rest only the serving
-version is loaded. Each reply's version label is bound when it joins the
+reply uses any more is deleted between steps, except one, kept as the
+*spare*: the next version with the same LoRA config is copied into it
+before the step lock is taken (no row uses it, so the batch goes on), and
+the swap between two steps only changes which adapter new rows start on.
+Adding an adapter between steps held the batch 35-60 ms on the starter;
+the spare costs one adapter's memory (0.7 MB on the starter, 34 MB for
+rank 16 on every projection of a 0.5B model). Each reply's version label is bound when it joins the
 batch, so it always names the adapter that wrote it. Going back to v0
 serves the plain base.
 
@@ -93,6 +98,10 @@ class Policy:
         self.version = version
         self._adapter: str | None = None  # the peft adapter new requests start on, None for the base
         self._loaded_adapters: set[str] = set()
+        self._versions: dict[str, str] = {}  # loaded adapter name -> the version it holds
+        self._spare: str | None = None  # a loaded adapter nobody uses, kept to copy the next version into
+        self._claimed: str | None = None  # the spare while a version is copied into it
+        self._spare_lock = threading.Lock()  # the spare is claimed off the step lock, released on the engine's thread
         self.canary: Canary | None = None
         self._loads = itertools.count(1)
         self._swap_lock = threading.Lock()
@@ -126,8 +135,9 @@ class Policy:
         """Start new requests on `version` from now on: the adapter in
         directory `path`, or the base for v0. Returns timings in seconds:
         ``read_s`` (files, before the step lock), ``wait_s`` (for the decode
-        step in progress), ``switch_s`` (adding the adapter between two
-        steps). Raises `AdapterLoadError` and leaves the serving version as it
+        step in progress), ``switch_s`` (between two steps: adding the
+        adapter, or only switching to the spare it was copied into, then
+        ``into_spare`` is true). Raises `AdapterLoadError` and leaves the serving version as it
         was if anything is wrong."""
         started = time.perf_counter()
         canary = self.canary if self.canary is not None and self.canary.version == version else None
@@ -135,24 +145,53 @@ class Policy:
         prepared = None if version == BASE_VERSION or canary else self._prepared(version, path)
         read_s = time.perf_counter() - started
         with self._swap_lock:
-            name = canary.adapter if canary else None if prepared is None else f"{version}_{next(self._loads)}"
+            name = canary.adapter if canary else None if prepared is None else self._fill_spare(version, prepared)
+            copied = name is not None and not canary
+            if prepared is not None and not canary and name is None:
+                name = f"{version}_{next(self._loads)}"
             waiting = time.perf_counter()
             with self.engine.between_steps():
                 locked = time.perf_counter()
                 previous = self.version
                 try:
-                    own_thread(self._add, name, prepared)
+                    own_thread(self._add, name, None if copied else prepared)
                 except Exception as exc:  # noqa: BLE001 - the old version keeps serving
                     raise AdapterLoadError(f"cannot load adapter {version} from {path}: {exc}") from exc
-                if canary:  # promoted: the canary's adapter serves everyone now
-                    self.canary = None
+                if canary or copied:  # already loaded: it serves everyone now
+                    self.canary = None if canary else self.canary
                     self.model.set_adapter(name)
                 self.version, self._adapter = version, name
+                with self._spare_lock:
+                    self._claimed = None
                 self._release(self.engine.in_use())
                 done = time.perf_counter()
         return {"version": version, "previous": previous, "read_s": round(read_s, 4),
                 "wait_s": round(locked - waiting, 4), "switch_s": round(done - locked, 4),
-                "total_s": round(done - started, 4)}
+                "total_s": round(done - started, 4), "into_spare": copied}
+
+    def _fill_spare(self, version: str, prepared: tuple) -> str | None:
+        """Off the step lock: copy `version`'s weights into the spare adapter
+        when its LoRA config is the same, and return its name (it is no
+        spare any more); None when there is no spare that fits. No row uses
+        the spare, so the batch runs on while it is written."""
+        from peft.utils import get_peft_model_state_dict
+
+        config, weights = prepared
+        with self._spare_lock:
+            name = self._spare
+            if name is None or not _same_lora(self.model.peft_config.get(name), config):
+                return None
+            self._spare = None  # claimed: `_release` leaves it alone (it is in no row and not free)
+            self._claimed = name
+        try:
+            own_thread(_copy_into, get_peft_model_state_dict(self.model, adapter_name=name), weights)
+        except Exception:  # noqa: BLE001 - a fresh adapter is added instead
+            with self._spare_lock:
+                self._claimed = None
+            self._delete_between_steps(name)
+            return None
+        self._versions[name] = version
+        return name  # still claimed: `swap_to` lets go of it once it serves
 
     def start_canary(self, trial: int, version: str, path: str, share: float) -> None:
         """Serve `version` (the adapter in `path`) to `share` of new
@@ -181,9 +220,10 @@ class Policy:
                 self._release(self.engine.in_use())
 
     def loaded_versions(self) -> list[str]:
-        """The adapters in memory now (the serving one, and those whose last
-        replies are still being written)."""
-        return sorted(self._loaded_adapters)
+        """The versions whose adapters are in memory now (the serving one, the
+        canary, and those whose last replies are still being written); the
+        spare holds none."""
+        return sorted({self._versions[n] for n in self._loaded_adapters if n != self._spare})
 
     def check_adapter(self, version: str, path: str | None) -> None:
         """Raise `AdapterLoadError` unless `version`'s files would load on the
@@ -247,21 +287,46 @@ class Policy:
             raise
         self.model.eval()  # new LoRA modules are made in training mode: no dropout when serving
         self._loaded_adapters.add(name)
+        self._versions[name] = name.rsplit("_", 1)[0]
 
     def _release(self, in_use: set) -> None:
         """Between steps: delete every adapter neither serving (or on canary)
-        nor in use by a reply still being written; back to the plain base
-        when none is left."""
-        keep = {self._adapter, self.canary.adapter if self.canary else None}
-        for name in sorted(self._loaded_adapters - in_use - keep):
-            if len(self._loaded_adapters) == 1:
-                self.model = _unwrap(self.model)
-            else:
-                if self.model.active_adapter == name:
-                    rest = self._loaded_adapters - {name}
-                    self.model.set_adapter(self._adapter if self._adapter in rest else next(iter(rest)))
-                self.model.delete_adapter(name)
-            self._loaded_adapters.discard(name)
+        nor in use by a reply still being written, but one kept as the spare
+        while an adapter serves; back to the plain base when none is left."""
+        with self._spare_lock:
+            if self._adapter is None:  # serving the plain base: no spare either
+                self._spare = None
+            keep = {self._adapter, self.canary.adapter if self.canary else None, self._spare, self._claimed}
+            # Oldest load first (names end in the load's number).
+            free = sorted(self._loaded_adapters - in_use - keep, key=lambda n: int(n.rsplit("_", 1)[1]))
+            if free and self._claimed is None and self._adapter is not None:
+                # The adapter replaced last is the spare (see the module's docstring): it
+                # has the config the next version of the same training most likely has.
+                if self._spare is not None:
+                    free.insert(0, self._spare)
+                self._spare = free.pop()
+        for name in free:
+            self._delete(name)
+
+    def _delete(self, name: str) -> None:
+        """Between steps: unload adapter `name` (back to the plain base when it is the last)."""
+        if len(self._loaded_adapters) == 1:
+            self.model = _unwrap(self.model)
+        else:
+            if self.model.active_adapter == name:
+                rest = self._loaded_adapters - {name}
+                self.model.set_adapter(self._adapter if self._adapter in rest else next(iter(rest)))
+            self.model.delete_adapter(name)
+        self._loaded_adapters.discard(name)
+        self._versions.pop(name, None)
+
+    def _delete_between_steps(self, name: str) -> None:
+        with self.engine.between_steps():
+            with self._spare_lock:
+                if self._spare == name:
+                    self._spare = None
+            if name in self._loaded_adapters and name not in self.engine.in_use():
+                self._delete(name)
 
     # -- prompts ------------------------------------------------------------
 
@@ -337,6 +402,32 @@ class Policy:
         settings = (settings or GenerationSettings()).validate()
         prompt = messages if isinstance(messages, Prompt) else self.build_prompt(messages, settings)
         return ReplyStream(self, prompt, settings, stop or threading.Event(), route)
+
+
+def _same_lora(loaded, wanted) -> bool:
+    """Whether an adapter loaded with peft config `loaded` computes what one
+    with config `wanted` would, given the same weights: every field but the
+    bookkeeping ones is equal."""
+    if loaded is None:
+        return False
+    ignored = {"base_model_name_or_path", "revision", "inference_mode", "runtime_config"}
+
+    def fields(config):
+        return {k: v for k, v in config.to_dict().items() if k not in ignored}
+
+    return fields(loaded) == fields(wanted)
+
+
+def _copy_into(target: dict, weights: dict) -> None:
+    """Write `weights` into the tensors of `target` (a state dict sharing the
+    adapter's storage); the names and shapes were checked (`chatbot.adapters`)."""
+    import torch
+
+    if set(target) != set(weights):
+        raise ValueError("the weights do not name the spare's tensors")
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            target[key].copy_(tensor)
 
 
 def _unwrap(peft_model):

@@ -228,6 +228,43 @@ def test_a_promotion_reads_the_adapter_once_unless_its_files_change_in_between(t
     assert reads == ["v1", "v2", "v2"] and policy.version == "v2"
 
 
+def test_later_promotions_copy_into_the_spare_adapter_and_write_what_each_version_writes(
+        tiny_trained, adapters, expected, tmp_path, monkeypatch):
+    """The first promotions add an adapter; once a version is replaced, its
+    adapter is kept as the spare and the next versions are copied into it
+    off the step lock: no adapter is added again, each slot ends up holding
+    other versions' weights, and every reply is still what that version
+    writes alone. Back to v0, nothing stays loaded."""
+    from peft import PeftModel
+
+    from chatbot.models import GenerationSettings, load_model
+    from chatbot.policy import Policy
+    from conftest import greedy_reply
+
+    paths = {**adapters, "v3": make_adapter(tiny_trained, tmp_path / "v3", 3, str(tiny_trained))}
+    alone = load_model(str(tiny_trained), tiny_trained, device="cpu")
+    v3 = PeftModel.from_pretrained(alone.model, str(paths["v3"])).eval()
+    replies = {**expected, "v3": {p: greedy_reply(v3, alone.tokenizer, p) for p in PROMPTS[:2]}}
+    assert replies["v3"][PROMPTS[0]] not in (expected["v1"][PROMPTS[0]], expected["v2"][PROMPTS[0]])
+
+    policy = Policy(load_model(str(tiny_trained), tiny_trained, device="cpu"))
+    greedy = GenerationSettings(temperature=0, max_new_tokens=12)
+    infos = [policy.swap_to("v1", str(paths["v1"])), policy.swap_to("v2", str(paths["v2"]))]
+    added = []
+    add = policy.model.add_adapter
+    monkeypatch.setattr(policy.model, "add_adapter", lambda *a, **k: added.append(a[0]) or add(*a, **k))
+    for version in ("v3", "v1", "v2"):
+        infos.append(policy.swap_to(version, str(paths[version])))
+        for prompt in PROMPTS[:2]:
+            reply = policy.generate([{"role": "user", "content": prompt}], greedy)
+            assert (reply.version, reply.text) == (version, replies[version][prompt])
+        assert policy.loaded_versions() == [version] and len(policy.model.peft_config) == 2  # serving + spare
+    assert added == [] and [i["into_spare"] for i in infos] == [False, False, True, True, True]
+    policy.swap_to("v0")
+    assert policy.loaded_versions() == [] and not hasattr(policy.model, "peft_config")
+    assert policy.generate([{"role": "user", "content": PROMPTS[0]}], greedy).text == expected["v0"][PROMPTS[0]]
+
+
 ROUTES = [("GET", "/v1/admin/status", None), ("POST", "/v1/admin/retrain", {"method": "kto"}),
           ("POST", "/v1/admin/promote", {"version": "v1"}), ("POST", "/v1/admin/rollback", {}),
           ("POST", "/v1/admin/schedule", {"action": "pause"})]

@@ -225,12 +225,12 @@ def test_canary_arm_is_sticky_and_each_reply_names_its_writer(tiny_trained, adap
     assert len(policy.loaded_versions()) == 2
     canary_adapter = policy.canary.adapter
     policy.swap_to("v2", str(adapters["v2"]))  # promoted: the canary's adapter serves everyone
-    assert policy.loaded_versions() == [canary_adapter] and policy.canary is None
+    assert policy.loaded_versions() == ["v2"] and policy._adapter == canary_adapter and policy.canary is None
     reply = policy.generate([{"role": "user", "content": "hello"}], greedy, route=Route(key="user:x"))
     assert (reply.version, reply.text) == ("v2", expected["v2"]["hello"])
     policy.start_canary(8, "v1", str(adapters["v1"]), 0.3)
     policy.end_canary()
-    assert policy.loaded_versions() == [canary_adapter]
+    assert policy.loaded_versions() == ["v2"] and policy._adapter == canary_adapter
 
 
 def test_a_page_conversation_stays_on_the_version_it_started_on():
