@@ -364,8 +364,10 @@ def swap_summary(swaps: list[dict]) -> str:
         return ""
     held = sorted(1000 * (s["wait_s"] + s["switch_s"]) for s in swaps)
     total = sorted(1000 * s["total_s"] for s in swaps)
+    spare = sum(1 for s in swaps if s.get("into_spare"))
     return (f" Each swap held the batch {percentile(held, 0.5):.0f} ms at the median and {held[-1]:.0f} ms at the "
-            f"longest (waiting for the step in progress, then adding the adapter), {percentile(total, 0.5):.0f} ms "
+            f"longest (waiting for the step in progress, then switching to the spare adapter its weights were "
+            f"copied into, {spare} of {len(swaps)} swaps, or adding the adapter), {percentile(total, 0.5):.0f} ms "
             "in all with reading and checking its files.")
 
 
