@@ -16,6 +16,18 @@ a GPU cuBLAS reads either layout at full speed, so nothing is changed there.
 Intel's extension (IPEX) prepacks weights for its own kernels, the same idea;
 it is not a dependency here.
 
+**One thread for a small model's steps.** PyTorch splits a CPU kernel over
+its intra-op threads (one per core). A matrix product of a few rows over a
+layer of under a million weights takes tens of microseconds on one core,
+about what handing half of it to a second OpenMP thread costs; and a server
+shares its cores with its HTTP threads (and, in a benchmark, with its
+clients), so a parallel region often waits for a worker that is not
+running. On the starter (every layer under 200,000 weights) the engine's
+thread on one intra-op thread served 8 streaming clients at 457 tokens/s
+against 286 on two, and 32 clients at 514 against 321 (one client: 168
+against 172; docs/serving.md). `decode_threads` says 1 for such a model and
+leaves larger ones, whose products do gain from both cores, to torch.
+
 **One OpenMP pool.** PyTorch's CPU kernels run on OpenMP, and libgomp keeps
 a pool of worker threads for *each* thread that has started a parallel
 region. Once the process holds more pool threads than it has CPUs, libgomp
@@ -57,6 +69,19 @@ def transpose_for_decoding(model) -> int:
             if isinstance(module, torch.nn.Embedding) and id(module.weight) in changed:
                 module.weight = changed[id(module.weight)]
     return len(changed)
+
+
+SMALL_LAYER = 1_000_000  # weights: below this in every linear layer, decode steps run on one thread
+
+
+def decode_threads(model) -> int | None:
+    """The intra-op threads for the engine's thread on a CPU: 1 when every
+    linear layer of `model` holds fewer than `SMALL_LAYER` weights (see the
+    module's docstring), else None (torch's default, one per core)."""
+    import torch
+
+    largest = max((m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    return 1 if largest < SMALL_LAYER else None
 
 
 def own_thread(fn, *args, **kwargs):

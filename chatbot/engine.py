@@ -86,13 +86,14 @@ class Engine:
     def __init__(self, model_fn: Callable, tokenizer, device, *,
                  serving: Callable[[Request], tuple[str, str | None]],
                  release: Callable[[set], None] = lambda in_use: None, max_batch: int = 8, max_waiting: int = 32,
-                 idle_exit_s: float = 5.0, prefill_tokens: int = PREFILL_TOKENS):
+                 idle_exit_s: float = 5.0, prefill_tokens: int = PREFILL_TOKENS, threads: int | None = None):
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be at least 1 and max_waiting at least 0")
         self.model_fn, self.tokenizer, self.device = model_fn, tokenizer, device
         self.serving, self.release = serving, release
         self.max_batch, self.max_waiting, self.idle_exit_s = max_batch, max_waiting, idle_exit_s
         self.prefill_tokens = prefill_tokens  # prompts read together in one forward pass, padded tokens in all
+        self.threads = threads  # intra-op threads of the engine's thread (None: torch's default; chatbot.cpu)
         self.eos_id = tokenizer.eos_token_id
         self._cache_kwarg = None  # the forward's name for the KV cache, by transformers version
         self._last_only: dict = {}  # logits of the last position only, where the model can
@@ -158,6 +159,10 @@ class Engine:
     # -- the loop ------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 idle_since = time.monotonic()

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 
 from chatbot.adapters import AdapterLoadError, check_adapter, fingerprint  # noqa: F401 - AdapterLoadError is raised from here too
-from chatbot.cpu import own_thread, transpose_for_decoding
+from chatbot.cpu import decode_threads, own_thread, transpose_for_decoding
 from chatbot.engine import PREFILL_TOKENS, Busy, Engine, Request  # noqa: F401 - Busy is raised from here too
 from chatbot.models import GenerationSettings, LoadedModel  # noqa: F401 - GenerationSettings is served from here too
 from chatbot.prompt import Prompt, PromptError, encode, fit, max_context  # noqa: F401 - PromptError is served from here too
@@ -90,8 +90,10 @@ class Policy:
     def __init__(self, loaded: LoadedModel, *, version: str = BASE_VERSION, max_batch: int = 8,
                  max_waiting: int = 32):
         self.loaded = loaded
+        threads = None
         if getattr(loaded.device, "type", loaded.device) == "cpu":
             own_thread(transpose_for_decoding, loaded.model)  # serving only: a third off a decode step (chatbot.cpu)
+            threads = decode_threads(loaded.model)
         self.base = loaded.model  # the plain base; `model` is it, or a PeftModel around it
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -114,7 +116,7 @@ class Policy:
         self.max_context = max_context(loaded.model, loaded.tokenizer)
         self.engine = Engine(lambda: self.model, self.tokenizer, loaded.device, serving=self._serving,
                              release=self._release, max_batch=max_batch, max_waiting=max_waiting,
-                             prefill_tokens=min(PREFILL_TOKENS, self.max_context))
+                             prefill_tokens=min(PREFILL_TOKENS, self.max_context), threads=threads)
 
     @property
     def max_batch(self) -> int:

@@ -59,6 +59,8 @@ def build():  # a model and adapters large enough that their kernels run in para
         peft = get_peft_model(AutoModelForCausalLM.from_pretrained(out / "model"),
                               LoraConfig(r=128, target_modules="all-linear"))
         peft.save_pretrained(out / version)
+import chatbot.policy
+chatbot.policy.decode_threads = lambda model: None  # the engine's kernels on two threads, as a larger model's are
 before = native()
 own_thread(build)
 loaded = own_thread(load_model, str(out / "model"), out, device="cpu")
@@ -105,3 +107,30 @@ def test_the_serving_process_keeps_one_openmp_pool(tiny_model_dir, tmp_path):
     served, with_stray = map(int, proc.stdout.split()[-2:])
     assert served == 1  # the engine's pool: one worker beside the engine's thread (2 threads)
     assert with_stray == 2  # the count sees a second pool when there is one
+
+
+def test_a_small_model_decodes_on_one_thread_and_a_large_one_on_torchs_default(tiny_loaded):
+    import torch
+
+    from chatbot.cpu import SMALL_LAYER, decode_threads
+    from chatbot.models import GenerationSettings
+    from chatbot.policy import Policy
+
+    assert decode_threads(tiny_loaded.model) == 1
+    big = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(SMALL_LAYER // 1000, 1000, bias=False))
+    assert decode_threads(big) is None
+
+    seen = []
+    policy = Policy(tiny_loaded)
+    forward = policy.model.forward
+
+    def counting(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    policy.model.forward = counting
+    try:
+        policy.generate([{"role": "user", "content": "hello"}], GenerationSettings(temperature=0, max_new_tokens=4))
+    finally:
+        del policy.model.forward
+    assert seen and set(seen) == {1}
