@@ -186,9 +186,10 @@ def test_a_correction_far_from_the_base_language_hands_its_weight_to_the_policys
     from transformers import AutoModelForCausalLM
 
     from chatbot.models import GenerationSettings, load_tokenizer
+    from online_rl.corrections import correction_groups
     from online_rl.ppo import add_lora
     from online_rl.sampling import sample_many
-    from online_rl.tilt import TiltConfig, correction_groups
+    from online_rl.tilt import TiltConfig
 
     config = TiltConfig(samples_per_prompt=4)
     torch.manual_seed(0)
