@@ -21,9 +21,9 @@ before the step lock is taken (no row uses it, so the batch goes on), and
 the swap between two steps only changes which adapter new rows start on.
 Adding an adapter between steps held the batch 35-60 ms on the starter;
 the spare costs one adapter's memory (0.7 MB on the starter, 34 MB for
-rank 16 on every projection of a 0.5B model). Each reply's version label is bound when it joins the
-batch, so it always names the adapter that wrote it. Going back to v0
-serves the plain base.
+rank 16 on every projection of a 0.5B model). Each reply's version label
+is bound when it joins the batch, so it always names the adapter that
+wrote it. Going back to v0 serves the plain base, and unloads the spare.
 
 **Canary.** `start_canary` loads a candidate beside the serving version;
 a request whose `Route` falls in the canary's share is bound to it on
@@ -139,8 +139,8 @@ class Policy:
         ``read_s`` (files, before the step lock), ``wait_s`` (for the decode
         step in progress), ``switch_s`` (between two steps: adding the
         adapter, or only switching to the spare it was copied into, then
-        ``into_spare`` is true). Raises `AdapterLoadError` and leaves the serving version as it
-        was if anything is wrong."""
+        ``into_spare`` is true). Raises `AdapterLoadError` and leaves the
+        serving version as it was if anything is wrong."""
         started = time.perf_counter()
         canary = self.canary if self.canary is not None and self.canary.version == version else None
         # Torch work off the engine's thread runs on a thread of its own (chatbot.cpu: one OpenMP pool).
