@@ -22,10 +22,11 @@ layer of under a million weights takes tens of microseconds on one core,
 about what handing half of it to a second OpenMP thread costs; and a server
 shares its cores with its HTTP threads (and, in a benchmark, with its
 clients), so a parallel region often waits for a worker that is not
-running. On the starter (every layer under 200,000 weights) the engine's
-thread on one intra-op thread served 8 streaming clients at 457 tokens/s
-against 286 on two, and 32 clients at 514 against 321 (one client: 168
-against 172; docs/serving.md). `decode_threads` says 1 for such a model and
+running. On the starter (every layer under 200,000 weights), with load
+generators that took half of both cores, the engine's thread on one
+intra-op thread served 8 streaming clients at 457 tokens/s against 286 on
+two; with light ones, as fast on one thread as on two (809 against 808
+tokens/s, p50 79 ms against 88) at about half the CPU (docs/serving.md). `decode_threads` says 1 for such a model and
 leaves larger ones, whose products do gain from both cores, to torch.
 
 **One OpenMP pool.** PyTorch's CPU kernels run on OpenMP, and libgomp keeps
