@@ -26,8 +26,9 @@ running. On the starter (every layer under 200,000 weights), with load
 generators that took half of both cores, the engine's thread on one
 intra-op thread served 8 streaming clients at 457 tokens/s against 286 on
 two; with light ones, as fast on one thread as on two (809 against 808
-tokens/s, p50 79 ms against 88) at about half the CPU (docs/serving.md). `decode_threads` says 1 for such a model and
-leaves larger ones, whose products do gain from both cores, to torch.
+tokens/s, p50 79 ms against 88) at about half the CPU (docs/serving.md).
+`decode_threads` says 1 for such a model and leaves larger ones, whose
+products do gain from both cores, to torch.
 
 **One OpenMP pool.** PyTorch's CPU kernels run on OpenMP, and libgomp keeps
 a pool of worker threads for *each* thread that has started a parallel

@@ -15,9 +15,10 @@ once), and the next waiting request takes its place.
 **An adapter per row.** Each request is bound, when it is admitted, to the
 version serving at that moment (its peft adapter name, or the base); each
 row of a forward pass gets its own adapter (`chatbot.lora_rows`, or peft's
-``adapter_names=`` where that does not apply), so replies that started on
-v3 finish on v3 while new ones start on v4 in the same forward pass. A hot-swap happens between two steps (`between_steps`), never
-inside one, and never waits for the batch to drain.
+``adapter_names=`` where that does not apply), so replies that started on v3
+finish on v3 while new ones start on v4 in the same forward pass. A hot-swap
+happens between two steps (`between_steps`), never inside one, and never
+waits for the batch to drain.
 
 **The batch's cache.** A `transformers.DynamicCache` with one row per
 request, left-padded: a row that joins with a shorter history than the
