@@ -2,15 +2,12 @@
 
 One engine thread owns the model. Requests wait in a bounded line; between
 two decode steps the engine admits as many as the batch has room for (at most
-`max_batch` rows), reads their prompts together in one forward pass
-(prefill, left-padded; `prefill_groups` splits long prompts off so that a
-prefill never holds more than one prompt at the longest context alone
-would), and adds their rows to the running batch; each step then feeds
-every row's last token through the model at once and samples the next token
-of each. A row
-leaves the batch the step it ends (an end token, its length cap, or its
-`stop` event: a stop button or a client that went away frees its slot at
-once), and the next waiting request takes its place.
+`max_batch` rows); each step then writes the next token of every row at once
+and reads the prompts of the newcomers (`chatbot.batch`: packed into the same
+forward pass where the model allows, `chatbot.packed`; else in a left-padded
+pass of their own). A row leaves the batch the step it ends (an end token,
+its length cap, or its `stop` event: a stop button or a client that went away
+frees its slot at once), and the next waiting request takes its place.
 
 **An adapter per row.** Each request is bound, when it is admitted, to the
 version serving at that moment (its peft adapter name, or the base); each
@@ -20,17 +17,9 @@ finish on v3 while new ones start on v4 in the same forward pass. A hot-swap
 happens between two steps (`between_steps`), never inside one, and never
 waits for the batch to drain.
 
-**The batch's cache.** A `transformers.DynamicCache` with one row per
-request, left-padded: a row that joins with a shorter history than the
-batch's is padded on the left with masked positions (and the batch is padded
-when the newcomer's history is longer); positions are counted per row, so
-padding changes nothing a row sees. When rows leave, their cache rows are
-dropped and the columns that are padding in every remaining row are cut.
-
 **Why not transformers' own continuous batching.** `ContinuousBatchingManager`
-packs every request's tokens into one sequence with paged attention: a packed
-batch has one row, and peft chooses adapters per row, so it cannot serve two
-versions in one batch (docs/serving.md). Sampling uses the same
+owns its loop and its batch and has no hook for the adapter each request is
+bound to (docs/serving.md). Sampling uses the same
 `transformers` warpers `generate` applies for our `GenerationConfig`
 (temperature, then top-p; every other field is off), so serving samples
 exactly as the training rollouts do.
@@ -46,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from chatbot import packed
+from chatbot.batch import PackedBatch, PaddedBatch
 from chatbot.lora_rows import BASE_ROW, lora_layers, rows_on_adapters, supported
 
 # Prompts read in one forward pass when several requests join the batch at
@@ -102,8 +93,7 @@ class Engine:
         self.step_lock = threading.RLock()  # held for one step; a hot-swap takes it between steps
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
-        self._rows: list[Request] = []
-        self._cache = self._mask = self._positions = None
+        self._batch: PackedBatch | PaddedBatch | None = None  # the running rows (chatbot.batch)
         self._thread: threading.Thread | None = None
         self._pausers = 0  # callers waiting for the boundary between two steps
         self._admitting = 0  # requests taken from the line, joining the batch in this step
@@ -129,6 +119,10 @@ class Engine:
     def in_use(self) -> set:
         """The adapter names rows in the batch are being written with."""
         return {r.adapter for r in self._rows if r.adapter}
+
+    @property
+    def _rows(self) -> list[Request]:
+        return self._batch.rows if self._batch is not None else []
 
     @property
     def running(self) -> int:
@@ -186,7 +180,7 @@ class Engine:
                     for request in [*admit, *self._rows]:
                         if request.finish_reason is None and request.error is None:
                             self._end(request, None, exc)
-                    self._rows, self._cache = [], None
+                    self._batch = None
                 finally:
                     self._admitting = 0
                 self.release(self.in_use())
@@ -202,26 +196,23 @@ class Engine:
                     continue
                 request.version, request.adapter = self.serving(request)
                 joining.append(request)
-            for group in prefill_groups(joining, self.prefill_tokens):
-                try:
-                    self._prefill(group)
-                except Exception as exc:  # noqa: BLE001 - these requests fail, the batch goes on
-                    if len(group) == 1:
-                        self._end(group[0], None, exc)
-                        continue
-                    for request in group:  # one by one, so that only the request that fails fails
-                        try:
-                            self._prefill([request])
-                        except Exception as exc:  # noqa: BLE001
-                            self._end(request, None, exc)
-            self._drop_finished()
-            if self._rows:
-                self._decode()
-                self._drop_finished()
+            if not self._rows:  # an empty batch: the layout for the model serving now
+                self._batch = self._layout()
+            if joining or self._rows:
+                self._batch.step(joining)
+                self._batch.drop_finished()
 
-    def _forward(self, rows: list[Request], cache, **kwargs):
-        """The next-token logits of each row (only the last position's are
-        computed: `logits_to_keep`)."""
+    def _layout(self) -> PackedBatch | PaddedBatch:
+        model = self.model_fn()
+        return PackedBatch(self) if packed.install(model) else PaddedBatch(self)
+
+    def _forward(self, rows: list[Request], counts: list[int] | None, layout, **kwargs):
+        """The next-token logits of each row of a pass: a padded pass
+        (`counts` None, `layout` its `DynamicCache`) or a packed one
+        (`counts`: each row's tokens in the pass, `layout`: its
+        `chatbot.packed.Pass`). Only the logits needed are computed."""
+        import torch
+
         model = self.model_fn()
         if self._cache_kwarg is None:
             import inspect
@@ -230,21 +221,41 @@ class Engine:
             parameters = inspect.signature(base.forward).parameters
             self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
             self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-        kwargs[self._cache_kwarg] = cache
+        names = [r.adapter or BASE_ROW for r in rows]
+        if counts is not None:  # one name per token of a packed pass
+            names = [name for name, n in zip(names, counts) for _ in range(n)]
+            last = layout.last().to(self.device)
+            # An attention mask that is already 4-D: transformers builds none
+            # (`chatbot.packed.attention` masks per row itself).
+            kwargs.update(packed=layout, use_cache=False,
+                          attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device))
+            if self._last_only:
+                kwargs["logits_to_keep"] = last
+        else:
+            kwargs.update({self._cache_kwarg: layout, "use_cache": True}, **self._last_only)
         per_row = contextlib.nullcontext()
-        if hasattr(model, "peft_config"):
-            names = [r.adapter or BASE_ROW for r in rows]
-            # One adapter for every row, and it is the active one: peft's plain
-            # path. Else each row on its own adapter (`chatbot.lora_rows`), or
-            # peft's mixed-batch path where that does not apply.
-            if set(names) != {getattr(model, "active_adapter", None)}:
-                layers = self._lora_layers(model, names)
-                if layers:
-                    per_row = rows_on_adapters(layers, names)
-                else:
-                    kwargs["adapter_names"] = names
+        # One adapter for every row, and it is the active one: peft's plain
+        # path. Else each row (or token) on its own adapter
+        # (`chatbot.lora_rows`), or peft's per-row path where that does not
+        # apply (a packed pass then goes as one row per token).
+        if hasattr(model, "peft_config") and set(names) != {getattr(model, "active_adapter", None)}:
+            layers = self._lora_layers(model, names)
+            if layers:
+                per_row = rows_on_adapters(layers, names, per_token=counts is not None)
+            else:
+                kwargs["adapter_names"] = names
+                if counts is not None:
+                    layout.as_rows = True
+                    kwargs["input_ids"], kwargs["position_ids"] = (kwargs[k].view(-1, 1) for k in ("input_ids",
+                                                                                                   "position_ids"))
+                    kwargs.update(self._last_only)
         with per_row:
-            return model(**kwargs, use_cache=True, **self._last_only).logits[:, -1, :].float()
+            logits = model(**kwargs).logits
+        if counts is None:
+            return logits[:, -1, :].float()
+        if layout.as_rows:
+            return logits[:, -1, :][last].float()
+        return (logits[0] if self._last_only else logits[0, last]).float()
 
     def _lora_layers(self, model, names: list[str]) -> list:
         """`model`'s LoRA layers when `chatbot.lora_rows` can serve `names`
@@ -254,36 +265,6 @@ class Engine:
             layers = lora_layers(model)
             self._layers_for = (key, layers if supported(layers, key[2]) else [])
         return self._layers_for[1]
-
-    def _prefill(self, group: list[Request]) -> None:
-        """Read the prompts of `group` in one forward pass (left-padded to the
-        longest) and add their rows to the batch with their first tokens."""
-        import torch
-        from transformers import DynamicCache
-
-        width = max(len(r.ids) for r in group)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        ids = torch.tensor([[pad] * (width - len(r.ids)) + r.ids for r in group], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in group], device=self.device)
-        cache = DynamicCache()
-        logits = self._forward(group, cache, input_ids=ids, attention_mask=mask,
-                               position_ids=(mask.cumsum(1) - 1).clamp(min=0))
-        self._join(group, cache, mask)
-        self._advance(group, self._sample(logits, group))
-
-    def _decode(self) -> None:
-        import torch
-
-        rows = self._rows
-        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
-        mask = torch.cat([self._mask, torch.ones_like(ids)], dim=1)
-        logits = self._forward(rows, self._cache, input_ids=ids, attention_mask=mask,
-                               position_ids=self._positions[:, None])
-        self._mask = mask
-        self._positions = self._positions + 1
-        self.steps += 1
-        self.rows_stepped += len(rows)
-        self._advance(rows, self._sample(logits, rows))
 
     def _advance(self, rows: list[Request], tokens) -> None:
         now = time.perf_counter()
@@ -303,43 +284,6 @@ class Engine:
     def _end(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
         request.finish_reason, request.error = reason, error
         request.events.put(None)
-
-    # -- the batch's cache ----------------------------------------------------
-
-    def _join(self, group: list[Request], cache, mask) -> None:
-        """Add prefilled rows to the batch, left-padding whichever is shorter."""
-        import torch
-
-        position = mask.sum(1)
-        if not self._rows:
-            self._rows, self._cache, self._mask, self._positions = list(group), cache, mask, position
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)])
-        self._positions = torch.cat([self._positions, position])
-        self._rows = [*self._rows, *group]
-
-    def _drop_finished(self) -> None:
-        import torch
-
-        keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None and r.error is None]
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._rows, self._cache, self._mask, self._positions = [], None, None, None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._mask, self._positions = self._mask[index], self._positions[index]
-        self._rows = [self._rows[i] for i in keep]
-        padding = int((self._mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row uses
-        if padding:
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, padding:], layer.values[:, :, padding:]
-            self._mask = self._mask[:, padding:]
 
     # -- sampling --------------------------------------------------------------
 
@@ -366,32 +310,3 @@ class Engine:
         return out
 
 
-def prefill_groups(requests: list[Request], budget: int) -> list[list[Request]]:
-    """`requests` in order, in groups whose prompts are read in one forward
-    pass: a group grows while its rows times its longest prompt stay within
-    `budget` tokens (at most the longest context), so that a group's
-    activations and attention never outgrow those of one prompt at the
-    longest context, which the memory plan already allows for."""
-    groups: list[list[Request]] = []
-    width = 0
-    for request in requests:
-        longest = max(width, len(request.ids))
-        if groups and (len(groups[-1]) + 1) * longest <= budget:
-            groups[-1].append(request)
-            width = longest
-        else:
-            groups.append([request])
-            width = len(request.ids)
-    return groups
-
-
-def _pad_left(tensor, width: int, dim: int = 2):
-    """`tensor` padded with zeros on the left of `dim` to `width`."""
-    import torch
-
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -57,10 +57,11 @@ def supported(layers: list, names: set[str]) -> bool:
 
 
 @contextmanager
-def rows_on_adapters(layers: list, names: list[str]):
+def rows_on_adapters(layers: list, names: list[str], per_token: bool = False):
     """Within the block, a forward pass of `layers`' model applies to row i
-    the adapter ``names[i]`` (`BASE_ROW`: none). `layers`: `lora_layers` of
-    the model, checked by `supported`."""
+    the adapter ``names[i]`` (`BASE_ROW`: none); with `per_token`, to token i
+    of a pass of one packed row (`chatbot.packed`). `layers`: `lora_layers`
+    of the model, checked by `supported`."""
     import torch
 
     used = sorted({n for n in names if n != BASE_ROW})
@@ -71,7 +72,7 @@ def rows_on_adapters(layers: list, names: list[str]):
         key = (name, float(layer.scaling[name]), weight.dtype, weight.device)
         if key not in masks:
             rows = torch.tensor([n == name for n in names], dtype=weight.dtype, device=weight.device)
-            masks[key] = (rows * key[1]).view(-1, 1, 1)
+            masks[key] = (rows * key[1]).view((1, -1, 1) if per_token else (-1, 1, 1))
         return masks[key]
 
     saved = []

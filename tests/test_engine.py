@@ -17,17 +17,42 @@ MORE_PROMPTS = [*PROMPTS, "tell me a joke about computers and robots please", "h
                 "what is the weather like today in the city where you live"]
 
 
+# The batch's layouts (chatbot.batch): packed, packed with peft's own per-row
+# adapters (where chatbot.lora_rows does not apply), and padded (models
+# chatbot.packed does not support).
+LAYOUTS = ["packed", "packed, peft per row", "padded"]
+
+
 def alone(loaded, prompts):
     return {p: greedy_reply(loaded.model, loaded.tokenizer, p) for p in prompts}
 
 
-def test_replies_written_together_equal_those_written_alone(tiny_trained):
+def use_layout(engine, layout: str, monkeypatch) -> list:
+    """Make `engine` run `layout`; returns the list of layouts it ran."""
+    from chatbot.batch import PaddedBatch
+
+    used, choose = [], engine._layout
+
+    def chosen():
+        batch = PaddedBatch(engine) if layout == "padded" else choose()
+        used.append(type(batch).__name__)
+        return batch
+
+    monkeypatch.setattr(engine, "_layout", chosen)
+    if layout == "packed, peft per row":
+        monkeypatch.setattr(engine, "_lora_layers", lambda model, names: [])
+    return used
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_replies_written_together_equal_those_written_alone(tiny_trained, layout, monkeypatch):
     from chatbot.models import load_model
     from chatbot.policy import GenerationSettings, Policy
 
     loaded = load_model(str(tiny_trained), tiny_trained, device="cpu")
     expected = alone(loaded, MORE_PROMPTS)
     policy = Policy(loaded, max_batch=4)
+    used = use_layout(policy.engine, layout, monkeypatch)
     results, errors = [], []
 
     def client(i: int) -> None:
@@ -55,25 +80,29 @@ def test_replies_written_together_equal_those_written_alone(tiny_trained):
     assert len(results) == 16
     assert [(p, t) for p, t in results if t != expected[p]] == []
     assert policy.engine.steps < 16 * 12  # rows shared steps: fewer steps than tokens
+    assert set(used) == {"PaddedBatch" if layout == "padded" else "PackedBatch"}
 
 
-def test_a_promotion_during_a_full_batch_changes_no_reply_mid_way(tiny_trained, adapters, expected):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_promotion_during_a_full_batch_changes_no_reply_mid_way(tiny_trained, adapters, expected, layout,
+                                                                  monkeypatch):
     from chatbot.models import load_model
     from chatbot.policy import GenerationSettings, Policy
 
     policy = Policy(load_model(str(tiny_trained), tiny_trained, device="cpu"), max_batch=3)
     policy.swap_to("v1", str(adapters["v1"]))
     engine = policy.engine
+    used = use_layout(engine, layout, monkeypatch)
     reached, go = threading.Event(), threading.Event()
-    decode = engine._decode
+    step = engine._step
 
-    def decode_then_hold():  # after the batch's second step, hold it while the promotion arrives
-        decode()
+    def step_then_hold(admit):  # after the batch's second step, hold it while the promotion arrives
+        step(admit)
         if engine.steps == 2:
             reached.set()
             go.wait(timeout=30)
 
-    engine._decode = decode_then_hold
+    engine._step = step_then_hold
     results = []
 
     def client(prompt: str) -> None:
@@ -104,6 +133,7 @@ def test_a_promotion_during_a_full_batch_changes_no_reply_mid_way(tiny_trained, 
     assert [(p, v, t) for p, v, t in results if t != expected[v][p]] == []
     # v1 was unloaded once its last reply was written: only the serving version is loaded.
     assert policy.loaded_versions() == ["v2"]
+    assert set(used) == {"PaddedBatch" if layout == "padded" else "PackedBatch"}
 
 
 def test_a_stopped_reply_leaves_the_batch_and_frees_its_row(tiny_loaded):
@@ -169,9 +199,9 @@ def test_newcomers_prompts_are_read_in_one_pass_and_write_the_replies_they_write
     widths = []
     forward = policy.engine._forward
 
-    def spy(rows, cache, **kwargs):
+    def spy(rows, counts, layout, **kwargs):
         widths.append(tuple(kwargs["input_ids"].shape))
-        return forward(rows, cache, **kwargs)
+        return forward(rows, counts, layout, **kwargs)
 
     policy.engine._forward = spy
     settings = GenerationSettings(**GREEDY)
@@ -183,7 +213,7 @@ def test_newcomers_prompts_are_read_in_one_pass_and_write_the_replies_they_write
             pass
     lengths = {len(r.ids) for r in requests}
     assert len(lengths) > 1  # prompts of different lengths share the pass, left-padded
-    assert widths[0] == (len(MORE_PROMPTS), max(lengths))  # one prefill for all of them
+    assert widths[0] == (1, sum(len(r.ids) for r in requests))  # one pass for all of them, packed
     replies = [loaded.tokenizer.decode(r.tokens, skip_special_tokens=True).strip() for r in requests]
     assert [(p, t) for p, t in zip(MORE_PROMPTS, replies) if t != expected[p]] == []
 
@@ -195,10 +225,10 @@ def test_a_request_whose_prompt_cannot_be_read_fails_alone_when_read_with_others
     policy = Policy(tiny_loaded, max_batch=3)
     forward = policy.engine._forward
 
-    def fails_on_a_poisoned_prompt(rows, cache, **kwargs):
+    def fails_on_a_poisoned_prompt(rows, counts, layout, **kwargs):
         if any(r.ids[0] == 99 for r in rows):
             raise RuntimeError("this prompt cannot be read")
-        return forward(rows, cache, **kwargs)
+        return forward(rows, counts, layout, **kwargs)
 
     policy.engine._forward = fails_on_a_poisoned_prompt
     settings = GenerationSettings(temperature=0, max_new_tokens=3)
@@ -215,7 +245,8 @@ def test_a_request_whose_prompt_cannot_be_read_fails_alone_when_read_with_others
 def test_prefill_groups_keep_rows_times_the_longest_prompt_within_the_budget():
     import random
 
-    from chatbot.engine import Request, prefill_groups
+    from chatbot.batch import prefill_groups
+    from chatbot.engine import Request
 
     rng = random.Random(0)
     for _ in range(200):
