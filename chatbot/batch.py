@@ -32,7 +32,7 @@ class PackedBatch:
     def __init__(self, engine):
         self.engine = engine
         self.rows: list = []
-        self.store = packed.Rows()
+        self.store = packed.Rows(limit=engine.context)
 
     def step(self, joining: list) -> None:
         groups = prefill_groups(joining, self.engine.prefill_tokens)

@@ -78,13 +78,15 @@ class Engine:
     def __init__(self, model_fn: Callable, tokenizer, device, *,
                  serving: Callable[[Request], tuple[str, str | None]],
                  release: Callable[[set], None] = lambda in_use: None, max_batch: int = 8, max_waiting: int = 32,
-                 idle_exit_s: float = 5.0, prefill_tokens: int = PREFILL_TOKENS, threads: int | None = None):
+                 idle_exit_s: float = 5.0, prefill_tokens: int = PREFILL_TOKENS, threads: int | None = None,
+                 context: int | None = None):
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be at least 1 and max_waiting at least 0")
         self.model_fn, self.tokenizer, self.device = model_fn, tokenizer, device
         self.serving, self.release = serving, release
         self.max_batch, self.max_waiting, self.idle_exit_s = max_batch, max_waiting, idle_exit_s
         self.prefill_tokens = prefill_tokens  # prompts read together in one forward pass, padded tokens in all
+        self.context = context  # the longest a row gets (prompt and reply), where known: the KV storage's cap
         self.threads = threads  # intra-op threads of the engine's thread (None: torch's default; chatbot.cpu)
         self.eos_id = tokenizer.eos_token_id
         self._cache_kwarg = None  # the forward's name for the KV cache, by transformers version

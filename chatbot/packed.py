@@ -90,9 +90,12 @@ class Rows:
     """The batch's keys and values, one storage row per reply: for each
     layer a key and a value tensor [rows, kv heads, capacity, head dim],
     row r's tokens in columns 0 .. lengths[r] - 1 (no padding in front;
-    columns past a row's length are never attended)."""
+    columns past a row's length are never attended). Storage grows by
+    blocks of columns, never past `limit` (the longest a row gets: the
+    memory plan's context), and shrinks as rows leave."""
 
-    def __init__(self):
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
         self.keys: dict[int, object] = {}
         self.values: dict[int, object] = {}
         self.lengths: list[int] = []
@@ -109,11 +112,16 @@ class Rows:
         if not index:
             self.keys, self.values = {}, {}
             return
-        width = -(-max(self.lengths) // _COLUMNS) * _COLUMNS
+        width = self.columns(max(self.lengths))
         for store in (self.keys, self.values):
             for layer, tensor in store.items():
                 rows = torch.tensor([i for i in index if i < tensor.shape[0]], device=tensor.device)
                 store[layer] = tensor[:, :, :width].index_select(0, rows)
+
+    def columns(self, needed: int) -> int:
+        """Storage columns for rows of at most `needed` tokens."""
+        width = -(-needed // _COLUMNS) * _COLUMNS
+        return max(needed, min(width, self.limit)) if self.limit else width
 
     def plan(self, new: list[int], advance: bool = True) -> "Pass":
         """The layout of a pass in which the rows now in the batch get one
@@ -189,7 +197,7 @@ class Pass:
         rows = len(self.rows)
         keys = self.rows.keys.get(layer)
         if keys is None or keys.shape[0] != rows or keys.shape[2] < self.width:
-            width = max(-(-self.width // _COLUMNS) * _COLUMNS, 0 if keys is None else keys.shape[2])
+            width = max(self.rows.columns(self.width), 0 if keys is None else keys.shape[2])
             for store in (self.rows.keys, self.rows.values):
                 grown = like.new_zeros((rows, like.shape[1], width, like.shape[3]))
                 held = store.get(layer)

@@ -116,7 +116,8 @@ class Policy:
         self.max_context = max_context(loaded.model, loaded.tokenizer)
         self.engine = Engine(lambda: self.model, self.tokenizer, loaded.device, serving=self._serving,
                              release=self._release, max_batch=max_batch, max_waiting=max_waiting,
-                             prefill_tokens=min(PREFILL_TOKENS, self.max_context), threads=threads)
+                             prefill_tokens=min(PREFILL_TOKENS, self.max_context), threads=threads,
+                             context=self.max_context)
 
     @property
     def max_batch(self) -> int:

@@ -84,3 +84,20 @@ def test_models_with_a_sliding_window_keep_the_padded_batch():
     assert packed.supports(LlamaConfig(num_hidden_layers=2))
     sliding = Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=16, max_window_layers=0)
     assert not packed.supports(sliding)
+
+
+def test_storage_grows_in_blocks_up_to_the_context_and_shrinks_as_rows_leave():
+    from chatbot import packed
+
+    model = tiny_llama(2)
+    packed.install(model)
+    rows = packed.Rows(limit=70)
+    with torch.inference_mode():
+        for new in ([65], [3]):
+            plan = rows.plan(new)
+            ids = [1] * len(plan.before) + [5] * sum(new)
+            model(input_ids=torch.tensor([ids]), position_ids=plan.positions, packed=plan, use_cache=False)
+    assert rows.lengths == [66, 3]
+    assert {t.shape[2] for t in rows.keys.values()} == {70}  # a block would be 128: capped at the context
+    rows.keep([1])  # the long row leaves: one block is enough for the other
+    assert {t.shape[:3] for t in rows.keys.values()} == {(1, 2, 64)}
