@@ -163,6 +163,7 @@ class Pass:
         import torch
 
         self.old = len(self.before)
+        self._device = self._moved = None  # see `_on`
         self.counts = [1] * self.old + self.new  # tokens per row, in the pass's order
         self.tokens = sum(self.counts)
         positions = list(self.before)
@@ -206,6 +207,16 @@ class Pass:
                 store[layer] = grown
         return self.rows.keys[layer], self.rows.values[layer]
 
+    def _on(self, device) -> dict:
+        """The pass's index tensors on `device`, moved once for all layers."""
+        if self._device != device:
+            tensors = {"row": self._row, "col": self._col, "old_mask": self._old_mask}
+            if self.new:
+                tensors.update(new_index=self._new_index, new_valid=self._new_valid)
+            self._moved = {k: None if t is None else t.to(device) for k, t in tensors.items()}
+            self._device = device
+        return self._moved
+
     def attend(self, module, query, key, value, scaling):
         """Attention of the pass's `query` [1, heads, T, dim] (or [T, heads,
         1, dim] `as_rows`): store the pass's keys and values, then attend
@@ -218,25 +229,23 @@ class Pass:
         if query.shape[0] != 1 or query.shape[2] != self.tokens:
             raise ValueError(f"a packed pass expects one row of {self.tokens} tokens, got {tuple(query.shape)}")
         keys, values = self._storage(module.layer_idx, key)
-        device = query.device
-        row, col = self._row.to(device), self._col.to(device)
-        keys[row, :, col] = key[0].transpose(0, 1).to(keys.dtype)
-        values[row, :, col] = value[0].transpose(0, 1).to(values.dtype)
+        on = self._on(query.device)
+        keys[on["row"], :, on["col"]] = key[0].transpose(0, 1).to(keys.dtype)
+        values[on["row"], :, on["col"]] = value[0].transpose(0, 1).to(values.dtype)
         gqa = {"enable_gqa": True} if query.shape[1] != key.shape[1] else {}
         out = []
         if self.old:
             span = max(self.before) + 1
             q = query[0, :, : self.old].transpose(0, 1).unsqueeze(2)  # [old, heads, 1, dim]
-            mask = None if self._old_mask is None else self._old_mask.to(device)
             o = F.scaled_dot_product_attention(q, keys[: self.old, :, :span], values[: self.old, :, :span],
-                                               attn_mask=mask, scale=scaling, **gqa)
+                                               attn_mask=on["old_mask"], scale=scaling, **gqa)
             out.append(o.squeeze(2))  # [old, heads, dim]
         if self.new:
-            q = query[0][:, self._new_index.to(device)].transpose(0, 1)  # [new, heads, longest, dim]
+            q = query[0][:, on["new_index"]].transpose(0, 1)  # [new, heads, longest, dim]
             rows = slice(self.base, self.base + len(self.new))
             span = self._longest
             o = F.scaled_dot_product_attention(q, keys[rows, :, :span], values[rows, :, :span], is_causal=True,
                                                scale=scaling, **gqa)
-            out.append(o.transpose(1, 2)[self._new_valid.to(device)])  # [new tokens, heads, dim]
-        out = torch.cat(out).unsqueeze(0)
+            out.append(o.transpose(1, 2)[on["new_valid"]])  # [new tokens, heads, dim]
+        out = (out[0] if len(out) == 1 else torch.cat(out)).unsqueeze(0)
         return out.transpose(0, 1) if self.as_rows else out
