@@ -96,6 +96,15 @@ class TiltConfig:
     # times its excess NLL per token, so that among replies the taste likes
     # as much the better-formed one is chosen.
     language_coef: float = 2.0
+    # When no epoch stays within the language bound, the cycle starts again
+    # from its parent with `language_coef` this many times higher, at most
+    # `language_retries` times: a tilt that asks less of the language. A
+    # cycle continues from the active version, whose replies may already be
+    # near the bound; at a fixed weight, from the second round of `long` on
+    # even the first epoch passed it and the gate turned the candidate away
+    # (docs/learning.md).
+    language_step: float = 2.0
+    language_retries: int = 2
     # Weight of each correction's group (the reply a person wrote in place of
     # the bot's, beside the policy's own replies to that prompt, tilted
     # together: `correction_groups`), relative to one prompt's tilted replies
@@ -152,6 +161,8 @@ class TiltConfig:
             raise ValueError("samples_per_prompt must be at least 2: a tilt chooses among the base's replies")
         if self.beta <= 0 or self.lr <= 0:
             raise ValueError("the tilt's beta and learning rate must be positive")
+        if self.language_step < 1 or self.language_retries < 0:
+            raise ValueError("language_step must be at least 1 and language_retries at least 0")
         if not 0 <= self.validation_share < 1:
             raise ValueError("validation_share is a share of the prompts: from 0 to below 1")
         return self
@@ -267,6 +278,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     excess = reply_excess(policy, batches, settings)
     scores = torch.tensor(reward_fn(chats, texts), dtype=torch.float32)
     weights = tilt_weights(scores, excess, usable, k, config.beta, config.language_coef, config.min_spread)
+    policy_rows = len(weights)
     groups = weights.view(-1, k)
     live = groups.sum(-1) > 0
     effective = (1.0 / (groups[live] ** 2).sum(-1)).mean().item() if live.any() else 0.0
@@ -302,74 +314,83 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
         correction_share = round(float(extra[2][k::k + 1].sum()) / max(1e-6, float(extra[2].sum())), 4)
         progress(f"tilt: {len(corrections)} corrections, each beside {k} of the policy's replies to its prompt; "
                  f"the corrections hold {correction_share:.0%} of those prompts' weight")
-    rows = [i for i in range(len(texts)) if weights[i] > 1e-4]
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     device = next(policy.parameters()).device
-    history, kept, kept_state, best = [], 0, None, None
-    for epoch in range(1, config.epochs + 1):
-        rng.shuffle(rows)
-        policy.train()
-        sums = {"choice_nll": 0.0, "anchor_kl": 0.0, "choice_share": 0.0}
-        steps = 0
-        for i in range(0, len(rows), config.minibatch):
-            idx = rows[i:i + config.minibatch]
-            batch = encode_replies(tokenizer, [chats[j] for j in idx], [texts[j] for j in idx],
-                                   max_length=config.max_prompt_tokens, device=device)
-            loss, parts = step_loss(policy, batch, weights[idx].to(device), config)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            steps += 1
-            for key, value in parts.items():
-                sums[key] += value
-        policy.eval()
-        val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
-        language = _language(policy, val, settings)
-        val_nll, val_excess, val_known, val_kl = (language[key] for key in ("base_nll", "excess_nll", "known_words",
-                                                                           "kl_per_token"))
-        val_score = _mean(reward_fn([p for b in val for p in b["prompts"]], [t for b in val for t in b["texts"]]))
-        # How far past its bounds the epoch went: the largest of the excess
-        # NLL's rise and the KL as a share of what they are allowed, and the
-        # repetition figures against their bounds (at most 1: within all).
-        repetition = _repetition(val, per_prompt)
-        top, distinct = repetition["top_reply_share"], repetition["distinct_fraction"]
-        floor = config.min_distinct * base_distinct if config.min_distinct else 0.0
-        if val_excess is None or allowance is None:
-            language_over = 0.0
-        elif allowance > 0:
-            language_over = (val_excess - base_excess) / allowance
-        else:  # a bound below the base's own: only how far past it counts
-            language_over = math.inf if val_excess > bound else 0.0
-        over = max(language_over,
-                     val_kl / config.max_kl if config.max_kl else 0.0,
-                     top / config.max_top_share if config.max_top_share else 0.0,
-                     floor / max(distinct, 1e-6))
-        within = val_excess is not None and val_excess <= bound and over <= 1.0
-        record = {"epoch": epoch, "steps": steps, **{key: round(v / max(1, steps), 4) for key, v in sums.items()},
-                  "val_score": val_score, "val_nll": val_nll, "val_excess_nll": val_excess,
-                  "val_known_words": val_known, "val_kl": val_kl,
-                  "val_top_reply_share": top, "val_distinct": distinct,
-                  "over_bounds": round(over, 4), "within_bound": within, "seconds": round(time.perf_counter() - started, 1)}
-        history.append(record)
-        progress(f"tilt: epoch {epoch}/{config.epochs}: reward-model score {_fmt(val_score)} on validation "
-                 f"(at the start {_fmt(start_score)}), excess NLL per token {val_excess} (bound {bound:+.3f}; plain "
-                 f"{val_nll}), "
-                 f"KL to the base {val_kl} per token (bound {_bound(config.max_kl)}), most common reply {top:.0%} "
-                 f"and {distinct:.0%} distinct (bounds {_bound(config.max_top_share)}, {floor:.2f}), known words {val_known} "
-                 f"({record['seconds']:.0f} s)")
-        rank = epoch_rank(record)
-        if best is None or rank > best:
-            best, kept = rank, epoch
-            kept_state = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        elif best[0] and not within:
-            break  # past the bound after an epoch within it: later epochs would drift further
+    parent = _trainable(policy)
+    history, kept, kept_state, kept_record, best, coef = [], 0, None, None, None, config.language_coef
+    for attempt in range(config.language_retries + 1):
+        if attempt:  # again from the parent, asking less of the language
+            coef *= config.language_step
+            weights = torch.cat([tilt_weights(scores, excess, usable, k, config.beta, coef, config.min_spread),
+                                 weights[policy_rows:]])
+            _restore(policy, parent)
+            progress(f"tilt: no epoch stayed within the language bound; again from where the cycle "
+                     f"started, with the language weighed {coef:g} (was {coef / config.language_step:g})")
+        rows = [i for i in range(len(texts)) if weights[i] > 1e-4]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        for epoch in range(1, config.epochs + 1):
+            rng.shuffle(rows)
+            policy.train()
+            sums = {"choice_nll": 0.0, "anchor_kl": 0.0, "choice_share": 0.0}
+            steps = 0
+            for i in range(0, len(rows), config.minibatch):
+                idx = rows[i:i + config.minibatch]
+                batch = encode_replies(tokenizer, [chats[j] for j in idx], [texts[j] for j in idx],
+                                       max_length=config.max_prompt_tokens, device=device)
+                loss, parts = step_loss(policy, batch, weights[idx].to(device), config)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                steps += 1
+                for key, value in parts.items():
+                    sums[key] += value
+            policy.eval()
+            val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
+            language = _language(policy, val, settings)
+            val_nll, val_excess, val_known, val_kl = (language[key] for key in ("base_nll", "excess_nll", "known_words",
+                                                                               "kl_per_token"))
+            val_score = _mean(reward_fn([p for b in val for p in b["prompts"]], [t for b in val for t in b["texts"]]))
+            # How far past its bounds the epoch went: the largest of the excess
+            # NLL's rise and the KL as a share of what they are allowed, and the
+            # repetition figures against their bounds (at most 1: within all).
+            repetition = _repetition(val, per_prompt)
+            top, distinct = repetition["top_reply_share"], repetition["distinct_fraction"]
+            floor = config.min_distinct * base_distinct if config.min_distinct else 0.0
+            if val_excess is None or allowance is None:
+                language_over = 0.0
+            elif allowance > 0:
+                language_over = (val_excess - base_excess) / allowance
+            else:  # a bound below the base's own: only how far past it counts
+                language_over = math.inf if val_excess > bound else 0.0
+            over = max(language_over,
+                         val_kl / config.max_kl if config.max_kl else 0.0,
+                         top / config.max_top_share if config.max_top_share else 0.0,
+                         floor / max(distinct, 1e-6))
+            within = val_excess is not None and val_excess <= bound and over <= 1.0
+            record = {"epoch": epoch, "steps": steps, **{key: round(v / max(1, steps), 4) for key, v in sums.items()},
+                      "val_score": val_score, "val_nll": val_nll, "val_excess_nll": val_excess,
+                      "val_known_words": val_known, "val_kl": val_kl,
+                      "val_top_reply_share": top, "val_distinct": distinct,
+                      "over_bounds": round(over, 4), "language_over": round(language_over, 4), "within_bound": within,
+                      "language_coef": coef, "seconds": round(time.perf_counter() - started, 1)}
+            history.append(record)
+            progress(f"tilt: epoch {epoch}/{config.epochs}: reward-model score {_fmt(val_score)} on validation "
+                     f"(at the start {_fmt(start_score)}), excess NLL per token {val_excess} (bound {bound:+.3f}; plain "
+                     f"{val_nll}), "
+                     f"KL to the base {val_kl} per token (bound {_bound(config.max_kl)}), most common reply {top:.0%} "
+                     f"and {distinct:.0%} distinct (bounds {_bound(config.max_top_share)}, {floor:.2f}), known words {val_known} "
+                     f"({record['seconds']:.0f} s)")
+            rank = epoch_rank(record)
+            if best is None or rank > best:
+                best, kept, kept_record = rank, epoch, record
+                kept_state = _trainable(policy)
+            elif best[0] and not within:
+                break  # past the bound after an epoch within it: later epochs would drift further
+        if best[0] or kept_record["language_over"] <= 1:
+            break  # an epoch within the bounds, or the closest one past a bound other than the language's
     if kept_state is not None:
-        with torch.no_grad():
-            for name, param in policy.named_parameters():
-                if name in kept_state:
-                    param.copy_(kept_state[name])
+        _restore(policy, kept_state)
     if not best[0]:
         progress(f"tilt: no epoch stayed within the bounds (language, KL, repetition); epoch {kept}, the closest, "
                  "is kept for the gate to judge")
@@ -384,7 +405,20 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                            "base_known_words": base_known,
                            "excess_nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl,
                            "base_distinct": base_distinct},
-            "history": history, "epochs": len(history), "epoch_kept": kept, "seconds": round(time.perf_counter() - started, 1)}
+            "history": history, "epochs": len(history), "epoch_kept": kept,
+            "language_coef": kept_record["language_coef"] if kept_record else config.language_coef, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _trainable(policy) -> dict:
+    """A copy of `policy`'s trainable weights (its adapter)."""
+    return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+
+def _restore(policy, state: dict) -> None:
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if name in state:
+                param.copy_(state[name])
 
 
 def epoch_rank(record: dict) -> tuple:

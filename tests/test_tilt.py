@@ -119,6 +119,7 @@ def test_an_epoch_past_the_kl_bound_is_outside_it_though_its_language_holds(tiny
     history = metrics["history"]
     assert all(h["val_kl"] > 1e-6 and h["val_excess_nll"] <= metrics["validation"]["excess_nll_bound"] for h in history)
     assert not any(h["within_bound"] for h in history)
+    assert len(history) == 2  # past the KL bound, not the language's: no second attempt
     assert metrics["epoch_kept"] == min(history, key=lambda h: h["over_bounds"])["epoch"]
     assert metrics["validation"]["kl_bound"] == 1e-6
     assert any("no epoch stayed within the bounds (language, KL, repetition)" in line for line in lines)
@@ -147,13 +148,17 @@ def test_an_epoch_that_spreads_one_reply_over_the_prompts_is_outside_the_bounds(
     assert 0 < metrics["validation"]["base_distinct"] <= 1
 
 
-def test_without_an_epoch_within_the_language_bound_the_closest_is_kept(tiny_trained):
+def test_without_an_epoch_within_the_language_bound_it_starts_again_weighing_language_more(tiny_trained):
     # A bound no reply can meet (an excess NLL per token five times the base's NLL below zero).
     policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_nll_increase=-5.0, epochs=2)
     history = metrics["history"]
     assert not any(h["within_bound"] for h in history)
+    # Two more attempts from the parent, each with the language weighed twice as much.
+    assert [h["language_coef"] for h in history] == [2.0, 2.0, 4.0, 4.0, 8.0, 8.0]
+    assert [h["epoch"] for h in history] == [1, 2] * 3
+    assert sum("again from where the cycle started, with the language weighed" in line for line in lines) == 2
     closest = min(history, key=lambda h: h["over_bounds"])
-    assert metrics["epoch_kept"] == closest["epoch"]
+    assert (metrics["epoch_kept"], metrics["language_coef"]) == (closest["epoch"], closest["language_coef"])
     assert any("no epoch stayed within the bounds (language, KL, repetition)" in line for line in lines)
 
 
