@@ -123,7 +123,8 @@ def prompt_pool(snap: Snapshot) -> tuple[list, list[float]]:
 def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, active_path: str | None):
     """The active adapter (or a fresh one) trained towards its own replies
     re-weighted by the policy's reward model (`online_rl.tilt`)."""
-    from online_rl.tilt import train_tilt, within_gate
+    from online_rl.epoch_bounds import within_gate
+    from online_rl.tilt import train_tilt
 
     config = job.config
     tilt = within_gate(config.tilt, config.gate)

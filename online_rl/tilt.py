@@ -38,7 +38,7 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    of the base's own NLL per token above that of the base's own replies to
    the same prompts (0 by definition), and whose KL to the base, its most
    common reply and its share of distinct replies are within the gate's
-   bounds too, each a tenth inside the gate's (`within_gate`, the validation
+   bounds too, each a tenth inside the gate's (`online_rl.epoch_bounds`, the validation
    prompts are fewer than the gate's), the one with the best reward-model
    score there is kept (`epoch_rank`). The language stop was half the
    gate's once; with a figure that no longer rises for short replies nor
@@ -66,7 +66,6 @@ hands their probability to whatever else the vocabulary holds (babble, see
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 import time
@@ -76,10 +75,10 @@ from typing import Callable
 import torch
 
 from online_rl.data import is_heldout
-from online_rl.evaluate import reply_stats
 from online_rl.corrections import correction_groups
 from online_rl.influence import weighted_draw
-from online_rl.language import drift, known_word_fraction, reply_excess
+from online_rl.epoch_bounds import epoch_rank, judge_epoch, language_figures, repetition
+from online_rl.language import reply_excess
 from online_rl.sampling import encode_replies, full_inputs, sample_many
 from storage.common import prompt_hash
 
@@ -228,13 +227,6 @@ def validation_split(prompts: list[list[dict]], share: float) -> list[bool]:
     return [is_heldout("tilt-validation:" + prompt_hash(p), share) for p in prompts]
 
 
-def _language(policy, batches, settings, base_wrote: bool = False) -> dict:
-    """`language.drift`'s figures of replies (base NLL and excess NLL per
-    token, KL to the base per token) and their known-word share."""
-    figures = drift(policy, batches, settings, base_wrote=base_wrote)
-    return {**figures, "known_words": known_word_fraction([t for b in batches for t in b["texts"]])}
-
-
 def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, settings, config: TiltConfig, *,
                prompt_weights: list[float] | None = None, corrections: list[tuple[list[dict], str]] | None = None,
                correction_weights: list[float] | None = None, progress: ProgressFn = print) -> dict:
@@ -291,9 +283,9 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     per_prompt = max(1, math.ceil(config.validation_replies / len(validation)))
     val_prompts = [p for p in validation for _ in range(per_prompt)]
     base_val = _sample(policy, tokenizer, val_prompts, settings, config, base=True)
-    base_language = _language(policy, base_val, settings, base_wrote=True)
+    base_language = language_figures(policy, base_val, settings, base_wrote=True)
     base_nll, base_excess, base_known = (base_language[key] for key in ("base_nll", "excess_nll", "known_words"))
-    base_distinct = _repetition(base_val, per_prompt)["distinct_fraction"]
+    base_distinct = repetition(base_val, per_prompt)["distinct_fraction"]
     start_val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
     start_score = _mean(reward_fn([p for b in start_val for p in b["prompts"]],
                                   [t for b in start_val for t in b["texts"]]))
@@ -301,6 +293,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     allowance = (config.max_nll_increase * base_nll
                  if None not in (config.max_nll_increase, base_nll, base_excess) else None)
     bound = base_excess + allowance if allowance is not None else math.inf
+    limits = {"base_excess": base_excess, "allowance": allowance, "bound": bound,
+              "floor": config.min_distinct * base_distinct if config.min_distinct else 0.0}
     progress(f"tilt: validation on {len(validation)} prompts: base NLL per token {base_nll}, excess NLL per token "
              f"bound {bound:+.3f}")
 
@@ -346,41 +340,18 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                 for key, value in parts.items():
                     sums[key] += value
             policy.eval()
-            val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
-            language = _language(policy, val, settings)
-            val_nll, val_excess, val_known, val_kl = (language[key] for key in ("base_nll", "excess_nll", "known_words",
-                                                                               "kl_per_token"))
-            val_score = _mean(reward_fn([p for b in val for p in b["prompts"]], [t for b in val for t in b["texts"]]))
-            # How far past its bounds the epoch went: the largest of the excess
-            # NLL's rise and the KL as a share of what they are allowed, and the
-            # repetition figures against their bounds (at most 1: within all).
-            repetition = _repetition(val, per_prompt)
-            top, distinct = repetition["top_reply_share"], repetition["distinct_fraction"]
-            floor = config.min_distinct * base_distinct if config.min_distinct else 0.0
-            if val_excess is None or allowance is None:
-                language_over = 0.0
-            elif allowance > 0:
-                language_over = (val_excess - base_excess) / allowance
-            else:  # a bound below the base's own: only how far past it counts
-                language_over = math.inf if val_excess > bound else 0.0
-            over = max(language_over,
-                         val_kl / config.max_kl if config.max_kl else 0.0,
-                         top / config.max_top_share if config.max_top_share else 0.0,
-                         floor / max(distinct, 1e-6))
-            within = val_excess is not None and val_excess <= bound and over <= 1.0
             record = {"epoch": epoch, "steps": steps, **{key: round(v / max(1, steps), 4) for key, v in sums.items()},
-                      "val_score": val_score, "val_nll": val_nll, "val_excess_nll": val_excess,
-                      "val_known_words": val_known, "val_kl": val_kl,
-                      "val_top_reply_share": top, "val_distinct": distinct,
-                      "over_bounds": round(over, 4), "language_over": round(language_over, 4), "within_bound": within,
+                      **judge_epoch(policy, _sample(policy, tokenizer, val_prompts, settings, config, base=False),
+                                    per_prompt, reward_fn, settings, config, limits),
                       "language_coef": coef, "seconds": round(time.perf_counter() - started, 1)}
+            val_excess, within = record["val_excess_nll"], record["within_bound"]
             history.append(record)
-            progress(f"tilt: epoch {epoch}/{config.epochs}: reward-model score {_fmt(val_score)} on validation "
-                     f"(at the start {_fmt(start_score)}), excess NLL per token {val_excess} (bound {bound:+.3f}; plain "
-                     f"{val_nll}), "
-                     f"KL to the base {val_kl} per token (bound {_bound(config.max_kl)}), most common reply {top:.0%} "
-                     f"and {distinct:.0%} distinct (bounds {_bound(config.max_top_share)}, {floor:.2f}), known words {val_known} "
-                     f"({record['seconds']:.0f} s)")
+            progress(f"tilt: epoch {epoch}/{config.epochs}: reward-model score {_fmt(record['val_score'])} on "
+                     f"validation (at the start {_fmt(start_score)}), excess NLL per token {val_excess} (bound "
+                     f"{bound:+.3f}; plain {record['val_nll']}), KL to the base {record['val_kl']} per token (bound "
+                     f"{_bound(config.max_kl)}), most common reply {record['val_top_reply_share']:.0%} and "
+                     f"{record['val_distinct']:.0%} distinct (bounds {_bound(config.max_top_share)}, "
+                     f"{limits['floor']:.2f}), known words {record['val_known_words']} ({record['seconds']:.0f} s)")
             rank = epoch_rank(record)
             if best is None or rank > best:
                 best, kept, kept_record = rank, epoch, record
@@ -419,37 +390,6 @@ def _restore(policy, state: dict) -> None:
         for name, param in policy.named_parameters():
             if name in state:
                 param.copy_(state[name])
-
-
-def epoch_rank(record: dict) -> tuple:
-    """How an epoch's validation record ranks (higher is better): any epoch
-    within the bounds (language, KL, repetition) above every epoch outside
-    them; within them, the higher reward-model score (the score peaks while
-    later epochs only fit the training prompts, and drift); outside them,
-    the less far past its bounds (`over_bounds`)."""
-    if record["within_bound"]:
-        score = record["val_score"]
-        return (1, -math.inf if score is None else score)
-    over = record["over_bounds"]
-    return (0, -math.inf if over is None else -over)
-
-
-def within_gate(config: TiltConfig, gate) -> TiltConfig:
-    """`config` with the bounds it leaves unset taken from the gate's
-    (`online_rl.gate.GateConfig`), a tenth tighter: the validation prompts
-    are fewer than the gate's, and what is measured on them varies more."""
-    margin = 0.9
-    bounds = {"max_nll_increase": margin * gate.max_nll_increase, "max_kl": margin * gate.max_kl,
-              "max_top_share": margin * gate.max_top_share, "min_distinct": gate.min_distinct / margin}
-    return dataclasses.replace(config, **{k: v for k, v in bounds.items() if getattr(config, k) is None})
-
-
-def _repetition(batches, per_prompt: int) -> dict:
-    """The gate's measures of one reply spread over the prompts, on
-    validation batches of `per_prompt` consecutive replies to each prompt."""
-    texts = [t for b in batches for t in b["texts"]]
-    finished = [bool(f) for b in batches for f in b["finished"].tolist()]
-    return reply_stats(texts, finished, per_prompt)
 
 
 def _mean(values) -> float | None:

@@ -100,7 +100,7 @@ def test_the_tilt_raises_the_reward_and_moves_only_lora(tiny_trained):
 
 
 def test_epochs_within_the_language_bound_rank_by_score_the_others_by_closeness():
-    from online_rl.tilt import epoch_rank
+    from online_rl.epoch_bounds import epoch_rank
 
     def rec(within, score, over):
         return {"within_bound": within, "val_score": score, "over_bounds": over}
@@ -127,7 +127,8 @@ def test_an_epoch_past_the_kl_bound_is_outside_it_though_its_language_holds(tiny
 
 def test_the_cycle_bounds_the_tilt_a_tenth_inside_the_gate():
     from online_rl.gate import GateConfig
-    from online_rl.tilt import TiltConfig, within_gate
+    from online_rl.epoch_bounds import within_gate
+    from online_rl.tilt import TiltConfig
 
     gate = GateConfig(max_kl=0.3, max_top_share=0.25, min_distinct=0.6)
     bounded = within_gate(TiltConfig(), gate)
