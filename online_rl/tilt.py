@@ -45,7 +45,11 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    falls for long ones, at half it kept only each cycle's first, smallest
    epoch, and the gate accepted the ones it turned away (docs/learning.md).
    A prompt is a validation prompt in every cycle or in none (a hash of
-   it), so none was learned by heart in an earlier one.
+   it), so none was learned by heart in an earlier one. When no epoch
+   stays within the language bound, the cycle starts again from its parent
+   with `language_coef` doubled (at most `language_retries` times): the
+   replies chosen are then those the taste likes that keep closest to the
+   base's language.
 
 Each cycle continues from the active version's adapter, as PPO does, and
 tilts it further by the newest reward model (trained on all the replayed
