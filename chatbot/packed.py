@@ -57,18 +57,55 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
 def install(model) -> bool:
     """Route `model`'s attention through `attention` where `supports` says
-    it can; returns whether it does."""
+    it can and a probe agrees (`_probe`); returns whether it does. A model
+    that fails the probe is left as it was."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not supports(base.config):
         return False
+    if base.config._attn_implementation == ATTENTION:
+        return True
     AttentionInterface.register(ATTENTION, attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
-    if base.config._attn_implementation != ATTENTION:
-        base.set_attn_implementation(ATTENTION)
-    return True
+    before = base.config._attn_implementation
+    base.set_attn_implementation(ATTENTION)
+    if _probe(model):
+        return True
+    base.set_attn_implementation(before)
+    return False
+
+
+def _probe(model) -> bool:
+    """Whether packed passes give `model` the logits a plain forward pass
+    gives: a prompt of two tokens, then one more token. A model whose
+    attention does not go through transformers' attention interface (custom
+    code) would ignore the pass's layout and read the packed row as one
+    sequence: it fails here, not in a reply."""
+    import inspect
+
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values()):
+        return False
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    rows, calls = Rows(), []
+    try:
+        with torch.inference_mode():
+            plain = model(input_ids=ids).logits[0, 1:].float()
+            packed_logits = []
+            for plan, step in ((rows.plan([2]), ids[:, :2]), (rows.plan([]), ids[:, 2:])):
+                plan.calls = calls
+                out = model(input_ids=step, position_ids=plan.positions.to(device), packed=plan, use_cache=False,
+                            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)).logits
+                packed_logits.append(out[0, -1].float())
+    except Exception:  # noqa: BLE001 - any failure means the model cannot be served packed
+        return False
+    scale = plain.abs().max().clamp(min=1.0)
+    return bool(calls) and torch.allclose(torch.stack(packed_logits), plain, atol=1e-3 * float(scale), rtol=1e-3)
 
 
 def supports(config) -> bool:
@@ -158,6 +195,7 @@ class Pass:
     base: int
     new: list[int]
     as_rows: bool = False
+    calls: list | None = None  # where given, each layer's attention call is noted (`_probe`)
 
     def __post_init__(self):
         import torch
@@ -224,6 +262,8 @@ class Pass:
         import torch
         import torch.nn.functional as F
 
+        if self.calls is not None:
+            self.calls.append(module.layer_idx)
         if self.as_rows:
             query, key, value = (t.transpose(0, 2) for t in (query, key, value))
         if query.shape[0] != 1 or query.shape[2] != self.tokens:

@@ -101,3 +101,18 @@ def test_storage_grows_in_blocks_up_to_the_context_and_shrinks_as_rows_leave():
     assert {t.shape[2] for t in rows.keys.values()} == {70}  # a block would be 128: capped at the context
     rows.keep([1])  # the long row leaves: one block is enough for the other
     assert {t.shape[:3] for t in rows.keys.values()} == {(1, 2, 64)}
+
+
+def test_a_model_whose_attention_ignores_the_pass_is_not_served_packed(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    from chatbot import packed
+
+    model = tiny_llama(2)
+    # As custom model code would: attention that never looks at transformers' interface.
+    monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface",
+                        lambda name, default: modeling_llama.eager_attention_forward)
+    assert not packed.install(model)
+    assert model.config._attn_implementation != packed.ATTENTION  # left as it was
+    monkeypatch.undo()
+    assert packed.install(model) and model.config._attn_implementation == packed.ATTENTION
