@@ -39,9 +39,9 @@ from chatbot import packed
 from chatbot.batch import PackedBatch, PaddedBatch
 from chatbot.lora_rows import BASE_ROW, lora_layers, rows_on_adapters, supported
 
-# Prompts read in one forward pass when several requests join the batch at
-# once, in padded tokens (the policy caps it at the model's context, see
-# `prefill_groups`): one pass instead of one per newcomer.
+# Newcomers' prompts read in one forward pass when several requests join the
+# batch at once, in rows x longest prompt (the policy caps it at the model's
+# context, see `chatbot.batch.prefill_groups`).
 PREFILL_TOKENS = 1024
 
 
