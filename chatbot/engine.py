@@ -32,6 +32,7 @@ import contextlib
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -92,6 +93,8 @@ class Engine:
         self._cache_kwarg = None  # the forward's name for the KV cache, by transformers version
         self._last_only: dict = {}  # logits of the last position only, where the model can
         self._layers_for: tuple = (None, [])  # (adapters loaded, their LoRA layers) for `_lora_layers`
+        # (a weak reference to the model, whether it is served packed): `packed.install` once per model
+        self._packs: tuple = (lambda: None, False)
         self.step_lock = threading.RLock()  # held for one step; a hot-swap takes it between steps
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -206,7 +209,9 @@ class Engine:
 
     def _layout(self) -> PackedBatch | PaddedBatch:
         model = self.model_fn()
-        return PackedBatch(self) if packed.install(model) else PaddedBatch(self)
+        if self._packs[0]() is not model:  # the probe runs once per model, not each time the batch empties
+            self._packs = (weakref.ref(model), packed.install(model))
+        return PackedBatch(self) if self._packs[1] else PaddedBatch(self)
 
     def _forward(self, rows: list[Request], counts: list[int] | None, layout, **kwargs):
         """The next-token logits of each row of a pass: a padded pass
