@@ -109,6 +109,32 @@ def drawn_excess(base_logits, reply, mask, settings):
     return ((drawn - position_cost(base_logits, settings)) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+def outside_cost(version_logits, base_logits, mask, settings):
+    """What the base's NLL loses to tokens the base would never serve: at
+    each position the version's serving distribution (its temperature and
+    its own nucleus, `settings`) over the tokens outside the base's serving
+    nucleus, each at the base's NLL of it, averaged over the positions in
+    `mask`. Differentiable in `version_logits` (the nucleus itself is held
+    fixed), for training against it (`online_rl.tilt`).
+
+    The part of the excess NLL that is not a choice among the base's own
+    words: it is 0 for the base itself, and for any version whose nucleus
+    stays inside the base's, however it re-weights the words within it, so
+    it does not pay a version to grow sharper than the base. On the starter
+    tilted towards `long` it was three quarters of the excess on held-out
+    prompts (docs/learning.md)."""
+    import torch
+
+    with torch.no_grad():
+        own = settings.next_token_probs(version_logits.detach()) > 0
+        outside = ~(settings.next_token_probs(base_logits) > 0)
+    served = torch.softmax(version_logits / settings.logprob_temperature, -1) * own
+    served = served / served.sum(-1, keepdim=True).clamp(min=1e-12)
+    base_nll = -torch.log_softmax(base_logits, -1).clamp(min=-1e4)
+    per_position = (served * outside * base_nll).sum(-1)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
 def reply_excess(model, batches: list[dict], settings):
     """`drawn_excess` of every reply in `online_rl.sampling` batches, in
     order (a `PeftModel`'s adapter disabled: the base judges)."""

@@ -10,7 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from chatbot.models import GenerationSettings  # noqa: E402
-from online_rl.language import base_nll_per_token, drawn_excess, drift, expected_nll, reply_excess  # noqa: E402
+from online_rl.language import (base_nll_per_token, drawn_excess, drift, expected_nll, outside_cost,  # noqa: E402
+                                 reply_excess)
 from online_rl.sampling import reply_logits, row_chunks, sample, token_logprobs  # noqa: E402
 
 
@@ -94,3 +95,22 @@ def test_a_large_vocabulary_is_scored_in_pieces_of_whole_rows():
     assert [len(p["texts"]) for p in pieces] == [3, 3, 3, 1]
     assert torch.equal(torch.cat([p["reply"] for p in pieces]), batch["reply"])
     assert [len(p["texts"]) for p in row_chunks(batch, vocabulary=10**9)] == [1] * 10
+
+
+def test_the_outside_cost_counts_only_words_the_base_would_never_serve():
+    settings = GenerationSettings(temperature=0.8, top_p=0.95)
+    torch.manual_seed(0)
+    base = torch.randn(4, 6, 50) * 3
+    mask = torch.ones(4, 6)
+    mask[0, 4:] = 0
+    assert outside_cost(base, base, mask, settings).item() == 0.0
+    # Sharper than the base (its nucleus inside the base's) costs nothing either.
+    assert outside_cost(base * 3, base, mask, settings).item() == 0.0
+    # Mass on the base's least likely token costs its NLL, and the gradient lowers it.
+    worst = base.argmin(-1, keepdim=True)
+    version = base.scatter(-1, worst, base.amax(-1, keepdim=True)).requires_grad_(True)
+    cost = outside_cost(version, base, mask, settings)
+    worst_nll = -torch.log_softmax(base, -1).gather(-1, worst).squeeze(-1)
+    assert 0.1 * float(worst_nll.min()) < cost.item() < float(worst_nll.max())
+    cost.backward()
+    assert (version.grad.gather(-1, worst).squeeze(-1)[mask.bool()] > 0).all()
