@@ -32,6 +32,11 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    weighted NLL also raises the sampler's rare slips, and the starter turns
    to babble (measured on `long` with the true taste as the reward: base NLL
    per token 0.40 -> 0.60 in three epochs, against 0.41 -> 0.47 here).
+   At every reply token, the words the policy would serve that the base
+   never would (outside the base's nucleus at the serving settings) are
+   penalized at their base NLL (`language.outside_cost`, weight
+   `outside_coef`): three quarters of what the tilt cost the language on
+   held-out prompts was there, not in its choices among the base's words.
 4. **Epochs, stopped by language.** After each epoch the policy answers the
    validation prompts (prompts of the pool kept out of training); of the
    epochs whose replies' excess NLL per token is at most `max_nll_increase`
