@@ -42,6 +42,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 _WORD = re.compile(r"[a-z']+")
@@ -127,11 +128,11 @@ def outside_cost(version_logits, base_logits, mask, settings):
 
     with torch.no_grad():
         own = settings.next_token_probs(version_logits.detach()) > 0
-        outside = ~(settings.next_token_probs(base_logits) > 0)
-    served = torch.softmax(version_logits / settings.logprob_temperature, -1) * own
-    served = served / served.sum(-1, keepdim=True).clamp(min=1e-12)
-    base_nll = -torch.log_softmax(base_logits, -1).clamp(min=-1e4)
-    per_position = (served * outside * base_nll).sum(-1)
+        # The base's NLL of each token it would never serve, 0 for those it would.
+        cost = (-torch.log_softmax(base_logits, -1).clamp(min=-1e4)).masked_fill_(
+            settings.next_token_probs(base_logits) > 0, 0.0)
+    served = torch.softmax((version_logits / settings.logprob_temperature).masked_fill(~own, -math.inf), -1)
+    per_position = (served * cost).sum(-1)
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
