@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout", type=int, default=100, help="held-out prompts (default 100)")
     parser.add_argument("--samples", type=int, default=2, help="replies per held-out prompt (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=[label.split()[0] for label, _ in BOUNDS],
+                        help="run one condition of the rater bound (with --no-doc: the section shows both)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="bench-poisoning", help="per-condition JSON and logs go here")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
@@ -166,6 +168,8 @@ def run_condition(label: str, share: float, work: Path, args, starter: str, cont
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.only and not args.no_doc and not args.reuse:
+        raise SystemExit("--only runs one condition; add --no-doc (the section in docs/benchmarks.md shows both)")
     args.n_loud = max(1, round(args.loud * args.scale))
     args.n_quiet = max(1, round(args.quiet_thumbs * args.scale))
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                    "chat_prompts": chat_prompts, "replies": list(zip(heldout * args.samples, base_replies))}
         v0 = taste_approval(bot, heldout, tastes, settings, args.samples, eval_seed)
         store.close()
-        results = [run_condition(label, share, work, args, starter, context) for label, share in BOUNDS]
+        results = [run_condition(label, share, work, args, starter, context) for label, share in BOUNDS
+                   if args.only in (None, label.split()[0])]
     summary = {"args": {k: v for k, v in vars(args).items()}, "v0": v0, "results": results}
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     if not args.no_doc:
