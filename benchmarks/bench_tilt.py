@@ -31,8 +31,8 @@ VARIANTS = (
                                                        min_spread=0.0, outside_coef=0.0)),
     ("choice tokens only, the base held elsewhere (KL, weight 8)", dict(language_coef=0.0, min_spread=0.0,
                                                                         outside_coef=0.0)),
-    ("the same, excess NLL per token in the weights, prompts whose replies all score alike left out, served words "
-     "outside the base's nucleus penalized (the default)", dict()),
+    ("choice tokens only, the base held elsewhere, excess NLL per token in the weights, prompts whose replies all "
+     "score alike left out, served words outside the base's nucleus penalized (the default)", dict()),
     ("the default at lr 3e-3", dict(lr=3e-3)),
     ("the default with prompts whose replies all score alike kept in", dict(min_spread=0.0)),
     ("the default without the loss on served words outside the base's nucleus", dict(outside_coef=0.0)),
