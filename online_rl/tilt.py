@@ -52,9 +52,9 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    A prompt is a validation prompt in every cycle or in none (a hash of
    it), so none was learned by heart in an earlier one. When no epoch
    stays within the language bound, the cycle starts again from its parent
-   with `language_coef` doubled (at most `language_retries` times): the
-   replies chosen are then those the taste likes that keep closest to the
-   base's language.
+   with `language_coef` and `outside_coef` doubled (at most
+   `language_retries` times): the replies chosen are then those the taste
+   likes that keep closest to the base's language.
 
 Each cycle continues from the active version's adapter, as PPO does, and
 tilts it further by the newest reward model (trained on all the replayed
@@ -130,8 +130,9 @@ class TiltConfig:
     # words the base would never serve (outside its own nucleus), at their
     # base NLL. Most of what a tilt cost the language was there, not in its
     # choices among the base's words: on `long` (the taste as the reward,
-    # 3 epochs, 128 held-out prompts x 12) 0.32 approval at excess NLL +0.057
-    # per token without it, 0.30 at +0.026 with it (base 0.22; docs/learning.md).
+    # 512 prompts, 3 epochs, 128 held-out prompts x 12; benchmarks/bench_tilt.py)
+    # 0.39 approval at excess NLL +0.067 per token without it, 0.32 at +0.028
+    # with it (base 0.23): less per tilt, more per unit of what the gate bounds.
     outside_coef: float = 16.0
     epochs: int = 3
     minibatch: int = 16  # replies per gradient step
@@ -174,6 +175,8 @@ class TiltConfig:
             raise ValueError("tilt prompts, epochs, minibatch and validation samples must be at least 1")
         if self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be at least 2: a tilt chooses among the base's replies")
+        if self.anchor_coef < 0 or self.outside_coef < 0 or self.language_coef < 0:
+            raise ValueError("the tilt's language and anchor weights must not be negative")
         if self.beta <= 0 or self.lr <= 0:
             raise ValueError("the tilt's beta and learning rate must be positive")
         if self.language_step < 1 or self.language_retries < 0:
