@@ -6,7 +6,8 @@ validation prompts; `judge_epoch` measures the replies as the gate will
 (reward-model score, excess and plain NLL per token against the base, KL to
 the base, known words, the most common reply and the share of distinct
 ones) and says how far past its bounds the epoch went; `epoch_rank` orders
-epochs for the one to keep; `within_gate` sets the bounds from the gate's.
+epochs for the one to keep; `validation_limits` measures the base there and
+sets the bounds from it; `within_gate` sets the bounds from the gate's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ def language_figures(policy, batches, settings, base_wrote: bool = False) -> dic
     token, KL to the base per token) and their known-word share."""
     figures = drift(policy, batches, settings, base_wrote=base_wrote)
     return {**figures, "known_words": known_word_fraction([t for b in batches for t in b["texts"]])}
+
+
+def validation_limits(policy, base_replies, per_prompt: int, settings, config: TiltConfig) -> dict:
+    """The base's figures on its own validation replies (batches of
+    `per_prompt` consecutive replies to each prompt) and the bounds every
+    epoch is judged against (`judge_epoch`): the excess NLL per token at
+    most `config.max_nll_increase` of the base's NLL per token above the
+    base's own (0 by definition; the allowance), and the floor of the share
+    of distinct replies."""
+    figures = language_figures(policy, base_replies, settings, base_wrote=True)
+    base_nll, base_excess = figures["base_nll"], figures["excess_nll"]
+    base_distinct = repetition(base_replies, per_prompt)["distinct_fraction"]
+    allowance = (config.max_nll_increase * base_nll
+                 if None not in (config.max_nll_increase, base_nll, base_excess) else None)
+    return {"base_nll": base_nll, "base_excess": base_excess, "base_known": figures["known_words"],
+            "base_distinct": base_distinct, "allowance": allowance,
+            "bound": base_excess + allowance if allowance is not None else math.inf,
+            "floor": config.min_distinct * base_distinct if config.min_distinct else 0.0}
 
 
 def judge_epoch(policy, replies, per_prompt: int, reward_fn, settings, config: TiltConfig, limits: dict) -> dict:

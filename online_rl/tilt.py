@@ -86,7 +86,7 @@ import torch
 from online_rl.data import is_heldout
 from online_rl.corrections import correction_groups
 from online_rl.influence import weighted_draw
-from online_rl.epoch_bounds import epoch_rank, judge_epoch, language_figures, repetition
+from online_rl.epoch_bounds import epoch_rank, judge_epoch, validation_limits
 from online_rl.language import outside_cost, reply_excess
 from online_rl.sampling import encode_replies, full_inputs, sample_many
 from storage.common import prompt_hash
@@ -305,20 +305,13 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     per_prompt = max(1, math.ceil(config.validation_replies / len(validation)))
     val_prompts = [p for p in validation for _ in range(per_prompt)]
     base_val = _sample(policy, tokenizer, val_prompts, settings, config, base=True)
-    base_language = language_figures(policy, base_val, settings, base_wrote=True)
-    base_nll, base_excess, base_known = (base_language[key] for key in ("base_nll", "excess_nll", "known_words"))
-    base_distinct = repetition(base_val, per_prompt)["distinct_fraction"]
+    limits = validation_limits(policy, base_val, per_prompt, settings, config)
+    bound = limits["bound"]
     start_val = _sample(policy, tokenizer, val_prompts, settings, config, base=False)
     start_score = _mean(reward_fn([p for b in start_val for p in b["prompts"]],
                                   [t for b in start_val for t in b["texts"]]))
-    # The language bound: the excess NLL per token at most this above the base's own (0 by definition).
-    allowance = (config.max_nll_increase * base_nll
-                 if None not in (config.max_nll_increase, base_nll, base_excess) else None)
-    bound = base_excess + allowance if allowance is not None else math.inf
-    limits = {"base_excess": base_excess, "allowance": allowance, "bound": bound,
-              "floor": config.min_distinct * base_distinct if config.min_distinct else 0.0}
-    progress(f"tilt: validation on {len(validation)} prompts: base NLL per token {base_nll}, excess NLL per token "
-             f"bound {bound:+.3f}")
+    progress(f"tilt: validation on {len(validation)} prompts: base NLL per token {limits['base_nll']}, excess NLL "
+             f"per token bound {bound:+.3f}")
 
     correction_share = None
     if corrections and config.correction_coef > 0:
@@ -397,10 +390,10 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
             "corrections": len(corrections or []) if config.correction_coef > 0 else 0,
             "correction_share": correction_share, "effective_replies": round(effective, 2),
             "score_sampled": _round(sampled_score), "score_target": _round(target_score),
-            "validation": {"start_score": start_score, "base_nll": base_nll, "base_excess_nll": base_excess,
-                           "base_known_words": base_known,
+            "validation": {"start_score": start_score, "base_nll": limits["base_nll"],
+                           "base_excess_nll": limits["base_excess"], "base_known_words": limits["base_known"],
                            "excess_nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl,
-                           "base_distinct": base_distinct},
+                           "base_distinct": limits["base_distinct"]},
             "history": history, "epochs": len(history), "epoch_kept": kept,
             "language_coef": kept_record["language_coef"] if kept_record else config.language_coef, "seconds": round(time.perf_counter() - started, 1)}
 
