@@ -274,3 +274,42 @@ def test_the_tilts_validation_prompts_are_the_same_in_every_cycle_and_the_gate_j
     assert tilt[:4] == [held[0], validation[0], held[1], validation[1]]
     assert sorted(map(str, tilt)) == sorted(map(str, held + validation))
     assert judged_prompts(snap, CycleConfig(method="ppo")) == held  # PPO trains on every pool prompt
+
+
+def test_the_step_loss_charges_served_words_outside_the_bases_nucleus(tiny_trained):
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.models import GenerationSettings, load_tokenizer
+    from online_rl.ppo import add_lora
+    from online_rl.sampling import encode_replies
+    from online_rl.tilt import TiltConfig, step_loss
+
+    config = TiltConfig()
+    torch.manual_seed(0)
+    policy = add_lora(AutoModelForCausalLM.from_pretrained(str(tiny_trained)), config)
+    tokenizer = load_tokenizer(str(tiny_trained))
+    tokenizer.padding_side = "left"
+    settings = GenerationSettings(temperature=0.8, top_p=0.5)
+    batch = encode_replies(tokenizer, PROMPTS[:4], ["I am fine.", "hello there", "I do not know.", "bye"])
+    weights = torch.full((4,), 0.25)
+    # A fresh adapter is the base: nothing it serves lies outside the base's nucleus.
+    _, parts = step_loss(policy, batch, weights, config, settings, 16.0)
+    assert parts["outside"] == 0.0
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    plain, parts_plain = step_loss(policy, batch, weights, config, settings, 0.0)
+    charged, parts_charged = step_loss(policy, batch, weights, config, settings, 16.0)
+    assert parts_charged["outside"] > 0.01
+    assert charged.item() == pytest.approx(plain.item() + 16.0 * parts_charged["outside"], rel=1e-4)
+    # Its gradient moves the adapter back towards the base's words.
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05)
+    for _ in range(5):
+        loss, _ = step_loss(policy, batch, weights, TiltConfig(anchor_coef=0.0), settings, 16.0)
+        optimizer.zero_grad()
+        (loss - step_loss(policy, batch, weights, TiltConfig(anchor_coef=0.0), settings, 0.0)[0]).backward()
+        optimizer.step()
+    _, after = step_loss(policy, batch, weights, config, settings, 16.0)
+    assert after["outside"] < parts_charged["outside"]
