@@ -328,6 +328,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     parent = _trainable(policy)
     history, kept, kept_state, kept_record, best, coef = [], 0, None, None, None, config.language_coef
     for attempt in range(config.language_retries + 1):
+        outside_coef = config.outside_coef * config.language_step ** attempt
         if attempt:  # again from the parent, asking less of the language
             coef *= config.language_step
             weights = torch.cat([tilt_weights(scores, excess, usable, k, config.beta, coef, config.min_spread),
@@ -335,8 +336,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
             _restore(policy, parent)
             progress(f"tilt: no epoch stayed within the language bound; again from where the cycle "
                      f"started, with the language weighed {coef:g} in the weights (was "
-                     f"{coef / config.language_step:g}) and {config.outside_coef * config.language_step ** attempt:g} "
-                     f"in the loss")
+                     f"{coef / config.language_step:g}) and {outside_coef:g} in the loss")
         rows = [i for i in range(len(texts)) if weights[i] > 1e-4]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         for epoch in range(1, config.epochs + 1):
@@ -348,8 +348,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                 idx = rows[i:i + config.minibatch]
                 batch = encode_replies(tokenizer, [chats[j] for j in idx], [texts[j] for j in idx],
                                        max_length=config.max_prompt_tokens, device=device)
-                loss, parts = step_loss(policy, batch, weights[idx].to(device), config, settings,
-                                        config.outside_coef * config.language_step ** attempt)
+                loss, parts = step_loss(policy, batch, weights[idx].to(device), config, settings, outside_coef)
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
