@@ -92,7 +92,7 @@ def epoch_rank(record: dict) -> tuple:
 
 def within_gate(config: TiltConfig, gate) -> TiltConfig:
     """`config` with the bounds it leaves unset taken from the gate's
-    (`online_rl.gate.GateConfig`), a tenth tighter: the validation prompts
+    (`online_rl.gate.GateConfig`), a tenth tighter: the validation replies
     are fewer than the gate's, and what is measured on them varies more."""
     margin = 0.9
     bounds = {"max_nll_increase": margin * gate.max_nll_increase, "max_kl": margin * gate.max_kl,

@@ -38,13 +38,14 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    `outside_coef`): three quarters of what the tilt cost the language on
    held-out prompts was there, not in its choices among the base's words.
 4. **Epochs, stopped by language.** After each epoch the policy answers the
-   validation prompts (prompts of the pool kept out of training); of the
+   validation prompts (kept out of training; in a cycle, the very prompts
+   the gate will judge on: `online_rl.cycle.judged_prompts`); of the
    epochs whose replies' excess NLL per token is at most `max_nll_increase`
    of the base's own NLL per token above that of the base's own replies to
    the same prompts (0 by definition), and whose KL to the base, its most
    common reply and its share of distinct replies are within the gate's
    bounds too, each a tenth inside the gate's (`online_rl.epoch_bounds`, the validation
-   prompts are fewer than the gate's), the one with the best reward-model
+   replies are fewer than the gate's), the one with the best reward-model
    score there is kept (`epoch_rank`). The language stop was half the
    gate's once; with a figure that no longer rises for short replies nor
    falls for long ones, at half it kept only each cycle's first, smallest
@@ -144,10 +145,10 @@ class TiltConfig:
     lora_alpha: int = 32
     validation_share: float = 0.2  # of the drawn prompts, kept out of training to stop on language
     # Replies sampled on the validation prompts after each epoch (spread over
-    # them): base NLL per token varies a lot from reply to reply, and the
-    # validation prompts are few while the pool is small. As many as the
-    # gate's evaluation writes (`EvalConfig.min_replies`): with 128 the epoch
-    # stop passed an epoch at 0.42 that the gate measured at 0.54.
+    # them): base NLL per token varies a lot from reply to reply. With 128
+    # the epoch stop passed an epoch at 0.42 that the gate measured at 0.54;
+    # the gate writes at least 1024 (`EvalConfig.min_replies`), and its bounds
+    # are a tenth wider than the stop's (`epoch_bounds.within_gate`).
     validation_replies: int = 256
     # (With fewer than 20 prompts in the pool there is nothing to keep out:
     # the epoch stop then looks at training prompts.)
@@ -251,7 +252,8 @@ def validation_split(prompts: list[list[dict]], share: float) -> list[bool]:
 
 def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, settings, config: TiltConfig, *,
                prompt_weights: list[float] | None = None, corrections: list[tuple[list[dict], str]] | None = None,
-               correction_weights: list[float] | None = None, progress: ProgressFn = print) -> dict:
+               correction_weights: list[float] | None = None, validation: list[list[dict]] | None = None,
+               progress: ProgressFn = print) -> dict:
     """Train `policy` (a trainable `PeftModel`: a fresh adapter, or the
     active version's) towards its own replies tilted by `reward_fn`; returns
     the metrics. The adapter kept is that of the epoch with the best
@@ -261,7 +263,9 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     `corrections` (prompt, the reply a person wrote instead) join the
     training rows beside the policy's own replies to their prompts
     (`correction_groups`), weighed by `correction_weights` (the rater
-    bound's)."""
+    bound's). `validation`: the prompts the epoch stop judges on (the
+    cycle passes the gate's, `online_rl.cycle.judged_prompts`); none of them
+    is trained on. None: the pool's own validation split (`validation_split`)."""
     config.validate()
     if not prompts:
         raise ValueError("a tilt needs at least one prompt to sample replies to")
@@ -269,16 +273,23 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     k = config.samples_per_prompt
-    # Validation prompts are kept out of training, in this cycle and every
-    # other: the split is a hash of the prompt, because each cycle continues
+    # Validation prompts (the pool's split below, and in a cycle also the
+    # gate's held-out prompts) are kept out of training, in this cycle and
+    # every other: the split is a hash of the prompt, because each cycle continues
     # from the last one's adapter, and a prompt trained on before would show
     # replies learned by heart (measured on `long`: 0.34 nats per token on
     # such prompts against the base's 0.45, where new prompts gave 0.51).
     # The training prompts are then drawn by their weights (a heavily
     # weighted prompt may be drawn more than once: more replies to choose among).
     held = validation_split(prompts, config.validation_share)
-    validation = [p for p, h in zip(prompts, held) if h]
-    pool = [i for i, h in enumerate(held) if not h] if validation else list(range(len(prompts)))
+    if validation:  # the gate's prompts: kept out of training as well
+        judged = {prompt_hash(p) for p in validation}
+        held = [h or prompt_hash(p) in judged for p, h in zip(prompts, held)]
+    else:
+        validation = [p for p, h in zip(prompts, held) if h]
+    pool = [i for i, h in enumerate(held) if not h]
+    if not pool or not validation:  # too few prompts to keep any out: the stop looks at training prompts
+        pool = list(range(len(prompts)))
     if not validation:
         validation = [prompts[i] for i in rng.sample(range(len(prompts)), min(16, len(prompts)))]
     weights_of = prompt_weights or [1.0] * len(prompts)

@@ -241,6 +241,8 @@ def test_a_tilt_cycle_continues_from_the_active_adapter(store, data_dir, tiny_mo
                       progress=lines.append)
     assert first["status"] == "succeeded" and first["parent"] == "v0" and first["method"] == "tilt"
     assert first["train"]["epoch_kept"] == 1 and first["train"]["replies"] == 32
+    # The epoch stop judged on the prompts the gate judged on.
+    assert first["train"]["validation_prompts"] == first["evaluation"]["prompts"] > 0
     assert any(line.startswith("tilt: epoch 1/1") for line in lines)
     described = json.loads((Path(first["path"]) / "adapter.json").read_text())
     assert described["method"] == "tilt" and described["config"]["tilt"]["prompts"] == 8
@@ -274,6 +276,37 @@ def test_the_tilts_validation_prompts_are_the_same_in_every_cycle_and_the_gate_j
     assert tilt[:4] == [held[0], validation[0], held[1], validation[1]]
     assert sorted(map(str, tilt)) == sorted(map(str, held + validation))
     assert judged_prompts(snap, CycleConfig(method="ppo")) == held  # PPO trains on every pool prompt
+
+
+def test_given_validation_prompts_the_tilt_judges_its_epochs_there_and_never_trains_on_them(tiny_trained):
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.models import GenerationSettings, load_tokenizer
+    from online_rl.ppo import add_lora
+    from online_rl.tilt import TiltConfig, train_tilt
+
+    config = TiltConfig(prompts=12, samples_per_prompt=2, epochs=1, minibatch=8, language_retries=0,
+                        validation_replies=6, max_nll_increase=10.0)
+    torch.manual_seed(0)
+    policy = add_lora(AutoModelForCausalLM.from_pretrained(str(tiny_trained)), config)
+    tokenizer = load_tokenizer(str(tiny_trained))
+    tokenizer.padding_side = "left"
+    settings = GenerationSettings(max_new_tokens=8, temperature=1.0, top_p=1.0)
+    elsewhere = [[{"role": "user", "content": "a prompt of the gate's own"}]]
+    validation = PROMPTS[:2] + elsewhere  # two of the pool's, one from outside it
+    calls = []
+
+    def reward(prompts, replies):
+        calls.append({p[-1]["content"] for p in prompts})
+        return starts_with_i(prompts, replies)
+
+    metrics = train_tilt(policy, tokenizer, PROMPTS, reward, settings, config, validation=validation,
+                         progress=lambda line: None)
+    judged = {p[-1]["content"] for p in validation}
+    trained, *validated = calls  # the training replies are scored first, then the validation replies
+    assert trained and not trained & judged
+    assert validated and all(c <= judged for c in validated) and set().union(*validated) == judged
+    assert metrics["validation_prompts"] == 3
 
 
 def test_the_step_loss_charges_served_words_outside_the_bases_nucleus(tiny_trained):
