@@ -306,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
                                              "excess_nll": candidate["excess_nll"]})
         result["samples"].append(current["samples"])
         if cycle is not None:
-            result["runs"].append(summary_line(cycle))
+            # The tilt's epochs, in brief: what its stop saw beside what the gate measured.
+            history = (cycle.get("train") or {}).get("history") or []
+            epochs = [{k: e.get(k) for k in ("epoch", "language_coef", "val_score", "val_excess_nll", "val_kl",
+                                             "within_bound")}
+                      for e in history if isinstance(e, dict) and "epoch" in e]
+            result["runs"].append({**summary_line(cycle), "epochs": epochs})
         log(f"round {r} ({bot.version}, candidate {decision}): approval {current['approval']:.3f} ± "
             f"{current['se']:.3f}, known words {current['known_words']}, base NLL {current['base_nll']} "
             f"(excess {current['excess_nll']}), "
