@@ -315,16 +315,18 @@ def judged_prompts(snap: Snapshot, config: CycleConfig) -> list:
     (`online_rl.tilt.validation_split`). Prompts differ in how far a
     candidate's language drifts on them: on one `concise` round the held-out
     side measured the candidate 9% above the base, the validation prompts
-    40%, and 200 other prompts 22%; the gate judges on as many as it has."""
+    40%, and 200 other prompts 22%; the gate judges on as many as it has,
+    up to `EvalConfig.max_prompts` (the tilt's epoch stop on the same ones)."""
     held = snap.heldout_prompts or [e.prompt for e in snap.heldout] or snap.prompts
     if config.method != "tilt" or not snap.heldout_prompts:
-        return held
+        return held[: config.eval.max_prompts]
     pool, _ = prompt_pool(snap)
     seen = {prompt_hash(p) for p in held}
     extra = [p for p, v in zip(pool, validation_split(pool, config.tilt.validation_share))
              if v and prompt_hash(p) not in seen]
-    # interleaved, so that a cap on the prompts (EvalConfig.max_prompts) keeps some of each
-    return [p for pair in itertools.zip_longest(held, extra) for p in pair if p is not None]
+    # interleaved, so that the cap on the prompts (EvalConfig.max_prompts) keeps some of each
+    both = [p for pair in itertools.zip_longest(held, extra) for p in pair if p is not None]
+    return both[: config.eval.max_prompts]
 
 
 def evaluate_candidate(job: Job, snap: Snapshot, policy, tokenizer, rewards: Rewards, active_path) -> dict:

@@ -140,7 +140,7 @@ def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, ac
     # bounds of +0.037 and +0.039) instead of trying again with the language
     # weighed more; on the same prompts the two read the same figures
     # (+0.026 and +0.035 at the stop, +0.028 and +0.034 at the gate).
-    validation = judged_prompts(snap, config)[: config.eval.max_prompts]
+    validation = judged_prompts(snap, config)
     metrics = train_tilt(policy, tokenizer, prompts, scorer(rewards.policy), config.rollout_settings(),
                          tilt, prompt_weights=weights, corrections=corrections,
                          correction_weights=correction_weights, validation=validation,
