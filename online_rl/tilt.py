@@ -290,8 +290,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     pool = [i for i, h in enumerate(held) if not h]
     if not pool or not validation:  # too few prompts to keep any out: the stop looks at training prompts
         pool = list(range(len(prompts)))
-    if not validation:
-        validation = [prompts[i] for i in rng.sample(range(len(prompts)), min(16, len(prompts)))]
+        validation = validation or [prompts[i] for i in rng.sample(pool, min(16, len(prompts)))]
     weights_of = prompt_weights or [1.0] * len(prompts)
     train = weighted_draw([prompts[i] for i in pool], [weights_of[i] for i in pool], config.prompts, rng)
     policy.eval()
