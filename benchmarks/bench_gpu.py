@@ -3,17 +3,20 @@
 Qwen2.5-0.5B built from its config (random weights: speed does not depend
 on what the weights say).
 
-- **Decode**: greedy generation at batch 1 through the serving `Policy`,
-  tokens per second; the bound is the measured device memory bandwidth
-  (a large on-device copy) divided by the bytes read per token (every weight
-  once, plus the KV cache).
+- **Decode**: greedy replies of `--new-tokens` tokens through the serving
+  `Policy` (the continuous-batching engine) with 1, 8, 32 and 128 clients
+  at once, on the base (v0) and on a LoRA version, beside transformers'
+  `generate` on the same batch of prompts; tokens per second against the
+  memory-bandwidth bound: the measured device bandwidth (a large on-device
+  copy) divided by the bytes a decode step reads (every weight once, plus
+  each row's KV cache), times the rows of the step.
 - **PPO**: `online_rl.ppo.PPOTrainer` for `--ppo-steps` steps of 256
   rollouts against a scripted reward (reply length), wall time and peak
   GPU memory.
 - **Hot-swap**: `Policy.swap_to` between two LoRA adapters (r=16, every
   projection), 20 swaps.
 
-    python benchmarks/bench_gpu.py [--device cuda:0] [--ppo-steps 2]
+    python benchmarks/bench_gpu.py [--device cuda:0] [--ppo-steps 2] [--clients 1,8,32,128]
 
 `--small --device cpu` runs the same code on a tiny model, to check the
 script itself where there is no GPU; it writes nothing.
@@ -22,6 +25,8 @@ script itself where there is no GPU; it writes nothing.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -65,12 +70,65 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clients_decode(policy, clients: int, new_tokens: int, each: int) -> dict:
+    """`clients` threads at once, each asking `each` greedy replies of
+    `new_tokens` tokens through `policy`: tokens per second over the wall
+    time, p50 reply latency and time to first token."""
+    import threading
+
+    from chatbot.policy import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0)
+    results, errors = [], []
+
+    def client(i: int) -> None:
+        for k in range(each):
+            try:
+                results.append(policy.generate([{"role": "user", "content": f"hello number {i} {k}"}], settings))
+            except Exception as exc:  # noqa: BLE001 - counted and shown, not hidden
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {clients * each} requests failed: {errors[0]}")
+    return {"tps": sum(r.completion_tokens for r in results) / wall,
+            "p50_s": statistics.median(r.latency_ms for r in results) / 1000,
+            "ttft_ms": statistics.median(r.first_token_ms for r in results)}
+
+
+def generate_decode(model, tokenizer, rows: int, new_tokens: int, device) -> float:
+    """transformers' `generate` on `rows` prompts in one left-padded batch,
+    greedy: tokens per second (after one warm-up call)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": f"hello number {i}"}], tokenize=False,
+                                           add_generation_prompt=True) for i in range(rows)]
+    batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with torch.inference_mode():
+        model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=pad)
+        sync(device)
+        started = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=pad)
+        sync(device)
+    return (out.shape[1] - batch["input_ids"].shape[1]) * rows / (time.perf_counter() - started)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--ppo-steps", type=int, default=2)
     parser.add_argument("--rollouts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--clients", default="1,8,32,128", help="clients at once, comma-separated")
     parser.add_argument("--small", action="store_true", help="a tiny model: check the script on the CPU")
     args = parser.parse_args()
 
@@ -100,21 +158,38 @@ def main() -> int:
     log(f"{name}: {params / 1e6:.0f}M parameters, {weight_bytes / 2**30:.2f} GiB in {dtype} on {gpu}")
 
     # -- decode ---------------------------------------------------------------------
-    policy = Policy(loaded)
-    settings = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0)
     model.generation_config.eos_token_id = None  # random weights: decode the full length
-    policy.generate([{"role": "user", "content": "warm up"}], settings)
-    runs = []
-    for i in range(5):
-        sync(device)
-        result = policy.generate([{"role": "user", "content": f"hello number {i}"}], settings)
-        runs.append(result.completion_tokens / (result.latency_ms / 1000))
-    tps = statistics.median(runs)
+    levels = [int(c) for c in args.clients.split(",")]
     bw = bandwidth_gbs(device)
-    kv_bytes = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * (
-        shape["hidden_size"] // shape["num_attention_heads"]) * 2 * args.new_tokens
-    bound = bw * 1e9 / (weight_bytes + kv_bytes)
-    log(f"decode: {tps:.0f} tokens/s, bound {bound:.0f} tokens/s at {bw:.0f} GB/s measured")
+    kv_row = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * (
+        shape["hidden_size"] // shape["num_attention_heads"]) * torch.finfo(dtype).bits // 8 * args.new_tokens
+    log(f"copy bandwidth {bw:.0f} GB/s; weights {weight_bytes / 2**30:.2f} GiB, KV {kv_row / 2**20:.1f} MiB a row")
+    raw = {clients: generate_decode(model, tokenizer, clients, args.new_tokens, device) for clients in levels}
+    for clients, tps in raw.items():
+        log(f"generate x{clients}: {tps:.0f} tokens/s")
+    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    adapter = make_adapter(model, work / "v1", 1, loaded.name)
+    decode_rows = []
+    for version in ("v0", "v1"):
+        # v1 on a copy of the base: the PPO cycle below starts from a plain model
+        served = loaded if version == "v0" else dataclasses.replace(loaded, model=copy.deepcopy(model))
+        policy = Policy(served, max_batch=max(levels), max_waiting=2 * max(levels))
+        policy.engine.eos_id = None  # random weights: every reply runs its full length
+        if version == "v1":
+            policy.swap_to("v1", str(adapter))
+        clients_decode(policy, 1, 16, 1)  # warm-up: first kernels, allocator
+        for clients in levels:
+            try:
+                got = clients_decode(policy, clients, args.new_tokens, max(1, 4 // clients))
+            except RuntimeError as exc:  # shown in the table, and the other measures still run
+                log(f"{version} x{clients}: {exc}")
+                got = {"tps": float("nan"), "p50_s": float("nan"), "ttft_ms": float("nan")}
+            bound = clients * bw * 1e9 / (weight_bytes + clients * kv_row)
+            got.update(version=version, clients=clients, bound=bound)
+            log(f"{version} x{clients}: {got['tps']:.0f} tokens/s (bound {bound:.0f}), "
+                f"p50 {got['p50_s']:.2f} s, ttft p50 {got['ttft_ms']:.0f} ms")
+            decode_rows.append(got)
+        del policy, served
 
     # -- one PPO cycle of 256 rollouts -------------------------------------------------
     if device.type == "cuda":
@@ -133,7 +208,6 @@ def main() -> int:
     log(f"ppo: {args.ppo_steps} steps of {args.rollouts} rollouts in {ppo_s:.1f} s, peak {peak:.1f} GiB")
 
     # -- hot-swap -----------------------------------------------------------------------
-    work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     paths = [make_adapter(model, work / f"v{i}", i, loaded.name) for i in (1, 2)]
     swaps = swap_times(LoadedModel(model, tokenizer, loaded.name, loaded.path, device, dtype), paths, 20)
     swap_ms = statistics.median(swaps["total_ms"])
@@ -142,10 +216,19 @@ def main() -> int:
     body = f"""
 Model: {name} built from its config ({params / 1e6:.0f}M parameters, {dtype}, random weights) on {gpu}.
 
+{table(["clients", "version", "tokens/s", "bound", "of the bound", "generate, same batch", "p50 reply",
+        "time to first token p50"], [
+    [r["clients"], r["version"], f"{r['tps']:.0f}", f"{r['bound']:.0f}", f"{r['tps'] / r['bound']:.1%}",
+     f"{raw[r['clients']]:.0f}" if r["version"] == "v0" else "", f"{r['p50_s']:.2f} s", f"{r['ttft_ms']:.0f} ms"]
+    for r in decode_rows])}
+
+Greedy replies of {args.new_tokens} tokens (no end token: random weights), all clients at once; one client
+asks 4 times in a row, more ask once each. Bound: {bw:.0f} GB/s measured copy bandwidth / (weights
+{weight_bytes / 2**30:.2f} GiB + {kv_row / 2**20:.1f} MiB of KV cache a row) x rows. v1: a LoRA of rank 16 on
+every projection, served through the same engine. `generate`: transformers' `generate` on the same prompts,
+left-padded, one static batch.
+
 {table(["measure", "value"], [
-    ["decode, batch 1, greedy, {0} new tokens".format(args.new_tokens), f"{tps:.0f} tokens/s"],
-    ["memory-bandwidth bound (measured copy bandwidth {0:.0f} GB/s / {1:.2f} GiB read per token)".format(
-        bw, (weight_bytes + kv_bytes) / 2**30), f"{bound:.0f} tokens/s ({tps / bound:.0%} of it)"],
     [f"PPO: {args.ppo_steps} steps of {args.rollouts} rollouts (64 new tokens, minibatch 32)",
      f"{ppo_s:.1f} s, {ppo_s / args.ppo_steps:.1f} s a step, peak {peak:.1f} GiB"],
     ["hot-swap, 20 swaps, median (max)", f"{swap_ms:.0f} ms ({max(swaps['total_ms']):.0f} ms)"],
