@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sampling temperature, served and trained (default 0.8; below 0.01: greedy)")
         p.add_argument("--top-p", type=float, default=0.95,
                        help="nucleus sampling threshold, served and trained (default 0.95)")
+        p.add_argument("--no-within-base", action="store_true",
+                       help="let adapter versions draw words outside the base's nucleus, served and trained "
+                            "(faster: no shadow row on the base beside each reply; docs/serving.md)")
         p.add_argument("--min-win-rate", type=float, default=0.5,
                        help="gate: the candidate's win rate against the active version must be above this "
                             "under its own reward model and at least this under the judge (default 0.5)")
@@ -253,7 +256,8 @@ def retrain_command(args):
                    "--threads", str(threads), "--min-win-rate", str(args.min_win_rate),
                    "--max-kl", str(args.max_kl), "--canary", str(args.canary),
                    "--max-new-tokens", str(args.max_new_tokens),
-                   "--temperature", str(args.temperature), "--top-p", str(args.top_p)]
+                   "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+                   *(["--no-within-base"] if args.no_within_base else [])]
         if args.train_launcher == "python":
             return [sys.executable, *retrain]
         launch = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -364,7 +368,8 @@ def serve_settings(args):
 
     try:
         defaults = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, system_prompt=args.system_prompt)
+                                      top_p=args.top_p, system_prompt=args.system_prompt,
+                                      within_base=not args.no_within_base)
         options = ChatOptions(defaults=defaults, max_message_chars=args.max_message_chars,
                               max_new_tokens_limit=max(args.max_new_tokens, 1024), max_messages=args.max_messages,
                               max_total_chars=args.max_total_chars,
@@ -455,7 +460,7 @@ def cmd_retrain(args) -> int:
 
     store = open_store(args.data_dir)
     generation = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_p=args.top_p)
+                                    top_p=args.top_p, within_base=not args.no_within_base)
     config = CycleConfig(method=args.method, min_feedback=args.min_feedback, device=args.device,
                          reward_model=args.reward_model, threads=args.threads, seed=args.seed,
                          promote=not args.no_promote, quantize=args.quantize, generation=generation,

@@ -132,7 +132,7 @@ def api_router(policy: Policy, store: Store, options, *, credentials: Credential
             max_new_tokens=max_new,
             temperature=defaults.temperature if req.temperature is None else req.temperature,
             top_p=defaults.top_p if req.top_p is None else req.top_p,
-            system_prompt="",
+            system_prompt="", within_base=defaults.within_base,
         ).validate()
 
     def prompt_for(req: ChatRequest) -> list[dict]:

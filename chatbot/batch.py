@@ -58,10 +58,10 @@ class PackedBatch:
             self.store.undo(plan)
             if not new:
                 raise  # the running rows' own pass: the engine fails the batch
-            if old or len(new) > 1:  # read one at a time, so that only the request that fails fails
+            if old or len(units(new)) > 1:  # read one at a time, so that only the request that fails fails
                 self._run(advance, [])
-                for request in new:
-                    self._run(False, [request])
+                for unit in units(new):
+                    self._run(False, unit)
             else:
                 engine._end(new[0], None, exc)
             return
@@ -93,14 +93,14 @@ class PaddedBatch:
             try:
                 self._prefill(group)
             except Exception as exc:  # noqa: BLE001 - these requests fail, the batch goes on
-                if len(group) == 1:
+                if len(units(group)) == 1:
                     engine._end(group[0], None, exc)
                     continue
-                for request in group:  # one by one, so that only the request that fails fails
+                for unit in units(group):  # one by one, so that only the request that fails fails
                     try:
-                        self._prefill([request])
+                        self._prefill(unit)
                     except Exception as exc:  # noqa: BLE001
-                        engine._end(request, None, exc)
+                        engine._end(unit[0], None, exc)
         self.drop_finished()
         if self.rows:
             self._decode()
@@ -177,18 +177,32 @@ def prefill_groups(requests: list, budget: int) -> list[list]:
     pass: a group grows while its rows times its longest prompt stay within
     `budget` tokens (at most the longest context), so that a group's
     activations and attention never outgrow those of one prompt at the
-    longest context, which the memory plan already allows for."""
+    longest context, which the memory plan already allows for. A reply and
+    its shadow (`units`) are never parted: the shadow's
+    logits bound the reply's first token."""
     groups: list[list] = []
     width = 0
-    for request in requests:
-        longest = max(width, len(request.ids))
-        if groups and (len(groups[-1]) + 1) * longest <= budget:
-            groups[-1].append(request)
+    for unit in units(requests):
+        longest = max(width, len(unit[0].ids))
+        if groups and (len(groups[-1]) + len(unit)) * longest <= budget:
+            groups[-1].extend(unit)
             width = longest
         else:
-            groups.append([request])
-            width = len(request.ids)
+            groups.append(list(unit))
+            width = len(unit[0].ids)
     return groups
+
+
+def units(requests: list) -> list[list]:
+    """`requests` in the groups that must share every pass: a reply and its
+    shadow (which follows it), or a reply alone."""
+    out: list[list] = []
+    for request in requests:
+        if request.shadow and out and out[-1][0] is request.twin:
+            out[-1].append(request)
+        else:
+            out.append([request])
+    return out
 
 
 def _pad_left(tensor, width: int, dim: int = 2):

@@ -39,6 +39,7 @@ from typing import Callable
 from chatbot import packed
 from chatbot.batch import PackedBatch, PaddedBatch
 from chatbot.lora_rows import BASE_ROW, lora_layers, rows_on_adapters, supported
+from chatbot.models import forward_arguments
 
 # Newcomers' prompts read in one forward pass when several requests join the
 # batch at once, in rows x longest prompt (the policy caps it at the model's
@@ -66,6 +67,11 @@ class Request:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     submitted: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    # An adapted reply served within the base's words has a shadow: a row on
+    # the base fed the same tokens, whose logits bound the reply's draw
+    # (`GenerationSettings.served_probs`). Each names the other here.
+    twin: "Request | None" = None
+    shadow: bool = False  # this row is a shadow: no client reads it
 
 
 class Engine:
@@ -127,11 +133,14 @@ class Engine:
 
     @property
     def _rows(self) -> list[Request]:
+        """Every row of the batch, shadows included."""
         return self._batch.rows if self._batch is not None else []
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        """Replies being written (a shadow is not one: `max_batch` counts
+        replies, and the memory plan a shadow's row beside each)."""
+        return sum(not r.shadow for r in self._rows)
 
     @property
     def waiting(self) -> int:
@@ -140,7 +149,7 @@ class Engine:
     def busy(self) -> bool:
         """A new request would find no free row and no place in the line (the
         line counts those about to take a free row too)."""
-        return len(self._waiting) + self._admitting + len(self._rows) >= self.max_batch + self.max_waiting
+        return len(self._waiting) + self._admitting + self.running >= self.max_batch + self.max_waiting
 
     @contextlib.contextmanager
     def between_steps(self):
@@ -175,7 +184,7 @@ class Engine:
                 while self._pausers:  # a hot-swap goes first, at this boundary
                     self._cv.wait()
                 admit = []
-                while self._waiting and len(self._rows) + len(admit) < self.max_batch:
+                while self._waiting and self.running + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
                 self._admitting = len(admit)
             with self.step_lock:
@@ -201,6 +210,8 @@ class Engine:
                     continue
                 request.version, request.adapter = self.serving(request)
                 joining.append(request)
+                if request.adapter is not None and getattr(request.settings, "within_base", False):
+                    joining.append(shadow_of(request))
             if not self._rows:  # an empty batch: the layout for the model serving now
                 self._batch = self._layout()
             if joining or self._rows:
@@ -222,12 +233,7 @@ class Engine:
 
         model = self.model_fn()
         if self._cache_kwarg is None:
-            import inspect
-
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            parameters = inspect.signature(base.forward).parameters
-            self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
-            self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+            self._cache_kwarg, self._last_only = forward_arguments(model)
         names = [r.adapter or BASE_ROW for r in rows]
         if counts is not None:  # one name per token of a packed pass
             names = [name for name, n in zip(names, counts) for _ in range(n)]
@@ -275,9 +281,11 @@ class Engine:
 
     def _advance(self, rows: list[Request], tokens) -> None:
         now = time.perf_counter()
-        self.generated += len(rows)
         for request, token in zip(rows, tokens.tolist()):
             request.tokens.append(token)
+            if request.shadow:  # it ends with its reply (`_end`)
+                continue
+            self.generated += 1
             if request.first_token_at is None:
                 request.first_token_at = now
             request.events.put(token)
@@ -291,29 +299,53 @@ class Engine:
     def _end(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
         request.finish_reason, request.error = reason, error
         request.events.put(None)
+        if request.twin is not None and not request.shadow:
+            request.twin.finish_reason = reason or "stopped"  # its row leaves the batch with the reply's
 
     # -- sampling --------------------------------------------------------------
 
     def _sample(self, logits, rows: list[Request]):
         """The next token of each row, drawn with each row's own settings
         (`GenerationSettings.next_token_probs`: greedy below the minimum
-        temperature, else temperature then top-p)."""
+        temperature, else temperature then top-p); a reply with a shadow in
+        the pass within the base's words (`served_probs`, the shadow's
+        logits being the base's), and the shadow takes its reply's token."""
         import torch
 
+        at = {id(r): i for i, r in enumerate(rows)}
         out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[tuple, list[tuple[int, int | None]]] = {}
         for i, r in enumerate(rows):
+            if r.shadow:
+                continue
             s = r.settings
-            key = (True,) if not s.sampling else (False, float(s.temperature), float(s.top_p))
-            groups.setdefault(key, []).append(i)
+            base = at.get(id(r.twin)) if r.twin is not None else None
+            key = ((True,) if not s.sampling else (False, float(s.temperature), float(s.top_p))) + (base is not None,)
+            groups.setdefault(key, []).append((i, base))
         for key, members in groups.items():
-            index = torch.tensor(members, device=logits.device)
+            index = torch.tensor([i for i, _ in members], device=logits.device)
             scores = logits[index]
-            if key[0]:
+            settings = rows[members[0][0]].settings
+            if key[-1]:
+                probs = settings.served_probs(scores, logits[torch.tensor([b for _, b in members],
+                                                                          device=logits.device)])
+            elif key[0]:
                 out[index] = scores.argmax(-1)
                 continue
-            probs = rows[members[0]].settings.next_token_probs(scores)
-            out[index] = torch.multinomial(probs, 1).squeeze(1)
+            else:
+                probs = settings.next_token_probs(scores)
+            out[index] = probs.argmax(-1) if key[0] else torch.multinomial(probs, 1).squeeze(1)
+        for i, r in enumerate(rows):
+            if r.shadow:
+                out[i] = out[at[id(r.twin)]]
         return out
 
+
+def shadow_of(request: Request) -> Request:
+    """`request`'s shadow: a row on the base with the same prompt, stopped
+    with it."""
+    shadow = Request(list(request.ids), request.settings, request.stop, version=request.version, adapter=None,
+                     twin=request, shadow=True)
+    request.twin = shadow
+    return shadow
 

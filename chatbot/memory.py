@@ -6,8 +6,8 @@ device to count its parameters and LoRA targets; no weights are read):
 
 - **serving**: base weights (in the serving dtype, or 8/4 bits), three LoRA
   adapters (the active one, the one before it while its last replies finish,
-  and the spare the next version is copied into, `chatbot.policy`), the KV cache of a full batch (`--max-batch` rows)
-  at the longest context served, and a fixed overhead (CUDA context,
+  and the spare the next version is copied into, `chatbot.policy`), the KV cache of a full batch (`--max-batch`
+  replies, two rows each: `ROWS_PER_REPLY`) at the longest context served, and a fixed overhead (CUDA context,
   allocator slack). `largest_batch` says how many rows would fit;
 - **one retrain** (its own process): the policy's copy of the base, the
   reward model's copy (when it is the same base, a second copy: it is a
@@ -57,7 +57,7 @@ class Plan:
     name: str
     device: str
     parts: dict[str, float] = field(default_factory=dict)  # bytes
-    batch: int = 0  # serving: the batch's rows, whose KV cache is parts["KV cache"]
+    batch: int = 0  # serving: the batch's replies (`ROWS_PER_REPLY` rows each), whose KV cache is parts["KV cache"]
 
     @property
     def total(self) -> float:
@@ -65,7 +65,7 @@ class Plan:
 
     def describe(self) -> str:
         def label(k: str) -> str:
-            return f"{k} of {self.batch} row{'s' if self.batch != 1 else ''}" if k == "KV cache" and self.batch else k
+            return f"{k} of {self.batch} repl{'ies' if self.batch != 1 else 'y'}" if k == "KV cache" and self.batch else k
 
         parts = ", ".join(f"{label(k)} {v / GIB:.2f}" for k, v in self.parts.items() if v >= 0.005 * GIB)
         return f"{self.total / GIB:.2f} GiB ({parts})"
@@ -107,12 +107,18 @@ def kv_bytes_per_row(shape: Shape, dtype_bytes: int, context_tokens: int = 4096)
     return 2 * shape.layers * shape.kv_width * dtype_bytes * min(context_tokens, shape.max_context)
 
 
+# Rows a reply keeps in the batch: its own and, on an adapter version, a
+# shadow on the base whose logits keep it within the base's words
+# (`chatbot.engine`). The plan counts both for every reply.
+ROWS_PER_REPLY = 2
+
+
 def serving_plan(shape: Shape, device: str, dtype_bytes: int, *, quantize: str = "none",
                  context_tokens: int = 4096, batch: int = 1) -> Plan:
     return Plan("serving", device, {
         "weights": _weights(shape, dtype_bytes, quantize),
         "adapters": 3 * shape.lora_params * 4,
-        "KV cache": batch * kv_bytes_per_row(shape, dtype_bytes, context_tokens),
+        "KV cache": batch * ROWS_PER_REPLY * kv_bytes_per_row(shape, dtype_bytes, context_tokens),
         "overhead": OVERHEAD["cuda" if device.startswith("cuda") else "cpu"],
     }, batch=batch)
 
@@ -144,10 +150,10 @@ def serving_batch(plans: list[Plan], requested: int | None, *, headroom: float =
     if requested > fits:
         per_row = _per_row(serving)
         raise MemoryPlanError(
-            f"--max-batch {requested} does not fit on {serving.device}: each row's KV cache at the longest "
-            f"context takes {per_row / GIB:.2f} GiB, and {fits} rows fit beside the weights and the rest of the "
+            f"--max-batch {requested} does not fit on {serving.device}: each reply's KV cache at the longest "
+            f"context (its row and its shadow's on the base) takes {per_row / GIB:.2f} GiB, and {fits} rows fit beside the weights and the rest of the "
             f"plan; use --max-batch {fits}" if fits else
-            f"--max-batch {requested} does not fit on {serving.device}: not even one row's KV cache fits "
+            f"--max-batch {requested} does not fit on {serving.device}: not even one reply's KV cache fits "
             f"({per_row / GIB:.2f} GiB) beside the weights and the rest of the plan")
     return requested
 

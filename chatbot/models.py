@@ -41,6 +41,9 @@ class GenerationSettings:
     temperature: float = 0.8  # 0 means greedy
     top_p: float = 0.95  # nucleus sampling
     system_prompt: str = ""  # prepended as a system message when not empty
+    # An adapter version draws only words the base would serve at the same
+    # place (`served_probs`); docs/learning.md, "Served within the base's words".
+    within_base: bool = True
 
     def validate(self) -> "GenerationSettings":
         if not 1 <= int(self.max_new_tokens) <= 4096:
@@ -83,6 +86,48 @@ class GenerationSettings:
             flat = TopPLogitsWarper(float(self.top_p))(None, flat)
         return torch.softmax(flat, dim=-1).view_as(logits)
 
+    def base_nucleus(self, base_logits):
+        """Where the base itself could serve each token: its nucleus at these
+        settings (at temperature 1 for greedy settings, whose own choice is a
+        single token). A boolean mask shaped like `base_logits`."""
+        if self.sampling:
+            return self.next_token_probs(base_logits) > 0
+        return GenerationSettings(temperature=1.0, top_p=self.top_p).next_token_probs(base_logits) > 0
+
+    def restrict(self, logits, base_logits):
+        """A version's `logits` with every token masked (-inf) that it may not
+        draw: those outside the base's nucleus (`base_nucleus`) and, when
+        sampling, those outside the version's own nucleus; where the two
+        nuclei share no token, the base's alone. Temperature is left to the
+        caller (`served_probs`, or `generate`'s own warper)."""
+        import torch
+
+        keep = self.base_nucleus(base_logits)
+        if self.sampling:
+            both = keep & (self.next_token_probs(logits) > 0)
+            keep = torch.where(both.any(-1, keepdim=True), both, keep)
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def served_probs(self, logits, base_logits=None):
+        """The distribution a version draws its next token from, given its
+        logits and the base's at the same place: `next_token_probs` within
+        the base's words (`restrict`, then the temperature; the arg-max for
+        greedy settings). Without `base_logits` (the base itself) or with
+        `within_base` off, `next_token_probs`.
+
+        Why: a version trained on a few hundred thumbs spends most of the
+        language it loses on words the base would never serve at that place
+        (made-up words, babble); drawing only among the base's own words
+        keeps its taste and most of that language (docs/learning.md)."""
+        import torch
+
+        if base_logits is None or not self.within_base:
+            return self.next_token_probs(logits)
+        masked = self.restrict(logits, base_logits)
+        if not self.sampling:
+            return torch.nn.functional.one_hot(masked.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        return torch.softmax(masked / float(self.temperature), dim=-1)
+
     def generation_config(self, tokenizer):
         """The one `GenerationConfig` a reply is sampled with, every field set.
 
@@ -105,6 +150,18 @@ class GenerationSettings:
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             bos_token_id=getattr(tokenizer, "bos_token_id", None),
         )
+
+
+def forward_arguments(model) -> tuple[str, dict]:
+    """How `model`'s forward takes a KV cache (``cache`` in newer
+    transformers, ``past_key_values`` before) and the keyword that computes
+    only the last position's logits, where it has one."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values",
+            {"logits_to_keep": 1} if "logits_to_keep" in parameters else {})
 
 
 class ModelLoadError(RuntimeError):

@@ -69,11 +69,12 @@ def known_word_fraction(replies: list[str], vocabulary=None) -> float | None:
 
 def expected_nll(version_logits, base_logits, batch: dict, settings):
     """Per reply: the base's NLL per token, at each position expected over
-    the distribution the writing version drew that token from (its logits,
-    `settings`' temperature and nucleus), averaged over the reply's tokens."""
+    the distribution the writing version drew that token from (its logits
+    within the base's words, `settings`' temperature and nucleus:
+    `GenerationSettings.served_probs`), averaged over the reply's tokens."""
     import torch
 
-    drawn_from = settings.next_token_probs(version_logits)
+    drawn_from = settings.served_probs(version_logits, base_logits)
     base_logp = torch.log_softmax(base_logits, dim=-1).clamp(min=-1e4)  # 0 x -inf: a token never drawn costs 0
     per_token = -(drawn_from * base_logp).sum(-1) * batch["reply_mask"]
     return per_token.sum(-1) / batch["reply_mask"].sum(-1).clamp(min=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from chatbot.models import forward_arguments
 from online_rl.data import encode
 
 
@@ -39,8 +40,12 @@ def sample(model, tokenizer, prompts: list[list[dict]], settings, *, max_prompt_
     prompt_ids, prompt_mask = left_pad(rows, tokenizer.pad_token_id, device)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         generation_config=settings.generation_config(tokenizer), synced_gpus=synced_gpus)
+    config, processors = settings.generation_config(tokenizer), []
+    if settings.within_base and adapted(model):
+        processors.append(WithinBase(model, prompt_mask, settings))
+        config.top_p = 1.0  # the version's own nucleus is in `restrict`; a second cut would narrow it again
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                         logits_processor=processors, synced_gpus=synced_gpus)
     model.train(was_training)
     reply = out[:, prompt_ids.shape[1]:]
     is_eos = reply == tokenizer.eos_token_id
@@ -50,6 +55,51 @@ def sample(model, tokenizer, prompts: list[list[dict]], settings, *, max_prompt_
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip() for r, m in zip(reply, reply_mask)]
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "reply": reply, "reply_mask": reply_mask,
             "finished": is_eos.any(-1), "texts": texts, "prompts": prompts}
+
+
+def adapted(model) -> bool:
+    """Whether `model` writes as an adapter version: a peft model with an
+    adapter enabled (not inside `disable_adapter()`)."""
+    if not hasattr(model, "peft_config") or not hasattr(model, "disable_adapter"):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and not m.disable_adapters for m in model.modules())
+
+
+class WithinBase:
+    """A `generate` logits processor that keeps an adapter version to the
+    base's words (`GenerationSettings.restrict`): at each step it reads the
+    new tokens with the adapter disabled, in a cache of its own, and masks
+    the version's logits outside the base's nucleus. Serving does the same
+    with a base row beside each adapted one (`chatbot.engine`).
+
+    Written here because transformers has no processor that runs a second
+    model: its assisted and contrastive decoding run one, but to propose or
+    re-rank tokens, not to bound the sampler."""
+
+    def __init__(self, model, prompt_mask, settings):
+        self.model, self.settings = model, settings
+        self.mask = prompt_mask
+        self.cache = None
+        self.read = 0  # columns of `input_ids` the base has read
+
+    def __call__(self, input_ids, scores):
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache = DynamicCache()
+        grown = input_ids.shape[1] - self.mask.shape[1]
+        if grown > 0:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], grown)], dim=1)
+        new = input_ids[:, self.read:]
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, self.read:]
+        cache, last_only = forward_arguments(self.model)
+        with self.model.disable_adapter():
+            base = self.model(input_ids=new, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                              **{cache: self.cache}, **last_only).logits[:, -1]
+        self.read = input_ids.shape[1]
+        return self.settings.restrict(scores, base.to(scores.dtype))
 
 
 def encode_replies(tokenizer, prompts: list[list[dict]], replies: list[str], *, max_length: int = 256,

@@ -124,11 +124,16 @@ def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str
 
     from chatbot.models import GenerationSettings
     from chatbot.prompt import encode
+    from online_rl.sampling import WithinBase, adapted
 
-    config = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens).generation_config(tokenizer)
+    settings = GenerationSettings(temperature=0, max_new_tokens=max_new_tokens)
+    config = settings.generation_config(tokenizer)
     ids = torch.tensor([encode(tokenizer, [{"role": "user", "content": prompt}])], device=model.device)
+    # An adapter version writes within its base's words (`online_rl.sampling.WithinBase`).
+    processors = [WithinBase(model, torch.ones_like(ids), settings)] if adapted(model) else []
     with torch.inference_mode():
-        sequences = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        sequences = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                   logits_processor=processors)
     return tokenizer.decode(sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 

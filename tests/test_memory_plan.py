@@ -47,7 +47,8 @@ def test_quantizing_or_a_second_gpu_makes_it_fit(qwen7b):
 
 def test_the_serving_plan_counts_the_batch_s_kv_cache_and_refuses_a_batch_that_cannot_fit(qwen7b):
     one = memory.serving_plan(qwen7b, "cuda:0", 2)
-    per_row = 2 * 28 * 512 * 2 * 4096  # K and V, layers, kv width, bf16, context
+    # K and V, layers, kv width, bf16, context; a reply's own row and its shadow's on the base
+    per_row = 2 * 28 * 512 * 2 * 4096 * 2
     assert one.parts["KV cache"] == per_row and one.batch == 1
     assert memory.with_batch(one, 32).parts["KV cache"] == 32 * per_row
     free = 24 * memory.GIB

@@ -241,10 +241,11 @@ def test_gate_leaves_a_candidate_alone_when_the_active_version_changed_meanwhile
 
 
 def test_gate_rejects_a_babbling_candidate_that_wins_on_its_training_reward_model(tiny_trained, store, tmp_path):
-    """A candidate whose LoRA is large noise babbles, and the reward model it
-    was "trained" on loves babble: it wins there, but the real evaluation on
-    held-out prompts measures its language against the base's, and the gate
-    rejects it for that."""
+    """A candidate whose LoRA is large noise babbles (served without the
+    restriction to its base's words, `--no-within-base`), and the reward
+    model it was "trained" on loves babble: it wins there, but the real
+    evaluation on held-out prompts measures its language against the
+    base's, and the gate rejects it for that."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -268,7 +269,8 @@ def test_gate_rejects_a_babbling_candidate_that_wins_on_its_training_reward_mode
     def loves_babble(prompts, replies):  # the reward model PPO would have chased
         return [float(len(set(r))) for r in replies]
 
-    evaluation = compare(model, tokenizer, prompts, GenerationSettings(max_new_tokens=16, temperature=1.0),
+    evaluation = compare(model, tokenizer, prompts,
+                         GenerationSettings(max_new_tokens=16, temperature=1.0, within_base=False),
                          loves_babble, EvalConfig(samples=2))
     evaluation["active_version"] = "v0"
     assert evaluation["win_rate"] > 0.5  # it did win where it was trained
