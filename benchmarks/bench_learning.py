@@ -22,7 +22,9 @@ data directory, and writes into docs/benchmarks.md (section "learning"):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +43,12 @@ def run_one(taste: str, seed: int, noise: float, args, starter: Path, out_dir: P
     out = out_dir / f"{name}.json"
     if args.reuse and out.exists():
         return json.loads(out.read_text())
-    with tempfile.TemporaryDirectory(prefix=f"sim-{name}-") as data_dir:
+    kept = out_dir / f"{name}-data"
+    if args.keep_data:
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.mkdir(parents=True)
+    with contextlib.nullcontext(str(kept)) if args.keep_data else tempfile.TemporaryDirectory(
+            prefix=f"sim-{name}-") as data_dir:
         cmd = [sys.executable, "-m", "online_rl.simulate", "--preference", taste, "--rounds", str(args.rounds),
                "--per-round", str(args.per_round), "--seed", str(seed), "--noise", str(noise),
                "--method", args.method, "--data-dir", data_dir, "--model", str(starter), "--out", str(out)]
@@ -130,6 +137,9 @@ def main():
     parser.add_argument("--extra", default="", help="more runs as taste:seed:noise, comma-separated")
     parser.add_argument("--out-dir", default="benchmarks/results", help="JSON and logs of each simulation")
     parser.add_argument("--reuse", action="store_true", help="keep results already in --out-dir")
+    parser.add_argument("--keep-data", action="store_true",
+                        help="keep each simulation's data directory (database, adapters) in --out-dir as NAME-data, "
+                             "to read its versions' replies afterwards")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
