@@ -171,7 +171,8 @@ def main():
             "yes" if v["learned"] else "**no**", "yes" if v["not_below"] else "**no**", decisions,
             fmt(r["kl_per_token"]), fmt(r["base_nll"]), fmt(r.get("excess_nll") or []) or "not measured",
             fmt(r["known_words"]),
-            f"{r['distinct_fraction'][0]:.2f} → {r['distinct_fraction'][-1]:.2f}",
+            f"{r['distinct_fraction'][0]:.2f} → {r['distinct_fraction'][-1]:.2f}" + (
+                f"; top ten {r['top10_share'][0]:.0%} → {r['top10_share'][-1]:.0%}" if r.get("top10_share") else ""),
             "yes" if v["language"] else "**no**", f"{sum(r['wall_s']) / len(r['wall_s']):.0f} s",
             r.get("commit", "unknown"),
         ])
@@ -190,7 +191,8 @@ def main():
              "gate's rule: every round's excess NLL per token at most a tenth of the base's NLL per token above "
              "the base's own, and known words ≥ 0.92 (runs before the excess was measured: base NLL per token at "
              "most 10% above the base's). *Distinct replies*: the share of distinct replies among all the "
-             "held-out replies (fewer: the bot gives one reply to more prompts).\n")
+             "held-out replies (fewer: the bot gives one reply to more prompts); *top ten*: the share of them "
+             "that are one of the ten most common (runs from 2026-11-30 on).\n")
     missing = [t for t in TASTES if t not in {r["preference"] for r in results}]
     if missing:
         body += f"\n**Not measured in this run:** {', '.join(f'`{t}`' for t in missing)}.\n"

@@ -23,6 +23,7 @@ any callable ``(prompt, reply) -> bool``.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import math
@@ -84,6 +85,18 @@ def approval_and_se(liked: list[bool], n_prompts: int) -> tuple[float, float]:
     return round(sum(liked) / len(liked), 4), round(math.sqrt(var / n_prompts), 4)
 
 
+def repetition(replies: list[str], liked: list[bool]) -> dict:
+    """How much of what is said is a few stock replies: the share of
+    `replies` that are one of the ten most common (``top10_share``), and the
+    share of the liked ones that are (``top10_liked``). A taste pleased by
+    saying a few stock lines to every prompt shows here before it reaches
+    the gate's bound on the single most common reply."""
+    top = {reply for reply, _ in collections.Counter(replies).most_common(10)}
+    in_top = [r in top for r in replies]
+    return {"top10_share": round(sum(in_top) / max(1, len(replies)), 4),
+            "top10_liked": round(sum(t and ok for t, ok in zip(in_top, liked)) / max(1, sum(liked)), 4)}
+
+
 def approval(bot: Bot, prompts: list[str], taste: Taste, settings, samples: int, seed: int) -> dict:
     """The true taste's approval on held-out prompts, its standard error
     (from the per-prompt means, so replies to one prompt are not counted as
@@ -101,6 +114,7 @@ def approval(bot: Bot, prompts: list[str], taste: Taste, settings, samples: int,
         **{key: value for key, value in drift(bot.model, batches, settings).items()
            if key in ("base_nll", "excess_nll")},
         "distinct_fraction": round(len(set(replies)) / len(replies), 4),
+        **repetition(replies, liked),
         "mean_words": round(sum(len(r.split()) for r in replies) / len(replies), 2),
         "samples": [{"prompt": p, "reply": r, "liked": ok} for p, r, ok in list(zip(prompts, replies, liked))[:8]],
     }
@@ -238,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "known_words": [before["known_words"]], "base_nll": [before["base_nll"]],
         "excess_nll": [before["excess_nll"]],
         "distinct_fraction": [before["distinct_fraction"]], "mean_words": [before["mean_words"]],
+        "top10_share": [before["top10_share"]], "top10_liked": [before["top10_liked"]],
         "kl_per_token": [0.0], "wall_s": [], "thumbs_up_given": [], "reward_auc": [], "judge_auc": [],
         "win_rate": [], "judge_win_rate": [], "decisions": [], "candidate_approval": [], "runs": [],
         "samples": [before["samples"]],
@@ -286,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         result["base_nll"].append(current["base_nll"])
         result["excess_nll"].append(current["excess_nll"])
         result["distinct_fraction"].append(current["distinct_fraction"])
+        result["top10_share"].append(current["top10_share"])
+        result["top10_liked"].append(current["top10_liked"])
         result["mean_words"].append(current["mean_words"])
         if decision == "promoted":
             result["kl_per_token"].append(evaluation.get("kl_per_token"))

@@ -265,6 +265,7 @@ def test_a_simulated_round_chats_thumbs_retrains_and_promotes(data_dir, tiny_mod
     assert code == 0
     result = json.loads(out.read_text())
     assert len(result["approval"]) == 2 and len(result["approval_se"]) == 2 and len(result["wall_s"]) == 1
+    assert len(result["top10_share"]) == 2 and all(0 < x <= 1 for x in result["top10_share"])
     # The thumbs went through the store like the chat page's, from three raters.
     assert store.counts()["feedback"] == 12
     assert len({row["session_id"] for row in store.rated_responses(store.latest_feedback_id())}) <= 3
@@ -299,3 +300,15 @@ def test_running_out_of_memory_is_a_failed_run_with_that_error(store, data_dir, 
     assert run["status"] == "failed" and run["metrics"]["stage"] == "policy"
     assert run["error"].startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert "--quantize" in run["error"] and store.adapters() == []
+
+
+def test_repetition_counts_the_ten_most_common_replies_and_the_liked_among_them():
+    from online_rl.simulate import repetition
+
+    replies = ["a"] * 5 + ["b"] * 3 + [c for c in "cdefghij" for _ in range(2)] + ["k", "l"]
+    liked = [r in ("a", "k", "l") for r in replies]
+    figures = repetition(replies, liked)
+    assert figures["top10_share"] == pytest.approx(24 / 26, abs=1e-4)
+    assert figures["top10_liked"] == pytest.approx(5 / 7, abs=1e-4)
+    assert repetition(list("abcdefghijkl"), [False] * 12) == {"top10_share": pytest.approx(10 / 12, abs=1e-4),
+                                                              "top10_liked": 0.0}
