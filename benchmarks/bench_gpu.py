@@ -70,7 +70,7 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def clients_decode(policy, clients: int, new_tokens: int, each: int) -> dict:
+def clients_decode(policy, clients: int, new_tokens: int, each: int, within_base: bool = True) -> dict:
     """`clients` threads at once, each asking `each` greedy replies of
     `new_tokens` tokens through `policy`: tokens per second over the wall
     time, p50 reply latency and time to first token."""
@@ -78,7 +78,7 @@ def clients_decode(policy, clients: int, new_tokens: int, each: int) -> dict:
 
     from chatbot.policy import GenerationSettings
 
-    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0)
+    settings = GenerationSettings(max_new_tokens=new_tokens, temperature=0, within_base=within_base)
     results, errors = [], []
 
     def client(i: int) -> None:
@@ -170,17 +170,19 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     adapter = make_adapter(model, work / "v1", 1, loaded.name)
     decode_rows = []
-    for version in ("v0", "v1"):
-        # v1 on a copy of the base: the PPO cycle below starts from a plain model
+    for version in ("v0", "v1", "v1 free"):
+        # v1 on a copy of the base: the PPO cycle below starts from a plain model.
+        # "v1 free": the same adapter without its shadow rows (--no-within-base).
         served = loaded if version == "v0" else dataclasses.replace(loaded, model=copy.deepcopy(model))
         policy = Policy(served, max_batch=max(levels), max_waiting=2 * max(levels))
         policy.engine.eos_id = None  # random weights: every reply runs its full length
-        if version == "v1":
+        if version != "v0":
             policy.swap_to("v1", str(adapter))
         clients_decode(policy, 1, 16, 1)  # warm-up: first kernels, allocator
         for clients in levels:
             try:
-                got = clients_decode(policy, clients, args.new_tokens, max(1, 4 // clients))
+                got = clients_decode(policy, clients, args.new_tokens, max(1, 4 // clients),
+                                     within_base=version != "v1 free")
             except RuntimeError as exc:  # shown in the table, and the other measures still run
                 log(f"{version} x{clients}: {exc}")
                 got = {"tps": float("nan"), "p50_s": float("nan"), "ttft_ms": float("nan")}
@@ -226,7 +228,8 @@ Greedy replies of {args.new_tokens} tokens (no end token: random weights), all c
 asks 4 times in a row, more ask once each. Bound: {bw:.0f} GB/s measured copy bandwidth / (weights
 {weight_bytes / 2**30:.2f} GiB + {kv_row / 2**20:.1f} MiB of KV cache a row) x rows. v1: a LoRA of rank 16 on
 every projection, served through the same engine. `generate`: transformers' `generate` on the same prompts,
-left-padded, one static batch.
+left-padded, one static batch. v1 serves within the base's words (a shadow row on the base beside
+each reply, docs/serving.md); "v1 free" is the same adapter with `--no-within-base`.
 
 {table(["measure", "value"], [
     [f"PPO: {args.ppo_steps} steps of {args.rollouts} rollouts (64 new tokens, minibatch 32)",
