@@ -8,7 +8,7 @@ device to count its parameters and LoRA targets; no weights are read):
   adapters (the active one, the one before it while its last replies finish,
   and the spare the next version is copied into, `chatbot.policy`), the KV cache of a full batch (`--max-batch`
   replies, two rows each: `ROWS_PER_REPLY`) at the longest context served, and a fixed overhead (CUDA context,
-  allocator slack). `largest_batch` says how many rows would fit;
+  allocator slack). `largest_batch` says how many replies would fit;
 - **one retrain** (its own process): the policy's copy of the base, the
   reward model's copy (when it is the same base, a second copy: it is a
   different head), for each the LoRA weights with their gradients and AdamW
@@ -151,7 +151,7 @@ def serving_batch(plans: list[Plan], requested: int | None, *, headroom: float =
         per_row = _per_row(serving)
         raise MemoryPlanError(
             f"--max-batch {requested} does not fit on {serving.device}: each reply's KV cache at the longest "
-            f"context (its row and its shadow's on the base) takes {per_row / GIB:.2f} GiB, and {fits} rows fit beside the weights and the rest of the "
+            f"context (its row and its shadow's on the base) takes {per_row / GIB:.2f} GiB, and {fits} replies fit beside the weights and the rest of the "
             f"plan; use --max-batch {fits}" if fits else
             f"--max-batch {requested} does not fit on {serving.device}: not even one reply's KV cache fits "
             f"({per_row / GIB:.2f} GiB) beside the weights and the rest of the plan")

@@ -79,22 +79,21 @@ class WithinBase:
     re-rank tokens, not to bound the sampler."""
 
     def __init__(self, model, prompt_mask, settings):
-        self.model, self.settings = model, settings
-        self.mask = prompt_mask
-        self.cache = None
-        self.read = 0  # columns of `input_ids` the base has read
-
-    def __call__(self, input_ids, scores):
         from transformers import DynamicCache
 
-        if self.cache is None:
-            self.cache = DynamicCache()
+        self.model, self.settings = model, settings
+        self.mask = prompt_mask
+        self.cache = DynamicCache()
+        self.read = 0  # columns of `input_ids` the base has read
+        self.arguments = forward_arguments(model)  # (the cache's keyword, last position only), once
+
+    def __call__(self, input_ids, scores):
         grown = input_ids.shape[1] - self.mask.shape[1]
         if grown > 0:
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], grown)], dim=1)
         new = input_ids[:, self.read:]
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, self.read:]
-        cache, last_only = forward_arguments(self.model)
+        cache, last_only = self.arguments
         with self.model.disable_adapter():
             base = self.model(input_ids=new, attention_mask=self.mask, position_ids=positions, use_cache=True,
                               **{cache: self.cache}, **last_only).logits[:, -1]
