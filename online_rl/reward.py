@@ -47,6 +47,12 @@ class RewardConfig:
     # there is no interval, and it waits too): at 0.5, one no better than
     # chance never steers the bot. Below 0: no such requirement.
     min_auc_low: float = 0.5
+    # When neither side's figures can tell (the held-out side is a fifth of
+    # the thumbs: early on its interval spans 0.5 whatever was learned), the
+    # thumbs are cross-validated in this many folds, every thumb scored by a
+    # reward model that never saw it (`online_rl.reward_models.cross_validate`).
+    # 0: no cross-validation.
+    cv_folds: int = 5
     seed: int = 0
 
 

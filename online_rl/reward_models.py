@@ -17,16 +17,26 @@ spans 0.5 whatever the reward model learned, and every cycle waited; the
 judge is scored on the other four fifths. When the judge, trained on a
 quarter as many thumbs, already ranks the training side's thumbs better
 than chance, the thumbs carry a taste a reward model can learn from.
+When neither can tell, every thumb is scored by a reward model trained
+without it, in `RewardConfig.cv_folds` folds (`cross_validate`): an AUC over
+all the thumbs rather than a fifth of them, whose interval is about half as
+wide. Measured on `concise` (72 thumbs up in the first 100), the held-out
+side's 18 thumbs gave AUC 0.72 with an interval of 0.46-0.98 and the judge
+0.42, and the first round waited.
 Otherwise `NotInformative` is raised, no policy is trained, and the cycle
-waits for more feedback.
+waits for more feedback. Each of the three checks is a one-sided test at
+2.5%; taken together, thumbs that say nothing train a policy at most 7.5% of
+the time, and the gate still judges what it makes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from online_rl.data import Snapshot
+from online_rl.data import Example, Snapshot, is_heldout
 from online_rl.distributed import broadcast
 
 REWARD_DIR = "reward_models"
@@ -56,10 +66,13 @@ def better_than_chance(metrics: dict | None, bar: float = 0.5) -> bool:
     return low is not None and low > bar
 
 
-def informative(metrics: dict, judge_metrics: dict | None, bar: float) -> str | None:
+def informative(metrics: dict, judge_metrics: dict | None, bar: float, cv: dict | None = None) -> str | None:
     """None when the thumbs say what people like (see the module's
-    docstring); else why not, in words."""
+    docstring; `cv`: the figures of `cross_validate`, when it ran); else why
+    not, in words."""
     if bar < 0 or better_than_chance(metrics, bar):
+        return None
+    if better_than_chance(cv, bar) and not (metrics.get("auc") is not None and metrics["auc"] <= bar):
         return None
     if metrics.get("auc_low") is None:
         return (f"there are no held-out thumbs of both kinds to judge the reward model on "
@@ -71,7 +84,59 @@ def informative(metrics: dict, judge_metrics: dict | None, bar: float) -> str | 
     if judge_metrics and judge_metrics.get("auc") is not None:
         why += (f", nor is the judge on the training side's (AUC {judge_metrics['auc']}, 95% interval "
                 f"{judge_metrics['auc_low']}-{judge_metrics['auc_high']})")
+    if cv and cv.get("auc") is not None:
+        why += (f", nor are all {cv['examples']} thumbs in {cv['folds']} folds (AUC {cv['auc']}, 95% interval "
+                f"{cv['auc_low']}-{cv['auc_high']})")
     return why
+
+
+def fold_of(conversation_id: str, folds: int) -> int:
+    """Which fold a conversation's thumbs fall in: a hash, stable across runs."""
+    return int.from_bytes(hashlib.sha256(f"cv:{conversation_id}".encode()).digest()[:8], "big") % folds
+
+
+def cross_validate(base_path: str, tokenizer, examples: list[Example], config, *, device,
+                   progress=print) -> dict | None:
+    """Every thumb scored by a fresh reward model trained on the other folds
+    (`config.cv_folds`, split by conversation), each stopped on a fifth of its
+    own training thumbs, never on the fold it scores; the AUC over all the
+    thumbs, each fold's scores standardized first (the fold models' scales
+    differ; standardizing uses no labels), with its 95% interval, weighted by
+    the rater bound as the held-out figures are. None when fewer than two
+    folds hold thumbs or a class is missing."""
+    from online_rl.reward import auc, auc_interval, effective_count, train_reward_model
+
+    folds = config.cv_folds
+    labels = [e.label for e in examples]
+    if folds < 2 or all(labels) or not any(labels):
+        return None
+    of = [fold_of(e.conversation_id, folds) for e in examples]
+    if len(set(of)) < 2:
+        return None
+    scores = [0.0] * len(examples)
+    for fold in sorted(set(of)):
+        rest = [e for e, f in zip(examples, of) if f != fold]
+        held = [is_heldout(f"cv-stop:{e.conversation_id}", 0.2) for e in rest]
+        train = [e for e, h in zip(rest, held) if not h]
+        stop = [e for e, h in zip(rest, held) if h]
+        if not train:  # too few conversations to keep any out: train on them all, every epoch counts
+            train, stop = rest, []
+        progress(f"fold {fold + 1}/{folds}: training on {len(train)} thumbs, stopping on {len(stop)}")
+        rm, _ = train_reward_model(base_path, tokenizer, train, [], stop, [], config,
+                                   device=device, progress=lambda line: None, name=f"fold {fold + 1}")
+        members = [i for i, f in enumerate(of) if f == fold]
+        raw = rm.score([examples[i].prompt for i in members], [examples[i].reply for i in members])
+        mean = sum(raw) / len(raw)
+        spread = math.sqrt(sum((x - mean) ** 2 for x in raw) / len(raw)) or 1.0
+        for i, x in zip(members, raw):
+            scores[i] = (x - mean) / spread
+        del rm
+    weights = [e.weight for e in examples]
+    value = auc(scores, labels, weights)
+    interval = auc_interval(value, effective_count([w for w, y in zip(weights, labels) if y]),
+                            effective_count([w for w, y in zip(weights, labels) if not y]))
+    low, high = interval or (None, None)
+    return {"folds": folds, "examples": len(examples), "auc": value, "auc_low": low, "auc_high": high}
 
 
 @dataclass
@@ -125,6 +190,17 @@ def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) 
         job.report(f"judge: AUC {judge_metrics['auc']} (95% interval {judge_metrics['auc_low']}-"
                    f"{judge_metrics['auc_high']}) on the {judge_metrics['heldout_examples']} training-side thumbs")
     why = informative(metrics, judge_metrics, config.reward.min_auc_low)
+    if why is not None and config.reward.cv_folds >= 2:
+        examples = snap.train + snap.heldout
+        job.report(f"reward model: neither side can tell yet; cross-validating all {len(examples)} thumbs in "
+                   f"{config.reward.cv_folds} folds", stage="reward_model")
+        cv = cross_validate(rm_base, rm_tokenizer, examples, config.reward, device=device,
+                            progress=lambda line: job.report(f"cross-validation: {line}"))
+        metrics["cross_validation"] = cv
+        if cv is not None:
+            job.report(f"cross-validation: AUC {cv['auc']} (95% interval {cv['auc_low']}-{cv['auc_high']}) "
+                       f"on {cv['examples']} thumbs")
+        why = informative(metrics, judge_metrics, config.reward.min_auc_low, cv)
     if why is not None:
         if job.dist is not None:
             broadcast(None)

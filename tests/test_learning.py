@@ -526,3 +526,36 @@ def test_the_judge_on_the_training_side_can_vouch_for_a_reward_model_whose_held_
     assert "no better than chance" in informative(below, judge_says_yes, 0.5)
     assert "no held-out thumbs of both kinds" in informative(m(None, None, None, 3), judge_says_yes, 0.5)
     assert informative(below, None, -1.0) is None  # the requirement switched off
+    # all the thumbs cross-validated can vouch where neither side can, but not for a reward model that
+    # ranks its own held-out thumbs the wrong way
+    cv_yes, cv_no = {**m(0.8, 0.7, 0.9, 100), "folds": 5, "examples": 100}, {**m(0.6, 0.45, 0.75, 100), "folds": 5,
+                                                                            "examples": 100}
+    assert informative(wide, judge_says_no, 0.5, cv_yes) is None
+    assert "nor are all 100 thumbs in 5 folds" in informative(wide, judge_says_no, 0.5, cv_no)
+    assert "no better than chance" in informative(below, judge_says_no, 0.5, cv_yes)
+    assert informative(m(None, None, None, 3), None, 0.5, cv_yes) is None  # one kind held out: the folds tell
+
+
+def test_cross_validation_scores_every_thumb_with_a_model_that_never_saw_it(tiny_loaded):
+    import random
+
+    from online_rl.reward import RewardConfig
+    from online_rl.reward_models import cross_validate, fold_of
+
+    snap = _synthetic_snapshot(60)
+    examples = snap.train + snap.heldout
+    assert len({fold_of(e.conversation_id, 5) for e in examples}) == 5
+    config = RewardConfig(epochs=4, lr=5e-3, batch_size=16, cv_folds=3)
+    cv = cross_validate(tiny_loaded.path, tiny_loaded.tokenizer, examples, config, device=torch.device("cpu"),
+                        progress=lambda line: None)
+    assert cv["examples"] == 60 and cv["folds"] == 3
+    assert cv["auc"] >= 0.9 and cv["auc_low"] > 0.5
+    # the same replies with coin-flip thumbs: nothing to learn, and the interval says so
+    rng = random.Random(3)
+    noise = [Example(e.prompt, e.reply, rng.random() < 0.5, e.conversation_id, e.rater, e.response_id,
+                     e.feedback_id) for e in examples]
+    cv = cross_validate(tiny_loaded.path, tiny_loaded.tokenizer, noise, config, device=torch.device("cpu"),
+                        progress=lambda line: None)
+    assert cv["auc_low"] <= 0.5
+    assert cross_validate(tiny_loaded.path, tiny_loaded.tokenizer, [e for e in examples if e.label], config,
+                          device=torch.device("cpu"), progress=lambda line: None) is None  # one kind only
