@@ -17,7 +17,8 @@ spans 0.5 whatever the reward model learned, and every cycle waited; the
 judge is scored on the other four fifths. When the judge, trained on a
 quarter as many thumbs, already ranks the training side's thumbs better
 than chance, the thumbs carry a taste a reward model can learn from.
-When neither can tell, every thumb is scored by a reward model trained
+When neither can tell, and the policy's reward model at least leans the
+right way on its held-out thumbs, every thumb is scored by a reward model trained
 without it, in `RewardConfig.cv_folds` folds (`cross_validate`): an AUC over
 all the thumbs rather than a fifth of them, whose interval is about half as
 wide. Measured on `concise` (72 thumbs up in the first 100), the held-out
@@ -72,14 +73,13 @@ def informative(metrics: dict, judge_metrics: dict | None, bar: float, cv: dict 
     not, in words."""
     if bar < 0 or better_than_chance(metrics, bar):
         return None
-    if better_than_chance(cv, bar) and not (metrics.get("auc") is not None and metrics["auc"] <= bar):
-        return None
     if metrics.get("auc_low") is None:
         return (f"there are no held-out thumbs of both kinds to judge the reward model on "
                 f"({metrics['heldout_examples']} held out)")
     why = (f"the reward model is no better than chance on held-out thumbs (AUC {metrics['auc']}, "
            f"95% interval {metrics['auc_low']}-{metrics['auc_high']}, {metrics['heldout_examples']} held-out thumbs)")
-    if metrics["auc"] is not None and metrics["auc"] > bar and better_than_chance(judge_metrics, bar):
+    if metrics["auc"] is not None and metrics["auc"] > bar and (better_than_chance(judge_metrics, bar)
+                                                                 or better_than_chance(cv, bar)):
         return None
     if judge_metrics and judge_metrics.get("auc") is not None:
         why += (f", nor is the judge on the training side's (AUC {judge_metrics['auc']}, 95% interval "
@@ -190,7 +190,8 @@ def train_reward_models(job, snap: Snapshot, base_path: str, tokenizer, device) 
         job.report(f"judge: AUC {judge_metrics['auc']} (95% interval {judge_metrics['auc_low']}-"
                    f"{judge_metrics['auc_high']}) on the {judge_metrics['heldout_examples']} training-side thumbs")
     why = informative(metrics, judge_metrics, config.reward.min_auc_low)
-    if why is not None and config.reward.cv_folds >= 2:
+    held_out_leans = metrics["auc"] is not None and metrics["auc"] > config.reward.min_auc_low
+    if why is not None and config.reward.cv_folds >= 2 and held_out_leans:
         examples = snap.train + snap.heldout
         job.report(f"reward model: neither side can tell yet; cross-validating all {len(examples)} thumbs in "
                    f"{config.reward.cv_folds} folds", stage="reward_model")

@@ -533,7 +533,8 @@ def test_the_judge_on_the_training_side_can_vouch_for_a_reward_model_whose_held_
     assert informative(wide, judge_says_no, 0.5, cv_yes) is None
     assert "nor are all 100 thumbs in 5 folds" in informative(wide, judge_says_no, 0.5, cv_no)
     assert "no better than chance" in informative(below, judge_says_no, 0.5, cv_yes)
-    assert informative(m(None, None, None, 3), None, 0.5, cv_yes) is None  # one kind held out: the folds tell
+    # with no held-out thumbs of both kinds there is no judge either: the folds alone do not vouch
+    assert "no held-out thumbs of both kinds" in informative(m(None, None, None, 3), None, 0.5, cv_yes)
 
 
 def test_cross_validation_scores_every_thumb_with_a_model_that_never_saw_it(tiny_loaded):
