@@ -245,9 +245,9 @@ def write_doc(summary: dict, args) -> None:
 One rater gave {args.n_loud} thumbs by the `{loud}` taste; {args.quiet_raters} raters gave {args.n_quiet} each by
 the `{quiet}` taste (thumbs up from each group: {ups}). The thumbs arrived in {args.rounds} rounds: each round every
 rater chatted with the version serving at the time through the store as the chat page does (a quarter of
-the turns regenerated), then one `{args.method}` retrain cycle ran as deployed, seed {args.seed}: it waits while the
-reward model's held-out AUC interval does not lie above 0.5, and the gate decides (P promoted, R rejected,
-W waiting for more feedback). *Approval*: the share of the replies of the version serving after the last
+the turns regenerated), then one `{args.method}` retrain cycle ran as deployed, seed {args.seed}: it waits while no
+reward model is better than chance on thumbs it never saw (held-out, judge or cross-validated: docs/learning.md),
+and the gate decides (P promoted, R rejected, W waiting for more feedback). *Approval*: the share of the replies of the version serving after the last
 round, on {args.heldout} held-out prompts × {args.samples}, that each taste likes, with its standard error over
 prompts; *gain* against v0 on the same prompts. The AUCs by taste say how well the last policy reward
 model ranks v0's replies to those prompts by each taste's verdicts (0.5: chance). Wall time: {wall}.
