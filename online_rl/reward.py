@@ -292,11 +292,7 @@ def evaluate_reward_model(rm: RewardModel, examples: list[Example], pairs: list[
         scores = rm.score([e.prompt for e in examples], [e.reply for e in examples])
         labels = [e.label for e in examples]
         weights = [e.weight for e in examples]
-        out["auc"] = auc(scores, labels, weights)
-        low_high = auc_interval(out["auc"], effective_count([w for w, y in zip(weights, labels) if y]),
-                                effective_count([w for w, y in zip(weights, labels) if not y]))
-        if low_high:
-            out["auc_low"], out["auc_high"] = low_high
+        out["auc"], out["auc_low"], out["auc_high"] = auc_with_interval(scores, labels, weights)
         out["accuracy"] = round(sum((s > 0) == y for s, y in zip(scores, labels)) / len(labels), 4)
         out.update(calibration(scores, labels))
     if pairs:
@@ -304,6 +300,15 @@ def evaluate_reward_model(rm: RewardModel, examples: list[Example], pairs: list[
         rejected = rm.score([p.prompt for p in pairs], [p.rejected for p in pairs])
         out["pair_accuracy"] = round(sum(c > r for c, r in zip(chosen, rejected)) / len(pairs), 4)
     return out
+
+
+def auc_with_interval(scores: list[float], labels: list[bool], weights: list[float]):
+    """(AUC, low, high): `auc` under `weights` and its 95% `auc_interval`
+    from the effective class sizes; None where a class is missing."""
+    value = auc(scores, labels, weights)
+    interval = auc_interval(value, effective_count([w for w, y in zip(weights, labels) if y]),
+                            effective_count([w for w, y in zip(weights, labels) if not y]))
+    return (value, *(interval or (None, None)))
 
 
 def auc_interval(value: float | None, n_pos: float, n_neg: float, z: float = 1.96) -> tuple[float, float] | None:

@@ -104,7 +104,7 @@ def cross_validate(base_path: str, tokenizer, examples: list[Example], config, *
     differ; standardizing uses no labels), with its 95% interval, weighted by
     the rater bound as the held-out figures are. None when fewer than two
     folds hold thumbs or a class is missing."""
-    from online_rl.reward import auc, auc_interval, effective_count, train_reward_model
+    from online_rl.reward import auc_with_interval, train_reward_model
 
     folds = config.cv_folds
     labels = [e.label for e in examples]
@@ -131,11 +131,7 @@ def cross_validate(base_path: str, tokenizer, examples: list[Example], config, *
         for i, x in zip(members, raw):
             scores[i] = (x - mean) / spread
         del rm
-    weights = [e.weight for e in examples]
-    value = auc(scores, labels, weights)
-    interval = auc_interval(value, effective_count([w for w, y in zip(weights, labels) if y]),
-                            effective_count([w for w, y in zip(weights, labels) if not y]))
-    low, high = interval or (None, None)
+    value, low, high = auc_with_interval(scores, labels, [e.weight for e in examples])
     return {"folds": folds, "examples": len(examples), "auc": value, "auc_low": low, "auc_high": high}
 
 
