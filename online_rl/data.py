@@ -141,10 +141,14 @@ class Snapshot:
         }
 
 
+def stable_unit(key: str) -> float:
+    """A number in [0, 1) that `key` always maps to (a hash): stable splits."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def is_heldout(key: str, fraction: float) -> bool:
     """Stable split: the same conversation (or prompt hash) lands on the same side every run."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return stable_unit(key) < fraction
 
 
 def rater_key(user: str | None, session_id: str | None) -> str:

@@ -32,12 +32,11 @@ the time, and the gate still judges what it makes.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from online_rl.data import Example, Snapshot, is_heldout
+from online_rl.data import Example, Snapshot, is_heldout, stable_unit
 from online_rl.distributed import broadcast
 
 REWARD_DIR = "reward_models"
@@ -92,7 +91,7 @@ def informative(metrics: dict, judge_metrics: dict | None, bar: float, cv: dict 
 
 def fold_of(conversation_id: str, folds: int) -> int:
     """Which fold a conversation's thumbs fall in: a hash, stable across runs."""
-    return int.from_bytes(hashlib.sha256(f"cv:{conversation_id}".encode()).digest()[:8], "big") % folds
+    return int(stable_unit(f"cv:{conversation_id}") * folds)
 
 
 def cross_validate(base_path: str, tokenizer, examples: list[Example], config, *, device,
