@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(faster: no shadow row on the base beside each reply; docs/serving.md)")
         p.add_argument("--min-win-rate", type=float, default=0.5,
                        help="gate: the candidate's win rate against the active version must be above this "
-                            "under its own reward model and at least this under the judge (default 0.5)")
+                            "under its own reward model and, less two standard errors, under the judge (default 0.5)")
         p.add_argument("--canary", type=float, default=0.0, metavar="SHARE",
                        help="a candidate that passes the gate serves this share of new conversations (e.g. 0.1) "
                             "until live thumbs promote or reject it, instead of going live at once "

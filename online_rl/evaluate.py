@@ -9,9 +9,10 @@ reply to reply, and the gate bounds them to a tenth). Measured:
 - **win rates**: the share of replies where the candidate's scores higher
   than the active version's (ties count half), under the reward model PPO
   optimized (``win_rate``) and under the **judge**, a reward model PPO never
-  saw, trained on other thumbs (``judge_win_rate``). Scores are raw
-  reward-model logits, one scale for both versions: nothing is normalized
-  per batch here.
+  saw, trained on other thumbs (``judge_win_rate``), each with its standard
+  error over the prompts (``win_rate_se``, ``judge_win_rate_se``). Scores
+  are raw reward-model logits, one scale for both versions: nothing is
+  normalized per batch here.
 - **held-out thumbs**: on rated replies from held-out conversations, how
   much more likely (per token, against the active version) the candidate
   makes the liked replies than the disliked ones: real users' evidence that
@@ -156,6 +157,20 @@ def win_rate(candidate: list[float], active: list[float]) -> float:
     return round(wins / len(candidate), 4)
 
 
+def win_rate_se(candidate: list[float], active: list[float], samples: int) -> float | None:
+    """The standard error of `win_rate` when each run of `samples`
+    consecutive replies answers one prompt: replies to one prompt are not
+    independent (the same prompt, often the same reply), so the prompts are
+    the units, each with its own mean win. None with fewer than two prompts."""
+    wins = [1.0 if c > a else 0.5 if c == a else 0.0 for c, a in zip(candidate, active)]
+    per_prompt = [sum(wins[i:i + samples]) / len(wins[i:i + samples]) for i in range(0, len(wins), max(1, samples))]
+    n = len(per_prompt)
+    if n < 2:
+        return None
+    mean = sum(per_prompt) / n
+    return round(math.sqrt(sum((w - mean) ** 2 for w in per_prompt) / (n - 1) / n), 4)
+
+
 def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, config: EvalConfig | None = None,
             *, judge_fn=None, heldout_examples=(), active_adapter: str | None = None) -> dict:
     """Evaluate `model`'s trained adapter ("default") against the active version.
@@ -202,7 +217,9 @@ def compare(model, tokenizer, prompts: list[list[dict]], settings, reward_fn, co
         "win_rate": win_rate(cand_scores, act_scores),
         "reward": mean(cand_scores),
         "active_reward": mean(act_scores),
+        "win_rate_se": win_rate_se(cand_scores, act_scores, samples),
         "judge_win_rate": win_rate(judge_cand, judge_act) if judged else None,
+        "judge_win_rate_se": win_rate_se(judge_cand, judge_act, samples) if judged else None,
         "judge_reward": mean(judge_cand),
         "active_judge_reward": mean(judge_act),
         "heldout_thumbs": thumbs,

@@ -8,12 +8,16 @@ prompts and passes a candidate only when every check holds:
   `min_win_rate`; ties, as when it writes what the active version writes,
   are no win): a candidate that did not climb the reward it was trained
   on learned nothing worth judging;
-- **and under evidence the update did not optimize**: the judge, a reward model
-  trained on other thumbs, prefers it at least `min_judge_win_rate` of the
-  time (checked when the judge is informative: its AUC's 95% interval lies
-  above 0.5), and on rated held-out replies it does not move away from what
-  people liked (the thumbs margin is not below zero by more than two
-  standard errors);
+- **and is not worse under evidence the update did not optimize**: the
+  judge, a reward model trained on other thumbs, does not prefer the active
+  version by more than `judge_se` standard errors of its win rate (checked
+  when the judge is informative: its AUC's 95% interval lies above 0.5), and
+  on rated held-out replies it does not move away from what people liked
+  (the thumbs margin is not below zero by more than two standard errors).
+  Both are tests of "not worse", as the canary's is: the judge is trained on
+  a fifth of the thumbs and its win rate sits within a few hundredths of
+  0.5 for any candidate near its parent, so a bar at 0.5 itself decided by
+  the judge's noise (docs/learning.md, "The judge: not worse, not better");
 - **close to the base**: KL to the base at most `max_kl` nats *per token*
   (a taste for longer replies does not pay KL for its length);
 - **still language, judged against the base** (so drift cannot build up
@@ -44,7 +48,13 @@ from dataclasses import asdict, dataclass
 @dataclass
 class GateConfig:
     min_win_rate: float = 0.5  # under the reward model PPO optimized
-    min_judge_win_rate: float = 0.5  # under the judge, a reward model the update never saw
+    min_judge_win_rate: float = 0.5  # under the judge, a reward model the update never saw ...
+    # ... less this many standard errors of the judge's win rate (over the
+    # held-out prompts). At 0 the judge's point estimate decides: of 14
+    # candidates that bar turned away with the judge alone in the taste
+    # suite, 13 were better on the true taste than the version serving and
+    # one equal (docs/learning.md).
+    judge_se: float = 2.0
     # Nats per reply token, mean over held-out replies: about 3 nats for a
     # reply of the starter's typical ten tokens. The language is bounded by
     # its own checks below; this bound keeps a candidate near the base when
@@ -98,6 +108,8 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     win_rate, kl = evaluation.get("win_rate"), evaluation.get("kl_per_token")
     judge = evaluation.get("judge_win_rate")
     judge_used = judge is not None and bool(evaluation.get("judge_informative"))
+    judge_se = evaluation.get("judge_win_rate_se") or 0.0
+    judge_bar = config.min_judge_win_rate - config.judge_se * judge_se
     nll = evaluation.get("base_nll") or {}
     excess = evaluation.get("excess_nll") or {}
     known = evaluation.get("known_words") or {}
@@ -110,9 +122,10 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     if win_rate is None or win_rate <= config.min_win_rate:
         reasons.append(f"it did not beat {active} under its own reward model: win rate {_fmt(win_rate, 3)} "
                        f"(more than {config.min_win_rate:.2f} needed)")
-    if judge_used and judge < config.min_judge_win_rate:
+    if judge_used and judge < judge_bar:
         reasons.append(f"the judge (a reward model the update never saw) prefers {active}: win rate {_fmt(judge, 3)} "
-                       f"(at least {config.min_judge_win_rate:.2f})")
+                       f"(at least {judge_bar:.3f}: {config.min_judge_win_rate:.2f} less {config.judge_se:g} "
+                       f"standard errors of {judge_se:.3f})")
     margin, se = thumbs.get("margin"), thumbs.get("se")
     if margin is not None and se is not None and margin < -2 * se:
         reasons.append(f"on rated held-out replies it moved away from what people liked "
@@ -149,7 +162,8 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
         reasons.append(f"degenerate: {cut:.0%} of its replies are cut off at the reply cap, against "
                        f"{act_cut:.0%} for {active}")
 
-    checks = {"prompts": prompts, "win_rate": win_rate, "judge_win_rate": judge, "judge_used": judge_used,
+    checks = {"prompts": prompts, "win_rate": win_rate, "judge_win_rate": judge, "judge_win_rate_se": judge_se,
+              "judge_bar": judge_bar, "judge_used": judge_used,
               "thumbs_margin": margin, "thumbs_margin_se": se, "kl_per_token": kl,
               "base_nll": cand_nll, "base_nll_of_base": base_nll, "excess_nll": cand_excess,
               "excess_nll_of_base": base_excess, "excess_nll_bound": excess_bound, "known_words": cand_known,

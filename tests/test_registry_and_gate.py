@@ -220,6 +220,34 @@ def test_an_uninformative_judge_is_not_used():
     assert verdict.passed and verdict.checks["judge_used"] is False
 
 
+def test_the_judge_turns_a_candidate_away_only_when_it_prefers_the_active_version_beyond_its_noise():
+    # Within two standard errors of 0.5: not shown worse, passes.
+    near = decide(_evaluation(judge_win_rate=0.46, judge_win_rate_se=0.025))
+    assert near.passed and near.checks["judge_bar"] == pytest.approx(0.45)
+    # Beyond them: the judge prefers the active version, rejected, with the bar in the reason.
+    far = decide(_evaluation(judge_win_rate=0.44, judge_win_rate_se=0.025))
+    assert not far.passed
+    assert "win rate 0.440 (at least 0.450: 0.50 less 2 standard errors of 0.025)" in far.reason()
+    # With no standard error (an older evaluation) or judge_se 0 the point estimate decides.
+    assert not decide(_evaluation(judge_win_rate=0.49)).passed
+    assert not decide(_evaluation(judge_win_rate=0.46, judge_win_rate_se=0.025), GateConfig(judge_se=0)).passed
+    # The policy's own reward model keeps its plain bar: a candidate must climb the reward it was trained on.
+    assert not decide(_evaluation(win_rate=0.49, judge_win_rate=0.6, judge_win_rate_se=0.05)).passed
+
+
+def test_the_win_rates_standard_error_takes_the_prompts_as_units():
+    from online_rl.evaluate import win_rate, win_rate_se
+
+    # Two prompts, four replies each: one prompt all wins, one all losses.
+    cand, act = [1.0] * 4 + [0.0] * 4, [0.0] * 4 + [1.0] * 4
+    assert win_rate(cand, act) == 0.5
+    # Per prompt 1.0 and 0.0: sd 0.707 over two prompts, se 0.5 (the 8 replies alone would claim 0.19).
+    assert win_rate_se(cand, act, samples=4) == pytest.approx(0.5)
+    # Every reply a tie: no spread, no error.
+    assert win_rate_se([1.0] * 8, [1.0] * 8, samples=4) == 0.0
+    assert win_rate_se([1.0] * 4, [0.0] * 4, samples=4) is None  # one prompt
+
+
 def test_gate_records_its_decision_in_the_registry(store, tmp_path):
     _register(store, tmp_path, "v1")
     _register(store, tmp_path, "v2")
