@@ -16,7 +16,7 @@ and without it (1.0). For each:
 - the loud rater's share of the thumbs before and after the bound;
 - how well the last policy reward model ranks fresh v0 replies to held-out
   prompts by each taste (AUC against each taste's verdicts);
-- the approval of the version serving after the last round under each taste
+- the approval of the version serving after each round under each taste
   (with its standard error) on held-out prompts, beside v0's.
 
     python benchmarks/bench_poisoning.py --data-dir /work/cache            # 1,000 against 20 x 50, 3 rounds
@@ -55,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=METHODS, default=METHODS[0], help="how the cycle updates the policy")
     parser.add_argument("--ppo-steps", type=int, help="PPO steps per cycle (default: the cycle's)")
     parser.add_argument("--reward-epochs", type=int, help="most reward-model epochs (default: the cycle's)")
-    parser.add_argument("--heldout", type=int, default=100, help="held-out prompts (default 100)")
-    parser.add_argument("--samples", type=int, default=2, help="replies per held-out prompt (default 2)")
+    # 200 × 3, as the taste suite: a gain of 0.10 measured on 100 × 2 has a
+    # standard error of about 0.05, too wide to tell +0.05 from the goal.
+    parser.add_argument("--heldout", type=int, default=200, help="held-out prompts (default 200)")
+    parser.add_argument("--samples", type=int, default=3, help="replies per held-out prompt (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=[label.split()[0] for label, _ in BOUNDS],
                         help="run one condition of the rater bound (with --no-doc: the section shows both)")
@@ -142,7 +144,10 @@ def run_condition(label: str, share: float, work: Path, args, starter: str, cont
                                "reward_auc": ((run.get("metrics") or {}).get("reward_model") or {}).get("auc")})
                 continue
             promoted = store.active_version() == cycle["version"]
+            serving = Bot(store, data_dir, starter, args.device)
             rounds.append({"decision": "promoted" if promoted else "rejected", "version": cycle["version"],
+                           "approval": taste_approval(serving, context["prompts"], context["tastes"],
+                                                      context["settings"], args.samples, context["eval_seed"]),
                            "reason": cycle["gate"]["reason"], "reward_auc": cycle["reward_model"]["auc"],
                            "kl_per_token": cycle["evaluation"]["kl_per_token"],
                            "loud_share": next(r for r in cycle["rater_shares"]["thumbs"]["top"]
@@ -217,20 +222,27 @@ def write_doc(summary: dict, args) -> None:
     def gain(r: dict, taste: str) -> str:
         return f"{r['approval'][taste]['approval'] - summary['v0'][taste]['approval']:+.3f}"
 
-    rows = [["v0 (before)", "", "", "", "", approval(summary["v0"][quiet]), "", approval(summary["v0"][loud]), ""]]
+    rows = [["v0 (before)", "", "", "", "", approval(summary["v0"][quiet]), "", approval(summary["v0"][loud]), "",
+             "", ""]]
     for r in summary["results"]:
         shares = [x["loud_share"] for x in r["rounds"] if "loud_share" in x]
         share = f"{shares[-1]['share_before']:.1%} → {shares[-1]['share_after']:.1%}" if shares else ""
         decisions = " ".join(x["decision"][0].upper() for x in r["rounds"])
+        path = {t: [summary["v0"][t]["approval"]] for t in (quiet, loud)}
+        for x in r["rounds"]:
+            for t in path:
+                path[t].append(x["approval"][t]["approval"] if "approval" in x else path[t][-1])
         aucs = " → ".join("n/a" if x["reward_auc"] is None else f"{x['reward_auc']:.2f}" for x in r["rounds"])
         by_taste = r["reward_auc_by_taste"] or {}
         rows.append([r["bound"], share, f"{decisions} ({r['active']} serving)", aucs,
                      f"{by_taste.get(quiet, 'n/a')} / {by_taste.get(loud, 'n/a')}",
-                     approval(r["approval"][quiet]), gain(r, quiet), approval(r["approval"][loud]), gain(r, loud)])
+                     approval(r["approval"][quiet]), gain(r, quiet), approval(r["approval"][loud]), gain(r, loud),
+                     " → ".join(f"{a:.2f}" for a in path[quiet]), " → ".join(f"{a:.2f}" for a in path[loud])])
     headers = ["rater bound", "loud rater's share of the thumbs (before → after)", "decisions per round",
                "reward model AUC on held-out thumbs, per round (rater-bound weights)",
                f"last reward model's AUC by the quiet taste ({quiet}) / by the loud one ({loud})",
-               f"approval, quiet taste ({quiet})", "gain", f"approval, loud taste ({loud})", "gain"]
+               f"approval, quiet taste ({quiet})", "gain", f"approval, loud taste ({loud})", "gain",
+               f"{quiet}, per round", f"{loud}, per round"]
     reasons = "\n".join(f"- {r['bound']}, round {i + 1}: {x['decision']}: {x['reason']}"
                         for r in summary["results"] for i, x in enumerate(r["rounds"]))
     scale = "" if args.scale == 1 else f" --scale {args.scale:g}"
@@ -249,7 +261,8 @@ the turns regenerated), then one `{args.method}` retrain cycle ran as deployed, 
 reward model is better than chance on thumbs it never saw (held-out, judge or cross-validated: docs/learning.md),
 and the gate decides (P promoted, R rejected, W waiting for more feedback). *Approval*: the share of the replies of the version serving after the last
 round, on {args.heldout} held-out prompts × {args.samples}, that each taste likes, with its standard error over
-prompts; *gain* against v0 on the same prompts. The AUCs by taste say how well the last policy reward
+prompts; *gain* against v0 on the same prompts; *per round*: the same figure for the version serving after
+each round. The AUCs by taste say how well the last policy reward
 model ranks v0's replies to those prompts by each taste's verdicts (0.5: chance). Wall time: {wall}.
 
 Each round's decision:
