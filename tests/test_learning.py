@@ -511,7 +511,7 @@ def test_kto_trains_on_a_draw_weighted_by_the_rater_bound():
 
 
 def test_the_judge_on_the_training_side_can_vouch_for_a_reward_model_whose_held_out_side_is_small():
-    from online_rl.reward_models import informative
+    from online_rl.reward_models import better_than_chance, informative, pooled
 
     def m(auc, low, high, n=20):
         return {"auc": auc, "auc_low": low, "auc_high": high, "heldout_examples": n}
@@ -535,6 +535,16 @@ def test_the_judge_on_the_training_side_can_vouch_for_a_reward_model_whose_held_
     assert "no better than chance" in informative(below, judge_says_no, 0.5, cv_yes)
     # with no held-out thumbs of both kinds there is no judge either: the folds alone do not vouch
     assert "no held-out thumbs of both kinds" in informative(m(None, None, None, 3), None, 0.5, cv_yes)
+    # neither side alone, but both pooled: independent estimates of one thing, weighed by their variances
+    held, judge = m(0.61, 0.43, 0.79, 74), m(0.567, 0.498, 0.635, 300)
+    assert not better_than_chance(held) and not better_than_chance(judge)
+    both = pooled(held, judge)
+    assert 0.567 < both["auc"] < 0.61 and both["auc_low"] > 0.5
+    assert both["auc_high"] - both["auc_low"] < judge["auc_high"] - judge["auc_low"]
+    assert informative(held, judge, 0.5) is None
+    # pooled with a judge that ranks the wrong way, it does not vouch, and the refusal says so
+    assert "nor are both sides pooled" in informative(held, m(0.45, 0.38, 0.52, 300), 0.5)
+    assert pooled(held, None) is None and pooled(held, m(None, None, None, 0)) is None
 
 
 def test_cross_validation_scores_every_thumb_with_a_model_that_never_saw_it(tiny_loaded):
