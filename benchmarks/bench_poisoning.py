@@ -258,7 +258,7 @@ One rater gave {args.n_loud} thumbs by the `{loud}` taste; {args.quiet_raters} r
 the `{quiet}` taste (thumbs up from each group: {ups}). The thumbs arrived in {args.rounds} rounds: each round every
 rater chatted with the version serving at the time through the store as the chat page does (a quarter of
 the turns regenerated), then one `{args.method}` retrain cycle ran as deployed, seed {args.seed}: it waits while no
-reward model is better than chance on thumbs it never saw (held-out, judge or cross-validated: docs/learning.md),
+reward model is better than chance on thumbs it never saw (held-out, judge, both pooled or cross-validated: docs/learning.md),
 and the gate decides (P promoted, R rejected, W waiting for more feedback). *Approval*: the share of the replies of the version serving after the last
 round, on {args.heldout} held-out prompts × {args.samples}, that each taste likes, with its standard error over
 prompts; *gain* against v0 on the same prompts; *per round*: the same figure for the version serving after
