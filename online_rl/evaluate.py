@@ -152,9 +152,13 @@ def heldout_thumbs_margin(model, tokenizer, examples, active: str | None, max_ex
             "se": round(math.sqrt(vu / len(up) + vd / len(down)), 5)}
 
 
+def _wins(candidate: list[float], active: list[float]) -> list[float]:
+    """Each reply's win: 1 where the candidate's scores higher, a half for a tie."""
+    return [1.0 if c > a else 0.5 if c == a else 0.0 for c, a in zip(candidate, active)]
+
+
 def win_rate(candidate: list[float], active: list[float]) -> float:
-    wins = sum(1.0 if c > a else 0.5 if c == a else 0.0 for c, a in zip(candidate, active))
-    return round(wins / len(candidate), 4)
+    return round(sum(_wins(candidate, active)) / len(candidate), 4)
 
 
 def win_rate_se(candidate: list[float], active: list[float], samples: int) -> float | None:
@@ -162,7 +166,7 @@ def win_rate_se(candidate: list[float], active: list[float], samples: int) -> fl
     consecutive replies answers one prompt: replies to one prompt are not
     independent (the same prompt, often the same reply), so the prompts are
     the units, each with its own mean win. None with fewer than two prompts."""
-    wins = [1.0 if c > a else 0.5 if c == a else 0.0 for c, a in zip(candidate, active)]
+    wins = _wins(candidate, active)
     per_prompt = [sum(wins[i:i + samples]) / len(wins[i:i + samples]) for i in range(0, len(wins), max(1, samples))]
     n = len(per_prompt)
     if n < 2:
