@@ -4,8 +4,8 @@ bounds a little inside the gate's.
 After each epoch the tilt (`online_rl.tilt`) has the policy answer its
 validation prompts; `judge_epoch` measures the replies as the gate will
 (reward-model score, excess and plain NLL per token against the base, KL to
-the base, known words, the most common reply and the share of distinct
-ones) and says how far past its bounds the epoch went; `epoch_rank` orders
+the base, known words, the most common reply, the ten most common
+together and the share of distinct ones) and says how far past its bounds the epoch went; `epoch_rank` orders
 epochs for the one to keep; `validation_limits` measures the base there and
 sets the bounds from it; `within_gate` sets the bounds from the gate's.
 """
@@ -39,11 +39,12 @@ def validation_limits(policy, base_replies, per_prompt: int, settings, config: T
     of distinct replies."""
     figures = language_figures(policy, base_replies, settings, base_wrote=True)
     base_nll, base_excess = figures["base_nll"], figures["excess_nll"]
-    base_distinct = repetition(base_replies, per_prompt)["distinct_fraction"]
+    base_stats = repetition(base_replies, per_prompt)
+    base_distinct = base_stats["distinct_fraction"]
     allowance = (config.max_nll_increase * base_nll
                  if None not in (config.max_nll_increase, base_nll, base_excess) else None)
     return {"base_nll": base_nll, "base_excess": base_excess, "base_known": figures["known_words"],
-            "base_distinct": base_distinct, "allowance": allowance,
+            "base_distinct": base_distinct, "base_top_ten": base_stats["top_ten_share"], "allowance": allowance,
             "bound": base_excess + allowance if allowance is not None else math.inf,
             "floor": config.min_distinct * base_distinct if config.min_distinct else 0.0}
 
@@ -55,13 +56,13 @@ def judge_epoch(policy, replies, per_prompt: int, reward_fn, settings, config: T
     the KL as a share of what they are allowed, and the repetition figures
     against their bounds (at most 1: within all). `limits`: the base's
     excess NLL, the allowance above it and the bound, the floor of the
-    distinct share."""
+    distinct share, the base's top-ten share."""
     language = language_figures(policy, replies, settings)
     excess, kl = language["excess_nll"], language["kl_per_token"]
     scores = reward_fn([p for b in replies for p in b["prompts"]], [t for b in replies for t in b["texts"]])
     score = round(sum(scores) / len(scores), 4) if scores else None
     stats = repetition(replies, per_prompt)
-    top, distinct = stats["top_reply_share"], stats["distinct_fraction"]
+    top, distinct, top_ten = stats["top_reply_share"], stats["distinct_fraction"], stats["top_ten_share"]
     allowance = limits["allowance"]
     if excess is None or allowance is None:
         language_over = 0.0
@@ -70,11 +71,18 @@ def judge_epoch(policy, replies, per_prompt: int, reward_fn, settings, config: T
     else:  # a bound below the base's own: only how far past it counts
         language_over = math.inf if excess > limits["bound"] else 0.0
     over = max(language_over, kl / config.max_kl if config.max_kl else 0.0,
-               top / config.max_top_share if config.max_top_share else 0.0, limits["floor"] / max(distinct, 1e-6))
+               top / config.max_top_share if config.max_top_share else 0.0, limits["floor"] / max(distinct, 1e-6),
+               _share_of(top_ten, limits["base_top_ten"] + config.max_top_ten_increase)
+               if config.max_top_ten_increase is not None else 0.0)
     return {"val_score": score, "val_nll": language["base_nll"], "val_excess_nll": excess,
             "val_known_words": language["known_words"], "val_kl": kl, "val_top_reply_share": top,
-            "val_distinct": distinct, "over_bounds": round(over, 4), "language_over": round(language_over, 4),
+            "val_top_ten_share": top_ten, "val_distinct": distinct, "over_bounds": round(over, 4), "language_over": round(language_over, 4),
             "within_bound": excess is not None and excess <= limits["bound"] and over <= 1.0}
+
+
+def _share_of(value: float, bound: float) -> float:
+    """`value` as a share of what `bound` allows it (above 1: past it)."""
+    return value / bound if bound > 0 else math.inf
 
 
 def epoch_rank(record: dict) -> tuple:
@@ -96,7 +104,8 @@ def within_gate(config: TiltConfig, gate) -> TiltConfig:
     are fewer than the gate's, and what is measured on them varies more."""
     margin = 0.9
     bounds = {"max_nll_increase": margin * gate.max_nll_increase, "max_kl": margin * gate.max_kl,
-              "max_top_share": margin * gate.max_top_share, "min_distinct": gate.min_distinct / margin}
+              "max_top_share": margin * gate.max_top_share, "min_distinct": gate.min_distinct / margin,
+              "max_top_ten_increase": margin * gate.max_top_ten_increase}
     return dataclasses.replace(config, **{k: v for k, v in bounds.items() if getattr(config, k) is None})
 
 

@@ -24,7 +24,7 @@ reply to reply, and the gate bounds them to a tenth). Measured:
   the known-word share of each version's replies, the base's own included,
   so that drift is judged against the base, not only the previous round.
 - signs of degenerate replies: share of distinct replies, of the most
-  common reply, of empty replies, of replies cut off at the reply cap, mean
+  common reply and of the ten most common, of empty replies, of replies cut off at the reply cap, mean
   words per reply; and a few replies side by side, to be read.
 
 The gate (`online_rl.gate`) decides from these numbers; this module only
@@ -67,17 +67,30 @@ class EvalConfig:
     examples: int = 6  # replies shown side by side in the metrics
 
 
+def most_common(replies: list[str], k: int = 10) -> set[str]:
+    """The `k` most common of `replies`: a taste pleased by a few stock
+    replies said to every prompt shows as these taking a large share."""
+    return {reply for reply, _ in Counter(replies).most_common(k)}
+
+
+def top_ten_share(replies: list[str]) -> float:
+    """The share of `replies` that are one of their ten most common."""
+    top = most_common(replies)
+    return round(sum(r in top for r in replies) / max(1, len(replies)), 4)
+
+
 def reply_stats(texts: list[str], finished: list[bool], samples: int = 1) -> dict:
     """Signs of degenerate replies. `texts` holds `samples` consecutive replies
-    to each prompt; distinct and top-reply shares are taken over one reply
-    per prompt (a small model may well write the same reply every time it is
-    asked one thing: that is not one reply for every prompt)."""
+    to each prompt; distinct, top-reply and top-ten shares are taken over one
+    reply per prompt (a small model may well write the same reply every time
+    it is asked one thing: that is not one reply for every prompt)."""
     n = max(1, len(texts))
     firsts = texts[::samples]
     counts = Counter(firsts)
     return {
         "distinct_fraction": round(len(counts) / max(1, len(firsts)), 4),
         "top_reply_share": round(counts.most_common(1)[0][1] / max(1, len(firsts)), 4) if texts else 0.0,
+        "top_ten_share": top_ten_share(firsts),
         "empty_fraction": round(sum(not t.strip() for t in texts) / n, 4),
         "cut_off_fraction": round(sum(not f for f in finished) / n, 4),
         "mean_words": round(sum(len(t.split()) for t in texts) / n, 2),

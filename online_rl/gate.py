@@ -32,7 +32,8 @@ prompts and passes a candidate only when every check holds:
   bound on it turned away a taste for short replies for its length;
 - **not degenerate**: enough distinct replies across the prompts, against
   the base's own (one reply for every prompt is reward hacking, not
-  learning), no single reply taking over, few empty
+  learning), no single reply taking over and no ten of them together
+  taking much more of the prompts than the base's ten, few empty
   replies, and not many more replies cut off at the reply cap than the
   active version has.
 
@@ -80,6 +81,14 @@ class GateConfig:
     # bounds (30% distinct, a reply at most half) let it pass.
     min_distinct: float = 0.6
     max_top_share: float = 0.25
+    # The ten most common replies, together, at most this much more of the
+    # held-out prompts than the base's ten most common take. The two bounds
+    # above hold back each single reply, not ten together: on a taste for
+    # computers ten stock replies came to 46% of a candidate's replies (the
+    # base's ten: 11%) and held 78% of the liked ones, each under the bound
+    # on one reply (docs/benchmarks.md). Tastes that learned in their own
+    # words moved this share by 0.11-0.15 on the benchmark's prompts.
+    max_top_ten_increase: float = 0.2
     max_empty: float = 0.2  # share of empty replies
     max_cut_off_increase: float = 0.25  # more replies cut off at the cap than the active version has
     min_prompts: int = 4  # fewer held-out prompts than this: too little evidence to promote
@@ -154,6 +163,12 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
     top = cand.get("top_reply_share")
     if top is not None and top > config.max_top_share:
         reasons.append(f"degenerate: one reply is {top:.0%} of all replies (at most {config.max_top_share:.0%})")
+    top_ten, base_top_ten = cand.get("top_ten_share"), (evaluation.get("base") or {}).get("top_ten_share")
+    top_ten_bound = None if base_top_ten is None else base_top_ten + config.max_top_ten_increase
+    if top_ten is not None and top_ten_bound is not None and top_ten > top_ten_bound:
+        reasons.append(f"degenerate: its ten most common replies are {top_ten:.0%} of its replies, against "
+                       f"{base_top_ten:.0%} for the base (at most {top_ten_bound:.0%}): a few stock replies said "
+                       "to prompts they do not answer")
     empty = cand.get("empty_fraction")
     if empty is not None and empty > config.max_empty:
         reasons.append(f"degenerate: {empty:.0%} empty replies (at most {config.max_empty:.0%})")
@@ -168,7 +183,9 @@ def decide(evaluation: dict, config: GateConfig | None = None, *, active: str = 
               "base_nll": cand_nll, "base_nll_of_base": base_nll, "excess_nll": cand_excess,
               "excess_nll_of_base": base_excess, "excess_nll_bound": excess_bound, "known_words": cand_known,
               "known_words_of_base": base_known, "nan": bool(evaluation.get("nan")),
-              "distinct_fraction": distinct, "distinct_floor": distinct_floor, "top_reply_share": top, "empty_fraction": empty,
+              "distinct_fraction": distinct, "distinct_floor": distinct_floor, "top_reply_share": top,
+              "top_ten_share": top_ten, "top_ten_share_of_base": base_top_ten, "top_ten_bound": top_ten_bound,
+              "empty_fraction": empty,
               "cut_off_fraction": cut, "active_cut_off_fraction": act_cut, "config": asdict(config)}
     return Verdict(passed=not reasons, reasons=reasons, checks=checks)
 

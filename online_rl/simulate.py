@@ -23,7 +23,6 @@ any callable ``(prompt, reply) -> bool``.
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import json
 import math
@@ -91,9 +90,11 @@ def repetition(replies: list[str], liked: list[bool]) -> dict:
     share of the liked ones that are (``top10_liked``). A taste pleased by
     saying a few stock lines to every prompt shows here before it reaches
     the gate's bound on the single most common reply."""
-    top = {reply for reply, _ in collections.Counter(replies).most_common(10)}
+    from online_rl.evaluate import most_common, top_ten_share
+
+    top = most_common(replies)
     in_top = [r in top for r in replies]
-    return {"top10_share": round(sum(in_top) / max(1, len(replies)), 4),
+    return {"top10_share": top_ten_share(replies),
             "top10_liked": round(sum(t and ok for t, ok in zip(in_top, liked)) / max(1, sum(liked)), 4)}
 
 
@@ -315,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         result["win_rate"].append(evaluation.get("win_rate"))
         result["judge_win_rate"].append(evaluation.get("judge_win_rate"))
         result["decisions"].append({"decision": decision, "version": (cycle or {}).get("version"),
-                                    "reason": ((cycle or {}).get("gate") or {}).get("reason")})
+                                    "reason": ((cycle or {}).get("gate") or {}).get("reason"),
+                                    "top_ten_share": (evaluation.get("candidate") or {}).get("top_ten_share"),
+                                    "base_top_ten_share": (evaluation.get("base") or {}).get("top_ten_share")})
         result["candidate_approval"].append(None if candidate is None else
                                             {"approval": candidate["approval"], "se": candidate["se"],
                                              "known_words": candidate["known_words"],

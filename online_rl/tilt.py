@@ -157,9 +157,10 @@ class TiltConfig:
     # set from the gate's by the cycle (`within_gate`); None: not bounded.
     max_nll_increase: float | None = None
     # The gate's other bounds, on the validation replies: KL to the base per
-    # reply token, the share of the most common reply and the share of
-    # distinct replies (one reply per prompt; the latter as a share of the
-    # base's own). An epoch past any of them is outside the bounds, as one
+    # reply token, the share of the most common reply, the share of
+    # distinct replies (one reply per prompt; as a share of the base's own)
+    # and how much more of the prompts the ten most common take than the
+    # base's ten. An epoch past any of them is outside the bounds, as one
     # that drifted. The cycle sets them from the gate's, with a tenth of
     # margin (`within_gate`), so that a cycle hands the gate the best epoch
     # it can pass rather than one it will reject for its KL or for one reply
@@ -167,6 +168,7 @@ class TiltConfig:
     max_kl: float | None = None
     max_top_share: float | None = None
     min_distinct: float | None = None
+    max_top_ten_increase: float | None = None
     max_prompt_tokens: int = 256
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -377,8 +379,9 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                      f"validation (at the start {_fmt(start_score)}), excess NLL per token {val_excess} (bound "
                      f"{bound:+.3f}; plain {record['val_nll']}), KL to the base {record['val_kl']} per token (bound "
                      f"{_bound(config.max_kl)}), most common reply {record['val_top_reply_share']:.0%} and "
-                     f"{record['val_distinct']:.0%} distinct (bounds {_bound(config.max_top_share)}, "
-                     f"{limits['floor']:.2f}), known words {record['val_known_words']} ({record['seconds']:.0f} s)")
+                     f"{record['val_distinct']:.0%} distinct, ten most common {record['val_top_ten_share']:.0%} "
+                     f"(bounds {_bound(config.max_top_share)}, {limits['floor']:.2f}, "
+                     f"{_top_ten_bound(config, limits)}), known words {record['val_known_words']} ({record['seconds']:.0f} s)")
             rank = epoch_rank(record)
             if best is None or rank > best:
                 best, kept, kept_record = rank, epoch, record
@@ -402,7 +405,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
             "validation": {"start_score": start_score, "base_nll": limits["base_nll"],
                            "base_excess_nll": limits["base_excess"], "base_known_words": limits["base_known"],
                            "excess_nll_bound": round(bound, 4) if math.isfinite(bound) else None, "kl_bound": config.max_kl,
-                           "base_distinct": limits["base_distinct"]},
+                           "base_distinct": limits["base_distinct"], "base_top_ten": limits["base_top_ten"]},
             "history": history, "epochs": len(history), "epoch_kept": kept,
             "language_coef": kept_record["language_coef"] if kept_record else config.language_coef, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -422,6 +425,11 @@ def _restore(policy, state: dict) -> None:
 def _mean(values) -> float | None:
     values = list(values)
     return round(sum(values) / len(values), 4) if values else None
+
+
+def _top_ten_bound(config: TiltConfig, limits: dict) -> str:
+    increase = config.max_top_ten_increase
+    return "none" if increase is None else f"{limits['base_top_ten'] + increase:.0%}"
 
 
 def _bound(x) -> str:

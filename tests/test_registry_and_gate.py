@@ -122,7 +122,7 @@ def test_a_version_name_other_than_v_and_ascii_digits_is_a_one_line_cli_error(st
 
 
 def _evaluation(**overrides):
-    stats = {"distinct_fraction": 0.9, "top_reply_share": 0.1, "empty_fraction": 0.0,
+    stats = {"distinct_fraction": 0.9, "top_reply_share": 0.1, "top_ten_share": 0.2, "empty_fraction": 0.0,
              "cut_off_fraction": 0.1, "mean_words": 5}
     evaluation = {"prompts": 20, "win_rate": 0.6, "judge_win_rate": 0.55, "judge_informative": True,
                   "kl_per_token": 0.2, "nan": False, "heldout_thumbs": {"margin": 0.01, "se": 0.02},
@@ -157,6 +157,9 @@ def test_a_good_candidate_passes_the_gate():
     # Against the base's own 90%: at least 54%.
     ({"distinct_fraction": 0.5}, "only 50% of its replies are distinct (at least 54%, 60% of the base's own)"),
     ({"top_reply_share": 0.3}, "one reply is 30%"),
+    # Against the base's ten most common at 20%: at most 40%.
+    ({"top_ten_share": 0.45}, "its ten most common replies are 45% of its replies, against 20% for the base "
+                              "(at most 40%)"),
     ({"empty_fraction": 0.5}, "50% empty replies"),
     ({"cut_off_fraction": 0.9}, "90% of its replies are cut off"),
     ({"prompts": 2}, "only 2 held-out prompts"),
@@ -164,6 +167,18 @@ def test_a_good_candidate_passes_the_gate():
 def test_each_check_of_the_gate_can_reject(overrides, reason):
     verdict = decide(_evaluation(**overrides))
     assert not verdict.passed and reason in verdict.reason()
+
+
+def test_ten_stock_replies_are_judged_against_the_base_own_ten():
+    assert decide(_evaluation(top_ten_share=0.4)).passed
+    # A base that repeats itself more leaves the candidate as much more room, no more.
+    evaluation = _evaluation(top_ten_share=0.45)
+    evaluation["base"]["top_ten_share"] = 0.3
+    assert decide(evaluation).passed
+    # An evaluation from before the measure existed is not judged on it.
+    evaluation = _evaluation(top_ten_share=0.9)
+    del evaluation["base"]["top_ten_share"]
+    assert decide(evaluation).passed
 
 
 def test_gate_thresholds_are_settings():
@@ -213,6 +228,19 @@ def test_degenerate_shares_take_one_reply_per_prompt():
     assert stats["distinct_fraction"] == 1.0 and stats["top_reply_share"] == pytest.approx(1 / 3, abs=1e-3)
     # ... one reply for every prompt is not.
     assert reply_stats(["a"] * 12, [True] * 12, samples=4)["distinct_fraction"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_the_top_ten_share_counts_the_prompts_the_ten_most_common_replies_take():
+    from online_rl.evaluate import reply_stats, top_ten_share
+
+    # Ten stock replies said to two prompts each, and ten replies said once: 20 of 30.
+    replies = [f"stock {i}" for i in range(10)] * 2 + [f"own {i}" for i in range(10)]
+    assert top_ten_share(replies) == pytest.approx(2 / 3, abs=1e-3)
+    assert top_ten_share([f"own {i}" for i in range(40)]) == 0.25  # all distinct: ten of forty
+    assert top_ten_share([]) == 0.0
+    # One reply per prompt: two samples each of the thirty prompts above count once.
+    stats = reply_stats([r for r in replies for _ in range(2)], [True] * 60, samples=2)
+    assert stats["top_ten_share"] == pytest.approx(2 / 3, abs=1e-3)
 
 
 def test_an_uninformative_judge_is_not_used():

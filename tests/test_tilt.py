@@ -135,6 +135,7 @@ def test_the_cycle_bounds_the_tilt_a_tenth_inside_the_gate():
     assert (bounded.max_kl, bounded.max_top_share) == pytest.approx((0.27, 0.225))
     assert bounded.max_nll_increase == pytest.approx(0.9 * gate.max_nll_increase)
     assert bounded.min_distinct == pytest.approx(0.6 / 0.9)
+    assert bounded.max_top_ten_increase == pytest.approx(0.9 * gate.max_top_ten_increase)
     assert within_gate(TiltConfig(max_kl=0.1), gate).max_kl == 0.1  # one set stays
 
 
@@ -147,6 +148,16 @@ def test_an_epoch_that_spreads_one_reply_over_the_prompts_is_outside_the_bounds(
     assert not record["within_bound"] and record["over_bounds"] > 1
     assert 0 < record["val_top_reply_share"] <= 1 and 0 < record["val_distinct"] <= 1
     assert 0 < metrics["validation"]["base_distinct"] <= 1
+
+
+def test_an_epoch_whose_ten_most_common_replies_take_more_prompts_than_the_base_ten_is_outside_the_bounds(
+        tiny_trained):
+    # A bound below zero: the ten most common replies must take fewer prompts than the base's ten do.
+    policy, tokenizer, settings, metrics, _, lines = _tilt(tiny_trained, max_top_ten_increase=-1.0, epochs=1)
+    [record] = metrics["history"]
+    assert not record["within_bound"] and record["over_bounds"] > 1
+    assert 0 < record["val_top_ten_share"] <= 1 and 0 < metrics["validation"]["base_top_ten"] <= 1
+    assert any("ten most common" in line for line in lines)
 
 
 def test_without_an_epoch_within_the_language_bound_it_starts_again_weighing_language_more(tiny_trained):
