@@ -105,7 +105,9 @@ def within_gate(config: TiltConfig, gate) -> TiltConfig:
     margin = 0.9
     bounds = {"max_nll_increase": margin * gate.max_nll_increase, "max_kl": margin * gate.max_kl,
               "max_top_share": margin * gate.max_top_share, "min_distinct": gate.min_distinct / margin,
-              "max_top_ten_increase": margin * gate.max_top_ten_increase}
+              "max_top_ten_increase": margin * gate.max_top_ten_increase,
+              # Each reply a tenth of the ten's allowance: ten at most together.
+              "max_reply_share": margin * gate.max_top_ten_increase / 10}
     return dataclasses.replace(config, **{k: v for k, v in bounds.items() if getattr(config, k) is None})
 
 

@@ -169,6 +169,15 @@ class TiltConfig:
     max_top_share: float | None = None
     min_distinct: float | None = None
     max_top_ten_increase: float | None = None
+    # Each distinct reply's tilt weight, summed over the cycle's distinct
+    # prompts, at most this share of them (at least one prompt's worth): a
+    # reply the taste likes anywhere is the target for a few prompts, not
+    # for every prompt it was sampled for. Above the cap its weight is
+    # scaled down where it occurs (`reply_share_cap`), and those prompts
+    # teach less. The cycle sets it from the gate's bound on the ten most
+    # common replies (`within_gate`: a tenth of it each, with the margin),
+    # so that ten replies together stay within it. None: not capped.
+    max_reply_share: float | None = None
     max_prompt_tokens: int = 256
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -204,6 +213,36 @@ def tilt_weights(scores: torch.Tensor, excess: torch.Tensor, usable: torch.Tenso
     live = usable.view(-1, group).any(-1, keepdim=True) & (spread >= min_spread).unsqueeze(-1)
     weights = torch.softmax(logits.masked_fill(~live, 0.0), -1) * live
     return weights.reshape(-1)
+
+
+def reply_share_cap(weights: torch.Tensor, texts: list[str], prompt_keys: list[str], group: int,
+                    max_share: float | None) -> torch.Tensor:
+    """`weights` (groups of `group` replies, one group per drawn prompt,
+    `prompt_keys` naming each group's prompt) with every distinct reply's
+    total weight held to `max_share` of the distinct prompts that teach
+    anything (at least one prompt's worth). A prompt drawn several times
+    counts once: its groups' weights are averaged. A reply over the cap has
+    its weight scaled down wherever it occurs; nothing is handed to the
+    other replies, so a prompt that had only that reply to teach teaches
+    less. Measured on `computers`: without it the tilt's targets were a few
+    stock replies said to prompts they do not answer, and the gate turned
+    its candidates away (docs/learning.md, "One reply for many prompts")."""
+    if max_share is None:
+        return weights
+    groups = weights.view(-1, group)
+    draws: dict[str, int] = {}
+    for key in prompt_keys:
+        draws[key] = draws.get(key, 0) + 1
+    teaching = {key for key, live in zip(prompt_keys, (groups.sum(-1) > 0).tolist()) if live}
+    cap = max(1.0, max_share * len(teaching))
+    totals: dict[str, float] = {}
+    for g, key in enumerate(prompt_keys):
+        for j, w in enumerate(groups[g].tolist()):
+            if w > 0:
+                text = texts[g * group + j].strip()
+                totals[text] = totals.get(text, 0.0) + w / draws[key]
+    scale = torch.tensor([min(1.0, cap / totals[t.strip()]) if t.strip() in totals else 1.0 for t in texts])
+    return weights * scale
 
 
 def _forward_logp(model, batch):
@@ -303,16 +342,28 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
     usable = torch.tensor([bool(t.strip()) and f for b in batches for t, f in zip(b["texts"], b["finished"].tolist())])
     excess = reply_excess(policy, batches, settings)
     scores = torch.tensor(reward_fn(chats, texts), dtype=torch.float32)
-    weights = tilt_weights(scores, excess, usable, k, config.beta, config.language_coef, config.min_spread)
+    keys = [prompt_hash(p) for p in train]
+
+    capped: dict = {}
+
+    def weigh(language_coef: float) -> torch.Tensor:
+        tilted = tilt_weights(scores, excess, usable, k, config.beta, language_coef, config.min_spread)
+        held = reply_share_cap(tilted, texts[:len(keys) * k], keys, k, config.max_reply_share)
+        capped["share"] = round(1.0 - float(held.sum()) / max(1e-6, float(tilted.sum())), 4)
+        return held
+
+    weights = weigh(config.language_coef)
     policy_rows = len(weights)
     groups = weights.view(-1, k)
     live = groups.sum(-1) > 0
+    groups = groups / groups.sum(-1, keepdim=True).clamp(min=1e-12)  # each prompt's choice (a cap leaves less than 1)
     effective = (1.0 / (groups[live] ** 2).sum(-1)).mean().item() if live.any() else 0.0
     target_score = ((groups * scores.view(-1, k)).sum(-1)[live].mean().item() if live.any() else None)
     sampled_score = scores[usable].mean().item() if usable.any() else None
     progress(f"tilt: {int(live.sum())} prompts with a usable reply; mean reward-model score {_fmt(sampled_score)} "
              f"of the sampled replies, {_fmt(target_score)} under the tilt; {effective:.1f} effective replies "
-             f"of {k} per prompt")
+             f"of {k} per prompt; the cap on one reply's share of the prompts took {capped['share']:.0%} of the "
+             "tilt's weight off replies said to many")
 
     per_prompt = max(1, math.ceil(config.validation_replies / len(validation)))
     val_prompts = [p for p in validation for _ in range(per_prompt)]
@@ -343,8 +394,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
         outside_coef = config.outside_coef * config.language_step ** attempt
         if attempt:  # again from the parent, asking less of the language
             coef *= config.language_step
-            weights = torch.cat([tilt_weights(scores, excess, usable, k, config.beta, coef, config.min_spread),
-                                 weights[policy_rows:]])
+            weights = torch.cat([weigh(coef), weights[policy_rows:]])
             _restore(policy, parent)
             progress(f"tilt: no epoch stayed within the language bound; again from where the cycle "
                      f"started, with the language weighed {coef:g} in the weights (was "
@@ -401,6 +451,7 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
             "replies": int(usable.numel()), "usable_replies": int(usable.sum()),
             "corrections": len(corrections or []) if config.correction_coef > 0 else 0,
             "correction_share": correction_share, "effective_replies": round(effective, 2),
+            "reply_cap_share": capped["share"],
             "score_sampled": _round(sampled_score), "score_target": _round(target_score),
             "validation": {"start_score": start_score, "base_nll": limits["base_nll"],
                            "base_excess_nll": limits["base_excess"], "base_known_words": limits["base_known"],

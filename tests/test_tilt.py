@@ -45,6 +45,26 @@ def test_weights_are_a_softmax_within_each_prompt_of_score_and_language():
     assert torch.equal(spread[3:], torch.zeros(3)) and torch.allclose(spread[:3], w[:3])
 
 
+def test_no_reply_is_the_target_for_more_than_its_share_of_the_prompts():
+    from online_rl.tilt import reply_share_cap
+
+    # Ten prompts, two replies each; "stock" takes 0.9 of every prompt's weight but the last's.
+    texts = [t for i in range(10) for t in ("stock", f"own {i}")]
+    weights = torch.tensor([0.9, 0.1] * 9 + [0.0, 1.0])
+    keys = [f"p{i}" for i in range(10)]
+    capped = reply_share_cap(weights, texts, keys, 2, max_share=0.2)
+    # At most 0.2 of the ten prompts' worth: 2.0 of its 8.1, scaled alike wherever it occurs ...
+    assert capped[0:18:2].sum().item() == pytest.approx(2.0, rel=1e-5)
+    assert torch.allclose(capped[0:18:2], torch.full((9,), 0.9 * 2.0 / 8.1))
+    # ... and the other replies keep their weights: nothing is handed to them.
+    assert torch.equal(capped[1::2], weights[1::2])
+    # A prompt drawn twice counts once: the same two groups under one key are one prompt's worth.
+    twice = reply_share_cap(torch.tensor([1.0, 0.0, 1.0, 0.0]), ["a", "b", "a", "b"], ["p", "p"], 2, max_share=0.01)
+    assert torch.equal(twice, torch.tensor([1.0, 0.0, 1.0, 0.0]))  # at least one prompt's worth always
+    # None: not capped.
+    assert torch.equal(reply_share_cap(weights, texts, keys, 2, None), weights)
+
+
 def _tilt(tiny_trained, reward=starts_with_i, corrections=None, **overrides):
     from transformers import AutoModelForCausalLM
 
@@ -136,6 +156,7 @@ def test_the_cycle_bounds_the_tilt_a_tenth_inside_the_gate():
     assert bounded.max_nll_increase == pytest.approx(0.9 * gate.max_nll_increase)
     assert bounded.min_distinct == pytest.approx(0.6 / 0.9)
     assert bounded.max_top_ten_increase == pytest.approx(0.9 * gate.max_top_ten_increase)
+    assert bounded.max_reply_share == pytest.approx(0.9 * gate.max_top_ten_increase / 10)
     assert within_gate(TiltConfig(max_kl=0.1), gate).max_kl == 0.1  # one set stays
 
 
