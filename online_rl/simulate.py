@@ -29,6 +29,7 @@ import math
 import random
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from online_rl import METHODS
@@ -165,8 +166,12 @@ def chat_round(store, bot: Bot, taste: Taste, prompts: list[str], thumbs: int, s
         prompt = rng.choice(prompts)
         rater = f"{session}-rater{rng.randrange(raters)}" if raters > 1 else session
         n_replies = 2 if rng.random() < regenerate and thumbs - given >= 2 else 1
-        replies = bot.reply([prompt] * n_replies, settings, seed=rng.randrange(2**31))
-        conversation = store.start_conversation(rater)
+        seed = rng.randrange(2**31)
+        replies = bot.reply([prompt] * n_replies, settings, seed=seed)
+        # Named from what the seed fixes, not a random id: the held-out split
+        # is a hash of the conversation id, and a seed must fix the split too.
+        conversation = store.start_conversation(
+            rater, conversation_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{rater}/{given}/{seed}").hex)
         messages = [{"role": "user", "content": prompt}]
         for reply in replies:
             response_id = store.log_response(

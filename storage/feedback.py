@@ -19,9 +19,12 @@ from storage.registry import _is_version, _version_number
 class FeedbackLog:
 
     def start_conversation(
-        self, session_id: str | None = None, user: str | None = None
+        self, session_id: str | None = None, user: str | None = None, *, conversation_id: str | None = None
     ) -> str:
-        conversation_id = uuid.uuid4().hex
+        """A new conversation's id: random, or `conversation_id` where the
+        caller names it (the simulation does, so that a seed fixes which
+        conversations are held out: the split is a hash of the id)."""
+        conversation_id = conversation_id or uuid.uuid4().hex
         with self._write() as db:
             db.execute(
                 "INSERT INTO conversations (id, session_id, user, created_at) "

@@ -198,6 +198,37 @@ def test_retrain_command_prints_progress_then_one_json_line(store, data_dir, tin
 # -- simulated users ----------------------------------------------------------------
 
 
+def test_a_seed_fixes_which_simulated_conversations_are_held_out(tmp_path):
+    """The held-out split is a hash of the conversation id: the simulation
+    names its conversations from what the seed fixes, so that two runs of
+    one seed hold out the same thumbs; another seed, other ids."""
+    import contextlib
+    import random
+    import sqlite3
+    from types import SimpleNamespace
+
+    from chatbot.models import GenerationSettings
+    from online_rl.simulate import chat_round
+    from storage import Store
+
+    bot = SimpleNamespace(version="v0", reply=lambda prompts, settings, seed: ["Fine."] * len(prompts))
+
+    def ids(name: str, seed: int) -> list[str]:
+        store = Store.in_data_dir(tmp_path / name)
+        try:
+            for round_ in range(2):  # the same rater in two rounds, as the poisoning benchmark has it
+                chat_round(store, bot, concise, ["hi", "how are you"], 30, GenerationSettings(),
+                           random.Random(seed * 10 + round_), session="loud", regenerate=0.25)
+        finally:
+            store.close()
+        with contextlib.closing(sqlite3.connect(tmp_path / name / "chatbot.db")) as db:
+            return [row[0] for row in db.execute("SELECT conversation_id FROM responses ORDER BY rowid")]
+
+    first, again, other = ids("a", 0), ids("b", 0), ids("c", 1)
+    assert len(first) == 60 and first == again and len(set(first)) > 30
+    assert not set(first) & set(other)
+
+
 def test_built_in_tastes():
     assert len(TASTES) >= 8
     assert concise("hi", "Fine, thanks.") and not concise("hi", "") and not concise("hi", "one two three four five six seven")
