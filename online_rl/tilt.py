@@ -18,7 +18,10 @@ adapter directly, where PPO approaches it by small policy-gradient steps:
    uncertain first ones, and the term worked against a taste for short
    replies. Replies cut off at the reply cap, and empty ones, get no weight,
    and so do prompts whose replies all score alike (within `min_spread`
-   standard deviations): they teach no taste.
+   standard deviations): they teach no taste. No reply is the target for
+   more than a small share of the cycle's prompts (`reply_share_cap`):
+   above it its weight is dropped where it occurs, so that a stock reply
+   the taste likes anywhere is not taught for every prompt it was sampled for.
    Only replies the policy writes itself are re-weighted, so the target is
    in its language: on the starter the exact tilt of the base's own replies
    gains +0.2 to +0.4 approval on six tastes at the base's own NLL per
