@@ -76,7 +76,8 @@ def judge_epoch(policy, replies, per_prompt: int, reward_fn, settings, config: T
                if config.max_top_ten_increase is not None else 0.0)
     return {"val_score": score, "val_nll": language["base_nll"], "val_excess_nll": excess,
             "val_known_words": language["known_words"], "val_kl": kl, "val_top_reply_share": top,
-            "val_top_ten_share": top_ten, "val_distinct": distinct, "over_bounds": round(over, 4), "language_over": round(language_over, 4),
+            "val_top_ten_share": top_ten, "val_distinct": distinct, "over_bounds": round(over, 4),
+            "language_over": round(language_over, 4),
             "within_bound": excess is not None and excess <= limits["bound"] and over <= 1.0}
 
 

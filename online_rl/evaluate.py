@@ -24,8 +24,9 @@ reply to reply, and the gate bounds them to a tenth). Measured:
   the known-word share of each version's replies, the base's own included,
   so that drift is judged against the base, not only the previous round.
 - signs of degenerate replies: share of distinct replies, of the most
-  common reply and of the ten most common, of empty replies, of replies cut off at the reply cap, mean
-  words per reply; and a few replies side by side, to be read.
+  common reply and of the ten most common, of empty replies, of replies
+  cut off at the reply cap, mean words per reply; and a few replies side
+  by side, to be read.
 
 The gate (`online_rl.gate`) decides from these numbers; this module only
 measures.

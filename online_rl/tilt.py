@@ -434,7 +434,8 @@ def train_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn
                      f"{_bound(config.max_kl)}), most common reply {record['val_top_reply_share']:.0%} and "
                      f"{record['val_distinct']:.0%} distinct, ten most common {record['val_top_ten_share']:.0%} "
                      f"(bounds {_bound(config.max_top_share)}, {limits['floor']:.2f}, "
-                     f"{_top_ten_bound(config, limits)}), known words {record['val_known_words']} ({record['seconds']:.0f} s)")
+                     f"{_top_ten_bound(config, limits)}), known words {record['val_known_words']} "
+                     f"({record['seconds']:.0f} s)")
             rank = epoch_rank(record)
             if best is None or rank > best:
                 best, kept, kept_record = rank, epoch, record
