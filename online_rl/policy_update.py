@@ -125,7 +125,7 @@ def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, ac
     re-weighted by the policy's reward model (`online_rl.tilt`)."""
     from online_rl.cycle import judged_prompts
     from online_rl.epoch_bounds import within_gate
-    from online_rl.tilt import train_tilt
+    from online_rl.tilt import grow_tilt
 
     config = job.config
     tilt = within_gate(config.tilt, config.gate)
@@ -141,9 +141,9 @@ def tilt_policy(job: Job, snap: Snapshot, model, tokenizer, rewards: Rewards, ac
     # weighed more; on the same prompts the two read the same figures
     # (+0.026 and +0.035 at the stop, +0.028 and +0.034 at the gate).
     validation = judged_prompts(snap, config)
-    metrics = train_tilt(policy, tokenizer, prompts, scorer(rewards.policy), config.rollout_settings(),
-                         tilt, prompt_weights=weights, corrections=corrections,
-                         correction_weights=correction_weights, validation=validation,
-                         progress=lambda line: job.report(line))
+    metrics = grow_tilt(policy, tokenizer, prompts, scorer(rewards.policy), config.rollout_settings(),
+                        tilt, prompt_weights=weights, corrections=corrections,
+                        correction_weights=correction_weights, validation=validation,
+                        progress=lambda line: job.report(line))
     policy.eval()
     return policy, parent, metrics

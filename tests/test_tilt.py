@@ -20,7 +20,7 @@ def starts_with_i(prompts, replies):
 
 
 def test_weights_are_a_softmax_within_each_prompt_of_score_and_language():
-    from online_rl.tilt import tilt_weights
+    from online_rl.tilt_objective import tilt_weights
 
     scores = torch.tensor([1.0, 0.0, 0.0, 5.0, 2.0, 2.0])
     nll = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.2, 1.2])
@@ -46,7 +46,7 @@ def test_weights_are_a_softmax_within_each_prompt_of_score_and_language():
 
 
 def test_no_reply_is_the_target_for_more_than_its_share_of_the_prompts():
-    from online_rl.tilt import reply_share_cap
+    from online_rl.tilt_objective import reply_share_cap
 
     # Ten prompts, two replies each; "stock" takes 0.9 of every prompt's weight but the last's.
     texts = [t for i in range(10) for t in ("stock", f"own {i}")]
@@ -347,7 +347,8 @@ def test_the_step_loss_charges_served_words_outside_the_bases_nucleus(tiny_train
     from chatbot.models import GenerationSettings, load_tokenizer
     from online_rl.ppo import add_lora
     from online_rl.sampling import encode_replies
-    from online_rl.tilt import TiltConfig, step_loss
+    from online_rl.tilt import TiltConfig
+    from online_rl.tilt_objective import step_loss
 
     config = TiltConfig()
     torch.manual_seed(0)
@@ -378,3 +379,52 @@ def test_the_step_loss_charges_served_words_outside_the_bases_nucleus(tiny_train
         optimizer.step()
     _, after = step_loss(policy, batch, weights, config, settings, 16.0)
     assert after["outside"] < parts_charged["outside"]
+
+
+def _scripted_tilts(monkeypatch, records):
+    """`train_tilt` replaced by one that adds 1 to the policy's weights and
+    reports the next of `records` (val_score, within_bound) as its kept epoch."""
+    from online_rl import tilt
+
+    calls = []
+
+    def fake(policy, *args, **kwargs):
+        calls.append(args[4].seed)
+        with torch.no_grad():
+            policy.weight.add_(1.0)
+        score, within = records[len(calls) - 1]
+        start = records[len(calls) - 2][0] if len(calls) > 1 else 0.0  # the version before, sampled afresh
+        kept = {"val_score": score, "within_bound": within, "val_excess_nll": 0.0, "val_kl": 0.0}
+        return {"kept": kept, "epoch_kept": 1, "score_sampled": 0.0, "score_target": 1.0, "seconds": 2.0,
+                "validation": {"start_score": start}, "call": len(calls)}
+
+    monkeypatch.setattr(tilt, "train_tilt", fake)
+    return calls
+
+
+@pytest.mark.parametrize("second, kept_calls, weight", [((2.0, True), 2, 2.0), ((0.5, True), 1, 1.0),
+                                                         ((3.0, False), 1, 1.0)])
+def test_a_second_tilt_is_kept_only_when_it_scores_higher_within_the_bounds(monkeypatch, second, kept_calls, weight):
+    from online_rl.tilt import TiltConfig, grow_tilt
+
+    calls = _scripted_tilts(monkeypatch, [(1.0, True), second])
+    policy = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        policy.weight.zero_()
+    metrics = grow_tilt(policy, None, PROMPTS, starts_with_i, None, TiltConfig(grow_steps=2, seed=5),
+                        progress=lambda line: None)
+    assert calls == [5, 6]  # the second tilt samples afresh
+    assert metrics["call"] == kept_calls and metrics["grow_kept"] == kept_calls
+    assert [s["kept"] for s in metrics["grow"]] == [True, kept_calls == 2] and metrics["seconds"] == 4.0
+    # a step that is not kept leaves the policy where the step before left it
+    assert policy.weight.item() == weight
+
+
+def test_no_second_tilt_after_one_past_the_bounds(monkeypatch):
+    from online_rl.tilt import TiltConfig, grow_tilt
+
+    calls = _scripted_tilts(monkeypatch, [(1.0, False), (2.0, True)])
+    policy = torch.nn.Linear(1, 1, bias=False)
+    metrics = grow_tilt(policy, None, PROMPTS, starts_with_i, None, TiltConfig(grow_steps=3),
+                        progress=lambda line: None)
+    assert len(calls) == 1 and metrics["grow_kept"] == 1 and len(metrics["grow"]) == 1
