@@ -6,8 +6,9 @@ validation prompts; `judge_epoch` measures the replies as the gate will
 (reward-model score, excess and plain NLL per token against the base, KL to
 the base, known words, the most common reply, the ten most common
 together and the share of distinct ones) and says how far past its bounds
-the epoch went; `epoch_rank` orders epochs for the one to keep; `validation_limits` measures the base there and
-sets the bounds from it; `within_gate` sets the bounds from the gate's.
+the epoch went; `epoch_rank` orders epochs for the one to keep;
+`validation_limits` measures the base there and sets the bounds from it;
+`within_gate` sets the bounds from the gate's.
 """
 
 from __future__ import annotations

@@ -410,13 +410,13 @@ def grow_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn,
     within a cycle, on one reward model. A further tilt is tried only while
     the kept epoch is within the bounds, and kept only if it stays within
     them and scores higher on the validation prompts than the version it
-    started from; else the policy is put back where that tilt left it. Returns the
-    last kept tilt's metrics, with each tilt's summary under `grow`."""
+    started from; else the policy is put back where that tilt left it.
+    Returns the last kept tilt's metrics, each tilt's summary under `grow`."""
     metrics = train_tilt(policy, tokenizer, prompts, reward_fn, settings, config, progress=progress, **kwargs)
     steps = [_step_summary(metrics, kept=True)]
     for step in range(1, config.grow_steps):
         last = metrics["kept"]
-        if not last or not last["within_bound"] or last["val_score"] is None:
+        if not last["within_bound"] or last["val_score"] is None:
             break
         state = _trainable(policy)
         progress(f"tilt: step {step + 1} of {config.grow_steps}: the replies of the version kept, tilted again")
@@ -427,13 +427,12 @@ def grow_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn,
         # on one sampling, and reads high by the luck of that sampling
         # (by up to 0.45 logits on `concise`).
         kept, start = again["kept"], again["validation"]["start_score"]
-        better = bool(kept and kept["within_bound"] and None not in (kept["val_score"], start)
-                      and kept["val_score"] > start)
+        better = bool(kept["within_bound"] and None not in (kept["val_score"], start) and kept["val_score"] > start)
         steps.append(_step_summary(again, kept=better))
         if not better:
             _restore(policy, state)
             progress(f"tilt: step {step + 1} was no better on validation within the bounds (reward-model score "
-                     f"{_fmt(kept and kept['val_score'])} against {_fmt(start)} at its start); step {step} is kept")
+                     f"{_fmt(kept['val_score'])} against {_fmt(start)} at its start); step {step} is kept")
             break
         metrics = again
     seconds = round(sum(s["seconds"] for s in steps), 1)
@@ -441,11 +440,11 @@ def grow_tilt(policy, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn,
 
 
 def _step_summary(metrics: dict, kept: bool) -> dict:
-    record = metrics["kept"] or {}
+    record = metrics["kept"]
     return {"kept": kept, "epoch_kept": metrics["epoch_kept"], "score_sampled": metrics["score_sampled"],
-            "score_target": metrics["score_target"], "val_score": record.get("val_score"),
-            "val_excess_nll": record.get("val_excess_nll"), "val_kl": record.get("val_kl"),
-            "within_bound": record.get("within_bound"), "seconds": metrics["seconds"]}
+            "score_target": metrics["score_target"], "val_score": record["val_score"],
+            "val_excess_nll": record["val_excess_nll"], "val_kl": record["val_kl"],
+            "within_bound": record["within_bound"], "seconds": metrics["seconds"]}
 
 
 def _trainable(policy) -> dict:
