@@ -13,7 +13,8 @@ data directory, and writes into docs/benchmarks.md (section "learning"):
   replaced (their approval, measured on the true taste, below it by more
   than two standard errors), and how many were lower at all;
 - replies before and after, to be read;
-- the curves as docs/learning.png.
+- the curves as docs/learning.png, drawn from the table
+  (`benchmarks/learning_figure.py`).
 
     python benchmarks/bench_learning.py [--tastes all] [--rounds 5] [--per-round 100] \\
         [--seeds 0] [--noise 0] [--extra "long:1:0.2,computers:1:0"] [--method tilt]
@@ -34,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.learning_figure import draw, table_rows  # noqa: E402
 from benchmarks.report import table, write_section  # noqa: E402
 from online_rl import METHODS  # noqa: E402
 
@@ -71,31 +73,6 @@ def commit() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
     return (proc.stdout.strip() or "unknown") + ("+changes" if dirty else "")
-
-
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for r in results:
-        label = f"{r['preference']} s{r['seed']}" + (f" noise {r['noise']:g}" if r["noise"] else "")
-        rounds = list(range(len(r["approval"])))
-        axes[0].plot(rounds, r["approval"], marker="o", label=label)
-        axes[1].plot(rounds, r["kl_per_token"], marker="o", label=label)
-        axes[2].plot(rounds, r["base_nll"], marker="o", label=label)
-        axes[3].plot(rounds, r["known_words"], marker="o", label=label)
-    axes[0].set(title="approval on held-out prompts (true taste)", xlabel="round", ylim=(0, 1))
-    axes[1].set(title="KL to the base (nats per token)", xlabel="round")
-    axes[2].set(title="base NLL per token of served replies", xlabel="round")
-    axes[3].set(title="share of known words", xlabel="round", ylim=(0.5, 1))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def verdicts(r: dict) -> dict:
@@ -208,9 +185,9 @@ def main():
         body += "\n"
     print(body)
     if not args.no_write:
-        plot(results, ROOT / "docs" / "learning.png")
         write_section("learning", "The taste suite: learning from simulated users (starter model)",
                       "python benchmarks/bench_learning.py " + " ".join(sys.argv[1:]), body)
+        draw(table_rows())
 
 
 if __name__ == "__main__":

@@ -84,14 +84,20 @@ def reply_stats(texts: list[str], finished: list[bool], samples: int = 1) -> dic
     """Signs of degenerate replies. `texts` holds `samples` consecutive replies
     to each prompt; distinct, top-reply and top-ten shares are taken over one
     reply per prompt (a small model may well write the same reply every time
-    it is asked one thing: that is not one reply for every prompt)."""
+    it is asked one thing: that is not one reply for every prompt), for each
+    of the `samples` draws in turn, and averaged: on a hundred-odd prompts
+    one draw's top-ten share moves by several points from one sampling to
+    the next, and the gate bounds it against the base's."""
     n = max(1, len(texts))
-    firsts = texts[::samples]
-    counts = Counter(firsts)
+    draws = [texts[j::samples] for j in range(max(1, samples))] if texts else [[]]
+
+    def mean(figure) -> float:
+        return round(sum(figure(d) for d in draws) / len(draws), 4)
+
     return {
-        "distinct_fraction": round(len(counts) / max(1, len(firsts)), 4),
-        "top_reply_share": round(counts.most_common(1)[0][1] / max(1, len(firsts)), 4) if texts else 0.0,
-        "top_ten_share": top_ten_share(firsts),
+        "distinct_fraction": mean(lambda d: len(set(d)) / max(1, len(d))),
+        "top_reply_share": mean(lambda d: Counter(d).most_common(1)[0][1] / len(d) if d else 0.0),
+        "top_ten_share": mean(top_ten_share),
         "empty_fraction": round(sum(not t.strip() for t in texts) / n, 4),
         "cut_off_fraction": round(sum(not f for f in finished) / n, 4),
         "mean_words": round(sum(len(t.split()) for t in texts) / n, 2),

@@ -243,6 +243,19 @@ def test_the_top_ten_share_counts_the_prompts_the_ten_most_common_replies_take()
     assert stats["top_ten_share"] == pytest.approx(2 / 3, abs=1e-3)
 
 
+def test_degenerate_shares_are_averaged_over_the_draws():
+    from online_rl.evaluate import reply_stats
+
+    # Twenty prompts, two draws each: the first draw says one of ten stock replies to every prompt,
+    # the second a reply of its own to each. Each draw is judged over the prompts, and the two averaged.
+    texts = [reply for i in range(20) for reply in (f"stock {i % 10}", f"own {i}")]
+    stats = reply_stats(texts, [True] * 40, samples=2)
+    assert stats["top_ten_share"] == pytest.approx((1.0 + 0.5) / 2, abs=1e-3)
+    assert stats["top_reply_share"] == pytest.approx((0.1 + 0.05) / 2, abs=1e-3)
+    assert stats["distinct_fraction"] == pytest.approx((0.5 + 1.0) / 2, abs=1e-3)
+    assert reply_stats([], [], samples=2)["top_ten_share"] == 0.0
+
+
 def test_an_uninformative_judge_is_not_used():
     verdict = decide(_evaluation(judge_win_rate=0.3, judge_informative=False))
     assert verdict.passed and verdict.checks["judge_used"] is False
